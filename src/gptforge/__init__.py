@@ -1,0 +1,24 @@
+"""gptforge: train GPT-style language models from scratch and put them to use.
+
+Python API::
+
+    import gptforge
+    model = gptforge.load("runs/shakespeare_char")       # a run directory or a checkpoint
+    print(model.generate("ROMEO:", max_new_tokens=100, temperature=0.8))
+
+Importing the package does nothing else: no logging set-up, no device probing, no downloads.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def load(path, device: str = "auto"):
+    """Load a checkpoint (or a run directory's latest one) for text generation."""
+    from gptforge.inference.textgen import TextGenerator
+
+    return TextGenerator.from_checkpoint(path, device=device)
+
+
+__all__ = ["load", "__version__"]

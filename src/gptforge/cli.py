@@ -1,0 +1,58 @@
+"""The ``gptforge`` console script.
+
+Each subcommand lives in its own module under :mod:`gptforge.commands` and exposes two functions:
+``register(subparsers)`` adds its argument parser, ``run(args) -> int`` does the work. This module
+only wires them together, sets up logging, and turns a :class:`GptforgeError` into one line on
+stderr with a non-zero exit (the traceback is shown only with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from gptforge.errors import GptforgeError
+
+# Order is the order shown in ``gptforge --help``.
+COMMANDS = ("prepare", "tokenizer", "train", "generate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gptforge",
+        description="Train GPT-style language models from scratch and put them to use.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"gptforge.commands.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args) or 0)
+    except GptforgeError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Every setting of a run, with its default and meaning.
+
+A run's config is a tree of frozen dataclasses, one per section (``[model]``, ``[data]``,
+``[train]``, ``[optim]``, ``[schedule]``, ``[runtime]``). Defaults live here and nowhere else;
+presets in ``configs/*.toml`` hold only their differences; ``section.key=value`` on the command
+line overrides both. Each field's docstring is its documentation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gptforge.model.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dir: str = "data/shakespeare_char"
+    """Prepared data directory (``gptforge prepare --out``): manifest.json, tokenizer/, train/, val/."""
+    corpus: str = ""
+    """Built-in corpus to prepare into ``data.dir`` when it does not exist yet (``shakespeare``)."""
+    tokenizer: str = "char"
+    """Tokenizer used when a built-in corpus is prepared: ``char``, ``bpe`` or ``sentencepiece``."""
+    vocab_size: int = 0
+    """Vocabulary size when a built-in corpus is prepared with bpe/sentencepiece (0 = default)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 16
+    """Sequences per micro-batch (per process)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated into one optimizer step."""
+    max_steps: int = 2000
+    """Optimizer steps to train for."""
+    eval_interval: int = 250
+    """Evaluate on the val split every this many steps (and at the first and last step)."""
+    eval_steps: int = 20
+    """Val batches averaged per evaluation."""
+    log_interval: int = 10
+    """Write a training line to metrics.jsonl every this many steps."""
+    ckpt_interval: int = 500
+    """Save a checkpoint every this many steps (and at the end)."""
+    keep_last: int = 2
+    """Keep the newest this-many checkpoints (the best ones are kept in addition)."""
+    keep_best: int = 1
+    """Keep the this-many checkpoints with the lowest val loss."""
+    early_stop_patience: int = 0
+    """Stop after this many evaluations without a new best val loss (0 = never stop early)."""
+    seed: int = 1337
+    """Seed for weights, data order and dropout: the same seed gives the same run."""
+    out_dir: str = "runs/shakespeare_char"
+    """Run directory: config.toml, metrics.jsonl, tb/, ckpt/, latest."""
+    sample_prompt: str = "\n"
+    """Prompt for the samples generated at each evaluation and at the end."""
+    sample_tokens: int = 200
+    """Tokens generated per sample (0 = no samples)."""
+    num_samples: int = 1
+    """Samples generated at the end of training (one per evaluation during training)."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adamw"
+    """Optimizer: ``adamw``."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay for matrices (embeddings included); none for norms and biases."""
+    beta1: float = 0.9
+    """Adam first-moment decay."""
+    beta2: float = 0.95
+    """Adam second-moment decay."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping)."""
+    fused: str = "auto"
+    """Fused AdamW kernel: ``auto`` (on where supported), ``true`` or ``false``."""
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    name: str = "cosine"
+    """Learning-rate schedule: ``cosine``, ``wsd`` (warmup-stable-decay), ``linear`` or ``constant``."""
+    warmup_steps: int = 100
+    """Steps of linear warm-up from 0 to ``optim.lr``."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of ``optim.lr`` (cosine, wsd, linear)."""
+    decay_fraction: float = 0.5
+    """WSD only: share of the steps spent in the final linear decay."""
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: str = "auto"
+    """``auto`` (cuda, then mps, then cpu), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
+    dtype: str = "auto"
+    """Compute dtype: ``auto``, ``float32``, ``bfloat16`` (autocast) or ``float16`` (autocast + loss scaling).
+    ``auto`` picks bfloat16 on CUDA GPUs that support it and on CPUs with native bf16 (AMX/AVX512-BF16)."""
+    compile: bool = False
+    """Compile the model with ``torch.compile`` (pays off on GPUs; slow first step)."""
+    threads: int = 0
+    """CPU threads for PyTorch (0 = PyTorch's default)."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files to RUN_DIR/tb."""
+    progress: bool = True
+    """Show a progress bar on the terminal."""
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)

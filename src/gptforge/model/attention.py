@@ -1,0 +1,76 @@
+"""Causal self-attention through ``scaled_dot_product_attention``.
+
+SDPA picks the fastest kernel available (FlashAttention on CUDA, a flash-style kernel on CPU) and
+supports grouped-query attention (Ainslie et al., 2023, https://arxiv.org/abs/2305.13245), where
+several query heads share one key/value head, which shrinks the KV cache by ``n_head/n_kv_head``.
+
+For decoding, an optional cache object stores past keys and values. The model only needs two
+things from it (duck typing keeps ``model/`` free of inference code): ``cache.pos``, the number of
+positions already stored, and ``cache.update(layer, k, v)``, which stores the new keys/values and
+returns all of them so far.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptforge.model.config import ModelConfig
+from gptforge.model.layers import RMSNorm, apply_rope
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        qkv_width = (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim
+        self.qkv = nn.Linear(cfg.n_embd, qkv_width, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.use_rope = cfg.pos_emb == "rope"
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                kv_cache=None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
+             self.n_kv_head * self.head_dim], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.use_rope:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+
+        start = 0
+        if kv_cache is not None:
+            start = kv_cache.pos
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, start+T, hs)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=self._cached_mask(start, T, x.device),
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=start == 0 and T > 1,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+    @staticmethod
+    def _cached_mask(start: int, T: int, device: torch.device) -> torch.Tensor | None:
+        """Mask for T new queries after ``start`` cached positions (None when not needed).
+
+        With nothing cached, ``is_causal`` does the job; a single new token may see everything.
+        A chunk of several tokens after a cache sees the cache plus the causal part of itself.
+        """
+        if start == 0 or T == 1:
+            return None
+        q_pos = torch.arange(start, start + T, device=device)[:, None]
+        k_pos = torch.arange(start + T, device=device)[None, :]
+        return k_pos <= q_pos  # (T, start+T), True = may attend

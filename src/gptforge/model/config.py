@@ -1,0 +1,102 @@
+"""Architecture hyper-parameters of a GPT, as plain data.
+
+This dataclass is the ``[model]`` section of a run's config and the ``model.json`` stored in every
+checkpoint, so a checkpoint always says exactly which network its weights belong to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 0
+    """Tokens in the vocabulary; 0 means "take it from the prepared data's tokenizer"."""
+    pad_vocab_multiple: int = 64
+    """Round the embedding and output rows up to a multiple of this (64 keeps matmuls aligned)."""
+    n_layer: int = 6
+    """Number of transformer blocks."""
+    n_head: int = 6
+    """Attention heads (query heads) per block; must divide ``n_embd``."""
+    n_kv_head: int = 0
+    """Key/value heads for grouped-query attention; 0 means equal to ``n_head`` (plain multi-head)."""
+    n_embd: int = 384
+    """Width of the residual stream."""
+    block_size: int = 256
+    """Context length in tokens: the longest sequence the model is trained on and can attend over."""
+    norm: str = "layernorm"
+    """``layernorm`` (GPT-2) or ``rmsnorm`` (Llama)."""
+    norm_eps: float = 1e-5
+    """Epsilon inside the normalisation."""
+    pos_emb: str = "learned"
+    """Positions: ``learned`` absolute embeddings (GPT-2) or ``rope`` rotary embeddings (Llama)."""
+    rope_theta: float = 10000.0
+    """Base of the rotary frequencies (only for ``pos_emb = "rope"``)."""
+    mlp: str = "gelu"
+    """Feed-forward block: ``gelu`` (GPT-2), ``swiglu`` (Llama) or ``relu2`` (squared ReLU)."""
+    mlp_hidden: int = 0
+    """Hidden width of the MLP; 0 means 4*n_embd for gelu/relu2 and about 8/3*n_embd for swiglu."""
+    qk_norm: bool = False
+    """Normalise queries and keys per head before attention (stabilises training at high lr)."""
+    bias: bool = True
+    """Biases in linear layers and LayerNorm (GPT-2 has them; Llama does not)."""
+    tie_embeddings: bool = True
+    """Share the token-embedding matrix with the output layer."""
+    dropout: float = 0.0
+    """Dropout on attention weights and residual branches (0 for pretraining on large data)."""
+    logit_softcap: float = 0.0
+    """If > 0, squash logits with ``cap * tanh(logits / cap)`` (Gemma-2, modded-nanogpt); 0 = off."""
+    init_std: float = 0.02
+    """Standard deviation of the normal weight initialisation."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.n_layer > 0, "model.n_layer must be positive"),
+            (self.n_head > 0 and self.n_embd % self.n_head == 0,
+             f"model.n_embd ({self.n_embd}) must be a multiple of model.n_head ({self.n_head})"),
+            (self.kv_heads > 0 and self.n_head % self.kv_heads == 0,
+             f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({self.kv_heads})"),
+            (self.block_size > 0, "model.block_size must be positive"),
+            (self.norm in ("layernorm", "rmsnorm"), "model.norm must be 'layernorm' or 'rmsnorm'"),
+            (self.pos_emb in ("learned", "rope"), "model.pos_emb must be 'learned' or 'rope'"),
+            (self.mlp in ("gelu", "swiglu", "relu2"), "model.mlp must be 'gelu', 'swiglu' or 'relu2'"),
+            (0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)"),
+            (self.pos_emb != "rope" or self.head_dim % 2 == 0, "rope needs an even head size"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = max(1, self.pad_vocab_multiple)
+        return (self.vocab_size + m - 1) // m * m
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        if self.mlp == "swiglu":  # keep parameters equal to a 4x GELU MLP, rounded to 64
+            return (int(8 * self.n_embd / 3) + 63) // 64 * 64
+        return 4 * self.n_embd
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+        return cls(**data)

@@ -1,0 +1,1 @@
+"""Where and how computation runs: device, dtype/autocast, seeding (set up by the command)."""
