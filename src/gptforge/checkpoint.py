@@ -1,0 +1,145 @@
+"""Checkpoint directories: self-contained, written atomically, pruned to the best and newest.
+
+A checkpoint ``RUN_DIR/ckpt/step-000500/`` holds everything needed to use or resume a model:
+
+- ``model.safetensors``: the weights, full float32, from the unwrapped module (no ``_orig_mod.``
+  or ``module.`` prefixes), in a format that cannot execute code when loaded;
+- ``model.json``: format version, the model config, the step, its val loss, the tokenizer's kind
+  and fingerprint;
+- ``tokenizer/``: a copy of the tokenizer file, so generation needs nothing else;
+- ``trainer_state.pt``: optimizer, step, tokens seen, data-loader position and RNG states,
+  loaded with ``torch.load(weights_only=True)`` (plain tensors and containers only).
+
+The directory is assembled under a temporary name and renamed into place; only then is the
+``RUN_DIR/latest`` pointer (a one-line text file, portable where symlinks are not) replaced. A crash
+at any moment therefore leaves ``latest`` naming a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gptforge import atomic
+from gptforge.errors import GptforgeError
+from gptforge.model.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CKPT_DIR = "ckpt"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def save_checkpoint(run_dir: Path, *, step: int, model: nn.Module, model_config: ModelConfig,
+                    tokenizer_dir: Path, tokenizer_info: dict, trainer_state: dict,
+                    val_loss: float | None) -> Path:
+    """Write checkpoint ``step`` atomically and point ``RUN_DIR/latest`` at it."""
+    from safetensors.torch import save_model
+
+    run_dir = Path(run_dir)
+    target = run_dir / CKPT_DIR / checkpoint_name(step)
+    meta = {"format_version": FORMAT_VERSION, "step": step, "val_loss": val_loss,
+            "model": model_config.to_dict(), "tokenizer": tokenizer_info}
+    try:
+        with atomic.directory(target) as tmp:
+            save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            (tmp / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+            shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+            torch.save(trainer_state, tmp / "trainer_state.pt")
+        atomic.write_text(run_dir / "latest", f"{CKPT_DIR}/{target.name}\n")
+    except OSError as err:
+        previous = latest_checkpoint(run_dir)
+        kept = f"; the last checkpoint {previous} is intact" if previous else ""
+        reason = "disk full" if err.errno == errno.ENOSPC else err.strerror or str(err)
+        raise GptforgeError(f"could not write checkpoint {target}: {reason}{kept}") from err
+    return target
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = Path(run_dir) / "latest"
+    if not pointer.is_file():
+        return None
+    path = Path(run_dir) / pointer.read_text().strip()
+    return path if (path / "model.json").is_file() else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from a checkpoint path or a run directory (its latest checkpoint)."""
+    path = Path(path)
+    if (path / "model.json").is_file():
+        return path
+    if not path.exists():
+        raise GptforgeError(f"no such checkpoint or run directory: {path}")
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise GptforgeError(f"{path} holds no checkpoint (no model.json, no valid 'latest' "
+                            "pointer); train first or pass a ckpt/step-N directory")
+    return latest
+
+
+def read_meta(ckpt: Path) -> dict:
+    try:
+        meta = json.loads((Path(ckpt) / "model.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise GptforgeError(f"{ckpt}/model.json is unreadable ({err}); "
+                            "the checkpoint is damaged") from None
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise GptforgeError(f"{ckpt}: checkpoint format {version} is not supported by this "
+                            f"gptforge (format {FORMAT_VERSION}); use a matching gptforge version")
+    return meta
+
+
+def model_config_of(meta: dict, ckpt: Path) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(meta["model"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise GptforgeError(f"{ckpt}/model.json: invalid model config ({err})") from None
+
+
+def load_weights(model: nn.Module, ckpt: Path) -> None:
+    """Load weights strictly: every tensor must match the model's names and shapes."""
+    from safetensors.torch import load_model
+
+    try:
+        load_model(model, str(Path(ckpt) / "model.safetensors"), strict=True)
+    except (RuntimeError, OSError) as err:
+        first = str(err).strip().splitlines()[0][:300]
+        raise GptforgeError(f"{ckpt}: weights do not fit the model ({first})") from None
+
+
+def load_trainer_state(ckpt: Path) -> dict:
+    path = Path(ckpt) / "trainer_state.pt"
+    if not path.is_file():
+        raise GptforgeError(f"{ckpt} has no trainer_state.pt: it can be used for generation "
+                            "but not resumed")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int, keep_best: int) -> list[Path]:
+    """Delete checkpoints that are neither among the newest ``keep_last`` nor the best ``keep_best``."""
+    root = Path(run_dir) / CKPT_DIR
+    ckpts = sorted(p for p in root.glob("step-*") if (p / "model.json").is_file())
+    losses = {p: json.loads((p / "model.json").read_text()).get("val_loss") for p in ckpts}
+    keep = set(ckpts[-keep_last:]) if keep_last > 0 else set()
+    scored = sorted((loss, p) for p, loss in losses.items() if loss is not None)
+    keep |= {p for _, p in scored[:max(0, keep_best)]}
+    latest = latest_checkpoint(run_dir)
+    keep |= {latest} if latest else set()
+    removed = [p for p in ckpts if p not in keep]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    if scored:
+        best = scored[0][1]
+        atomic.write_text(Path(run_dir) / "best", f"{CKPT_DIR}/{best.name}\n")
+    return removed

@@ -1,0 +1,44 @@
+"""``gptforge generate``: continue a prompt with a trained model, streaming to the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate text from a checkpoint or run directory")
+    p.add_argument("checkpoint", metavar="CKPT_OR_RUN_DIR")
+    p.add_argument("--prompt", default="", help="text to continue (default: start a document)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import gptforge
+    from gptforge.errors import GptforgeError
+
+    if args.max_new_tokens < 0 or args.num_samples < 1 or args.temperature < 0:
+        raise GptforgeError("--max-new-tokens must be >= 0, --num-samples >= 1, "
+                            "--temperature >= 0")
+    generator = gptforge.load(args.checkpoint, device=args.device)
+    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p,
+                    repetition_penalty=args.repetition_penalty)
+    for i in range(args.num_samples):
+        seed = None if args.seed is None else args.seed + i
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        sys.stdout.write(args.prompt)
+        for piece in generator.stream(args.prompt, seed=seed, **settings):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    return 0

@@ -1,0 +1,1 @@
+"""Generation: KV cache, sampling (pure functions), the token-id engine, and text generation."""

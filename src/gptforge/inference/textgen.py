@@ -1,0 +1,79 @@
+"""Text in, text out: a checkpoint's model and tokenizer around the token-id engine.
+
+This is what ``gptforge generate`` and ``gptforge.load(path).generate(...)`` use. Streaming decodes
+the whole continuation so far and emits only the new suffix, which is correct for tokenizers whose
+tokens are partial UTF-8 characters (byte-level BPE): an incomplete character is held back until
+its last byte arrives.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from gptforge import checkpoint
+from gptforge.inference.engine import Engine, SamplingSettings
+from gptforge.model.gpt import GPT
+from gptforge.runtime.device import resolve_device
+
+
+def load_model(ckpt: Path, device: torch.device) -> GPT:
+    meta = checkpoint.read_meta(ckpt)
+    model = GPT(checkpoint.model_config_of(meta, ckpt))
+    checkpoint.load_weights(model, ckpt)
+    model.to(device)
+    if device.type == "cuda":  # batch-1 decoding is memory-bound: halve the bytes read
+        model.to(torch.bfloat16)
+    return model.eval()
+
+
+class TextGenerator:
+    def __init__(self, model: GPT, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.engine = Engine(model, vocab_size=tokenizer.vocab_size)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> "TextGenerator":
+        from gptforge.tokenizer import load_tokenizer
+
+        ckpt = checkpoint.resolve_checkpoint(path)
+        model = load_model(ckpt, resolve_device(device))
+        return cls(model, load_tokenizer(ckpt / "tokenizer"))
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        # An empty prompt starts a new document, which is what the separator token means.
+        return self.tokenizer.encode(prompt) if prompt else [self.tokenizer.eos_id]
+
+    def stream_ids(self, prompt: str, settings: SamplingSettings,
+                   num_samples: int = 1) -> Iterator[torch.Tensor]:
+        return self.engine.generate(self.encode_prompt(prompt), settings,
+                                    num_samples=num_samples, stop_ids=[self.tokenizer.eos_id])
+
+    def stream(self, prompt: str, **kwargs) -> Iterator[str]:
+        """Yield pieces of text of one sample as they are generated (EOS not included)."""
+        ids: list[int] = []
+        emitted = ""
+        for step in self.stream_ids(prompt, SamplingSettings(**kwargs)):
+            token = int(step[0])
+            if token == self.tokenizer.eos_id:
+                break
+            ids.append(token)
+            text = self.tokenizer.decode(ids)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the rest
+                continue
+            yield text[len(emitted):]
+            emitted = text
+
+    def generate(self, prompt: str, *, num_samples: int = 1, **kwargs) -> str | list[str]:
+        """The continuation of ``prompt`` (a list of them if ``num_samples > 1``)."""
+        rows: list[list[int]] = [[] for _ in range(num_samples)]
+        finished = [False] * num_samples
+        for step in self.stream_ids(prompt, SamplingSettings(**kwargs), num_samples):
+            for i, token in enumerate(step.tolist()):
+                finished[i] = finished[i] or token == self.tokenizer.eos_id
+                if not finished[i]:
+                    rows[i].append(token)
+        texts = [self.tokenizer.decode(r) for r in rows]
+        return texts[0] if num_samples == 1 else texts

@@ -1,0 +1,1 @@
+"""Where training measurements go: metrics.jsonl (always), TensorBoard, the terminal."""

@@ -1,0 +1,69 @@
+"""Metric sinks: one JSON object per line in ``RUN_DIR/metrics.jsonl``, and TensorBoard.
+
+``metrics.jsonl`` is the source of truth for plots and comparisons: training lines carry
+``step, loss, lr, tokens_per_sec, mfu`` (and more), evaluation lines ``step, val_loss, val_ppl``.
+On resume, lines logged after the checkpoint (by a run that crashed later) are dropped, so the file
+reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+from gptforge import atomic
+
+log = logging.getLogger(__name__)
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Keep only the lines of a metrics file whose step is <= ``step``."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+    atomic.write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.file = self.path.open("a", encoding="utf-8")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
+            except ImportError:
+                log.warning("tensorboard is not installed; writing metrics.jsonl only")
+
+    def log(self, record: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                 for k, v in record.items()}
+        self.file.write(json.dumps(clean) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.tb.add_scalar(key, value, step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.tb is not None:
+            self.tb.add_text(tag, text, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,1 @@
+"""Training: the shared loop, objectives, optimizers, schedules and evaluation."""

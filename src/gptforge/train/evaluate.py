@@ -1,0 +1,27 @@
+"""Evaluation on held-out data: mean loss over a fixed set of val batches.
+
+The val loader is reset before each evaluation, so every evaluation of a run scores the same
+batches and the val curve shows the model changing, not the sample. Perplexity is exp(loss).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+@torch.no_grad()
+def evaluate(model, loader, objective, precision, steps: int) -> dict:
+    was_training = model.training
+    model.eval()
+    loader.reset()
+    total = 0.0
+    for _ in range(steps):
+        x, y = (t.to(precision.device, non_blocking=True) for t in loader.next_batch())
+        with precision.autocast():
+            loss, _ = objective(model, (x, y))
+        total += float(loss)
+    model.train(was_training)
+    val_loss = total / max(1, steps)
+    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}

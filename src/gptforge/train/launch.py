@@ -1,0 +1,183 @@
+"""Assembling a pretraining run from a config: data, model, optimizer, loop, resume.
+
+This is the library behind ``gptforge train``. It resolves the device and precision, makes sure the
+data is prepared, builds the model (vocabulary from the data's tokenizer), the optimizer and the
+loaders, restores a checkpoint when resuming, saves the resolved config, and runs the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+
+from gptforge import checkpoint
+from gptforge.config.loader import config_to_dict, save_config
+from gptforge.config.schema import Config
+from gptforge.errors import GptforgeError
+from gptforge.metrics.sinks import truncate_after
+from gptforge.model.gpt import GPT
+from gptforge.runtime.device import peak_flops, resolve_device, resolve_precision, seed_everything
+from gptforge.train.loop import Trainer
+from gptforge.train.objectives import LanguageModeling
+from gptforge.train.optim import build_optimizer
+
+log = logging.getLogger(__name__)
+
+
+def prepared_data(cfg: Config) -> tuple[Path, dict]:
+    """The data directory and its manifest, preparing a built-in corpus on first use."""
+    from gptforge.data.prepare import ensure_builtin, read_manifest
+
+    data_dir = Path(cfg.data.dir)
+    if not (data_dir / "manifest.json").is_file():
+        if not cfg.data.corpus:
+            raise GptforgeError(
+                f"data.dir '{data_dir}' holds no prepared data (no manifest.json); run "
+                f"`gptforge prepare --input FILES --out {data_dir}` or set data.corpus=shakespeare")
+        log.info("preparing the built-in '%s' corpus into %s", cfg.data.corpus, data_dir)
+        ensure_builtin(cfg.data.corpus, data_dir, tokenizer=cfg.data.tokenizer,
+                       vocab_size=cfg.data.vocab_size or None)
+    return data_dir, read_manifest(data_dir)
+
+
+def with_vocab(cfg: Config, manifest: dict) -> Config:
+    vocab = int(manifest["tokenizer"]["vocab_size"])
+    if cfg.model.vocab_size == 0:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+    if cfg.model.vocab_size < vocab:
+        raise GptforgeError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
+                            f"tokenizer's {vocab}; set model.vocab_size=0 to take it from the data")
+    return cfg
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise GptforgeError(f"cannot create run directory {run_dir}: {err.strerror}") from None
+    existing = checkpoint.latest_checkpoint(run_dir)
+    if existing and not resume and not overwrite:
+        raise GptforgeError(f"{run_dir} already holds a run (latest: {existing.name}); continue it "
+                            f"with `gptforge train --resume {run_dir}`, pass --overwrite to start "
+                            "over, or set train.out_dir")
+    if overwrite and not resume:
+        import shutil
+        for name in ("ckpt", "tb", "metrics.jsonl", "latest", "best"):
+            target = run_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+
+
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> int:
+    """Run (or, with ``resume``, continue) pretraining as configured; return an exit code."""
+    from gptforge.data.loader import BatchLoader
+    from gptforge.data.shards import open_split
+
+    if cfg.runtime.threads > 0:
+        torch.set_num_threads(cfg.runtime.threads)
+    precision = resolve_precision(resolve_device(cfg.runtime.device), cfg.runtime.dtype)
+    run_dir = Path(cfg.train.out_dir)
+    check_run_dir(run_dir, resume, overwrite)
+    data_dir, manifest = prepared_data(cfg)
+    cfg = with_vocab(cfg, manifest)
+    ckpt = _checkpoint_to_resume(run_dir, manifest) if resume else None
+
+    seed_everything(cfg.train.seed)
+    model = GPT(cfg.model).to(precision.device)
+    train_model = torch.compile(model) if cfg.runtime.compile else model
+    optimizer = build_optimizer(model, cfg.optim, precision.device)
+    tc, block = cfg.train, cfg.model.block_size
+    train_loader = BatchLoader(open_split(data_dir, "train"), block, tc.batch_size,
+                               seed=tc.seed, split="train")
+    val_loader = BatchLoader(open_split(data_dir, "val"), block, tc.batch_size,
+                             seed=tc.seed + 1, split="val", shuffle_offset=False)
+    tokenizer_dir = data_dir / "tokenizer"
+    trainer = Trainer(
+        cfg=cfg, model=model, train_model=train_model, optimizer=optimizer,
+        objective=LanguageModeling(), train_loader=train_loader, val_loader=val_loader,
+        precision=precision, run_dir=run_dir, tokenizer_dir=tokenizer_dir,
+        tokenizer_info=manifest["tokenizer"], flops_per_token=model.flops_per_token(),
+        peak_flops=peak_flops(precision), sampler=_sampler(model, tokenizer_dir, cfg, precision))
+    if ckpt is not None:
+        checkpoint.load_weights(model, ckpt)
+        trainer.load_state_dict(checkpoint.load_trainer_state(ckpt))
+        truncate_after(run_dir / "metrics.jsonl", trainer.state.step)
+        log.info("resuming from %s (step %d)", ckpt, trainer.state.step)
+    save_config(cfg, run_dir / "config.toml")
+    _print_summary(cfg, model, precision, train_loader, run_dir)
+    code = trainer.fit()
+    if code == 0 and tc.sample_tokens > 0 and tc.num_samples > 0:
+        for i in range(tc.num_samples):
+            # Seeds distinct from the per-evaluation samples (seeded by their step).
+            print(f"--- sample {i + 1} ---\n{trainer.sampler(-1 - i)}")
+    return code
+
+
+def _checkpoint_to_resume(run_dir: Path, manifest: dict) -> Path:
+    ckpt = checkpoint.latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise GptforgeError(f"--resume: {run_dir} holds no checkpoint to resume from")
+    meta = checkpoint.read_meta(ckpt)
+    saved, current = meta["tokenizer"].get("sha256"), manifest["tokenizer"].get("sha256")
+    if saved != current:
+        raise GptforgeError(f"{ckpt} was trained with a different tokenizer than the one in "
+                            "data.dir (fingerprints differ); resume with the original data")
+    return ckpt
+
+
+def _sampler(model: GPT, tokenizer_dir: Path, cfg: Config, precision):
+    """A function step -> sample text, from the model being trained (seeded by the step)."""
+    from gptforge.inference.textgen import TextGenerator
+    from gptforge.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+
+    def sample(step: int) -> str:
+        was_training = model.training
+        generator = TextGenerator(model, tokenizer)
+        with precision.autocast():
+            text = generator.generate(cfg.train.sample_prompt, temperature=0.8, top_k=50,
+                                      max_new_tokens=cfg.train.sample_tokens,
+                                      seed=(cfg.train.seed * 1_000_003 + step) % 2**63)
+        model.train(was_training)
+        return cfg.train.sample_prompt + text
+
+    return sample
+
+
+def _print_summary(cfg: Config, model: GPT, precision, loader, run_dir: Path) -> None:
+    tc = cfg.train
+    tokens_per_step = tc.batch_size * tc.grad_accum * cfg.model.block_size
+    log.info("model: %.2fM parameters, %d layers, %d heads, width %d, context %d, vocab %d",
+             model.num_params() / 1e6, cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd,
+             cfg.model.block_size, cfg.model.vocab_size)
+    log.info("training: %d steps x %d tokens/step on %s (%s), %d train windows per epoch; "
+             "run dir %s", tc.max_steps, tokens_per_step, precision.device, precision.name,
+             loader.windows_per_epoch, run_dir)
+
+
+def resume_config(run_dir: Path, overrides: list[str]) -> Config:
+    """The saved config of a run with ``overrides`` applied; architecture changes are refused."""
+    import sys
+
+    from gptforge.config.loader import load_config
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    path = Path(run_dir) / "config.toml"
+    if not path.is_file():
+        raise GptforgeError(f"--resume: {path} not found; is {run_dir} a gptforge run directory?")
+    saved = tomllib.loads(path.read_text())
+    cfg = load_config(None, overrides, base=saved)
+    changed = [k for k, v in config_to_dict(cfg)["model"].items() if saved["model"].get(k) != v]
+    if changed:
+        raise GptforgeError(f"--resume cannot change the architecture (model.{changed[0]}); "
+                            "start a new run instead")
+    out = Path(cfg.train.out_dir)
+    if out.resolve() != Path(run_dir).resolve():
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(run_dir)))
+    return cfg

@@ -1,0 +1,216 @@
+"""The training loop shared by every stage (pretraining now; SFT and DPO plug in objectives).
+
+One optimizer step = ``grad_accum`` micro-batches forward and backward (gradients summed, each loss
+divided by ``grad_accum`` so the sum is a mean), gradient clipping, the learning rate for this
+step, the optimizer update. Around it: logging, evaluation, checkpoints, early stopping, and
+clean stops on SIGINT/SIGTERM or a non-finite loss.
+
+Everything that must survive a crash is in ``state_dict()``: step, tokens seen, best val loss,
+optimizer, data loader position and RNG states. Restoring it continues the run exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from gptforge import checkpoint
+from gptforge.config.schema import Config
+from gptforge.errors import GptforgeError
+from gptforge.metrics.sinks import MetricsWriter
+from gptforge.train.evaluate import evaluate
+from gptforge.train.schedule import lr_at
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    tokens_seen: int = 0
+    best_val_loss: float | None = None
+    evals_since_best: int = 0
+    last_val_loss: float | None = None
+    last_eval_step: int = -1
+
+
+class Trainer:
+    def __init__(self, *, cfg: Config, model: torch.nn.Module, train_model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, objective, train_loader, val_loader,
+                 precision, run_dir: Path, tokenizer_dir: Path, tokenizer_info: dict,
+                 flops_per_token: int, peak_flops: float,
+                 sampler: Callable[[int], str] | None = None):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.model = model  # the plain module: what is saved
+        self.train_model = train_model  # possibly compiled/wrapped: what is run
+        self.optimizer, self.objective = optimizer, objective
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.precision = precision
+        self.tokenizer_dir, self.tokenizer_info = tokenizer_dir, tokenizer_info
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.sampler = sampler
+        self.scaler = torch.amp.GradScaler(precision.device.type,
+                                           enabled=precision.needs_grad_scaler)
+        self.state = LoopState()
+        self.stop_signal: int | None = None
+
+    # ---- resumable state -------------------------------------------------------------
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"loop": asdict(self.state), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "train_loader": self.train_loader.state_dict(),
+                "rng": rng}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = LoopState(**state["loop"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.train_loader.load_state_dict(state["train_loader"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    # ---- one optimizer step ----------------------------------------------------------
+    def train_step(self) -> tuple[float, float]:
+        """Run one optimizer step; return (mean loss, gradient norm before clipping)."""
+        tc, oc = self.cfg.train, self.cfg.optim
+        total = torch.zeros((), device=self.precision.device)
+        for _ in range(tc.grad_accum):
+            x, y = (t.to(self.precision.device, non_blocking=True)
+                    for t in self.train_loader.next_batch())
+            with self.precision.autocast():
+                loss, _ = self.objective(self.train_model, (x, y))
+            self.scaler.scale(loss / tc.grad_accum).backward()
+            total += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        max_norm = oc.grad_clip if oc.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        mean_loss = float(total) / tc.grad_accum
+        if not math.isfinite(mean_loss):
+            raise self._non_finite(mean_loss)
+        lr = lr_at(self.state.step, oc.lr, tc.max_steps, self.cfg.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.state.tokens_seen += tc.grad_accum * x.numel() * self.world_size
+        return mean_loss, float(grad_norm)
+
+    world_size = 1  # data-parallel wrappers set this
+
+    def _non_finite(self, loss: float) -> GptforgeError:
+        last = checkpoint.latest_checkpoint(self.run_dir)
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
+        return GptforgeError(
+            f"loss became {loss} at step {self.state.step + 1}; training stopped and {where}. "
+            "Lower optim.lr, raise schedule.warmup_steps or set optim.grad_clip")
+
+    # ---- the loop ----------------------------------------------------------------------
+    def fit(self) -> int:
+        """Train to ``train.max_steps``; return an exit code (0, or 128+signal if stopped)."""
+        tc = self.cfg.train
+        writer = MetricsWriter(self.run_dir, tensorboard=self.cfg.runtime.tensorboard)
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        bar = self._progress_bar()
+        try:
+            if self.state.step == 0:
+                self._evaluate(writer)
+            window_t0, window_tokens = time.perf_counter(), self.state.tokens_seen
+            while self.state.step < tc.max_steps:
+                loss, grad_norm = self.train_step()
+                step = self.state.step
+                if step % tc.log_interval == 0 or step == tc.max_steps:
+                    elapsed = time.perf_counter() - window_t0
+                    tok_s = (self.state.tokens_seen - window_tokens) / max(elapsed, 1e-9)
+                    self._log_train(writer, bar, loss, grad_norm, tok_s)
+                    window_t0, window_tokens = time.perf_counter(), self.state.tokens_seen
+                if bar is not None:
+                    bar.update(1)
+                stop_early = False
+                if step % tc.eval_interval == 0 or step == tc.max_steps:
+                    stop_early = self._evaluate(writer)
+                if step % tc.ckpt_interval == 0 or step == tc.max_steps or stop_early \
+                        or self.stop_signal is not None:
+                    self.save()
+                if self.stop_signal is not None:
+                    log.info("stopped by signal %d at step %d; resume with "
+                             "`gptforge train --resume %s`", self.stop_signal, step, self.run_dir)
+                    return 128 + self.stop_signal
+                if stop_early:
+                    log.info("early stop at step %d: val loss has not improved for %d evaluations",
+                             step, tc.early_stop_patience)
+                    break
+            return 0
+        finally:
+            if bar is not None:
+                bar.close()
+            writer.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_signal is not None:  # a second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self.stop_signal = signum
+        log.info("signal %d received: saving a checkpoint after this step (again to abort)",
+                 signum)
+
+    def _progress_bar(self):
+        if not (self.cfg.runtime.progress and sys.stderr.isatty()):
+            return None
+        from tqdm import tqdm
+        return tqdm(total=self.cfg.train.max_steps, initial=self.state.step, unit="step",
+                    dynamic_ncols=True, file=sys.stderr)
+
+    def _log_train(self, writer, bar, loss: float, grad_norm: float, tok_s: float) -> None:
+        step = self.state.step
+        mfu = self.flops_per_token * tok_s / self.peak_flops if self.peak_flops else 0.0
+        lr = self.optimizer.param_groups[0]["lr"]
+        writer.log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                    "tokens_per_sec": tok_s, "mfu": mfu, "tokens": self.state.tokens_seen})
+        if bar is not None:
+            bar.set_postfix_str(f"loss {loss:.4f}  {tok_s:,.0f} tok/s  mfu {mfu:.1%}")
+
+    def _evaluate(self, writer) -> bool:
+        """Evaluate, log, maybe print a sample; return True if early stopping should trigger."""
+        tc = self.cfg.train
+        result = evaluate(self.train_model, self.val_loader, self.objective, self.precision,
+                          tc.eval_steps)
+        step = self.state.step
+        writer.log({"step": step, **result})
+        self.state.last_val_loss, self.state.last_eval_step = result["val_loss"], step
+        log.info("step %d: val loss %.4f (ppl %.2f)", step, result["val_loss"], result["val_ppl"])
+        best = self.state.best_val_loss
+        if best is None or result["val_loss"] < best:
+            self.state.best_val_loss, self.state.evals_since_best = result["val_loss"], 0
+        else:
+            self.state.evals_since_best += 1
+        if self.sampler is not None and tc.sample_tokens > 0 and step > 0:
+            text = self.sampler(step)
+            writer.text("sample", text, step)
+            log.info("sample at step %d:\n%s\n", step, text)
+        patience = tc.early_stop_patience
+        return patience > 0 and self.state.evals_since_best >= patience
+
+    def save(self) -> Path:
+        path = checkpoint.save_checkpoint(
+            self.run_dir, step=self.state.step, model=self.model,
+            model_config=self.model.config, tokenizer_dir=self.tokenizer_dir,
+            tokenizer_info=self.tokenizer_info, trainer_state=self.state_dict(),
+            val_loss=self.state.last_val_loss
+            if self.state.last_eval_step == self.state.step else None)
+        checkpoint.prune_checkpoints(self.run_dir, self.cfg.train.keep_last,
+                                     self.cfg.train.keep_best)
+        return path
