@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny corpora and configs built inside each test (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    # Tests are tiny; more threads only add contention on the 2-core CI machine.
+    torch.set_num_threads(1)
+
+
+def make_corpus_text(n_lines: int = 400, seed: int = 0) -> str:
+    """A small text with learnable structure: names, repeated phrases, simple grammar."""
+    rng = random.Random(seed)
+    names = ["ROMEO", "JULIET", "NURSE", "FRIAR", "TYBALT"]
+    verbs = ["loves", "sees", "calls", "follows", "greets"]
+    objects = ["the moon", "the night", "her friend", "the garden", "the stars"]
+    lines = []
+    for _ in range(n_lines):
+        lines.append(f"{rng.choice(names)}:\n{rng.choice(names).title()} {rng.choice(verbs)} "
+                     f"{rng.choice(objects)}.\n")
+    return "\n".join(lines)
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(make_corpus_text())
+    return path

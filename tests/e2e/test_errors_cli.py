@@ -1,0 +1,61 @@
+"""Bad input through the CLI: one `error:` line naming what is wrong, exit 1, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gptforge.cli import main
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["train", "train.max_step=3"], "did you mean 'train.max_steps'"),
+    (["train", "-c", "no_such_preset"], "no config file or preset named 'no_such_preset'"),
+    (["train", "model.n_layer=two"], "model.n_layer must be int"),
+    (["train", "data.dir=/nonexistent/x", "data.corpus="], "holds no prepared data"),
+    (["generate", "/nonexistent/run"], "no such checkpoint or run directory"),
+    (["train", "--resume", "/nonexistent/run"], "config.toml not found"),
+    pytest.param(["train", "runtime.device=cuda"], "no CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
+])
+def test_bad_input_gives_one_line(args, expected, capsys):
+    code, err = run_cli(args, capsys)
+    assert code == 1
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+
+
+def test_block_size_larger_than_the_data(tmp_path, capsys):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world, " * 40)
+    assert main(["prepare", "--input", str(corpus), "--tokenizer", "char", "--out",
+                 str(tmp_path / "d"), "--workers", "1"]) == 0
+    capsys.readouterr()
+    code, err = run_cli(["train", "-c", "tiny", f"data.dir={tmp_path / 'd'}",
+                         f"train.out_dir={tmp_path / 'r'}", "model.block_size=256"], capsys)
+    assert code == 1 and "val split has" in err[-1] and "model.block_size" in err[-1]
+
+
+def test_unwritable_run_directory(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, err = run_cli(["train", f"train.out_dir={blocker / 'run'}"], capsys)
+    assert code == 1 and "cannot create run directory" in err[-1]
+
+
+def test_debug_shows_the_traceback_and_module_entry_point_works():
+    proc = subprocess.run([sys.executable, "-m", "gptforge", "--debug", "train", "train.x=1"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+    help_out = subprocess.run([sys.executable, "-m", "gptforge", "--help"], capture_output=True,
+                              text=True).stdout
+    for command in ("prepare", "tokenizer", "train", "generate"):
+        assert command in help_out

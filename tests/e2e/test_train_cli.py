@@ -1,0 +1,162 @@
+"""The whole path through the CLI, as a user runs it: prepare -> train -> generate -> resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import gptforge
+from gptforge.cli import main
+from gptforge.metrics.sinks import read_metrics
+
+pytestmark = pytest.mark.slow
+
+TINY = ["runtime.progress=false", "runtime.device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from tests.conftest import make_corpus_text
+
+    root = tmp_path_factory.mktemp("data")
+    corpus = root / "corpus.txt"
+    corpus.write_text(make_corpus_text(1500))
+    out = root / "prepared"
+    assert main(["prepare", "--input", str(corpus), "--tokenizer", "char", "--out", str(out),
+                 "--workers", "1"]) == 0
+    return out
+
+
+def train_args(data_dir, run_dir, *extra):
+    return ["train", "-c", "tiny", f"data.dir={data_dir}", f"train.out_dir={run_dir}",
+            *TINY, *extra]
+
+
+def train_lines(run_dir):
+    return [r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "loss" in r]
+
+
+def test_train_then_generate(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(data_dir, run, "train.max_steps=60", "train.eval_interval=20",
+                           "optim.lr=3e-3", "train.ckpt_interval=20", "train.keep_last=1",
+                           "runtime.tensorboard=true")) == 0
+    records = read_metrics(run / "metrics.jsonl")
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    assert {"step", "loss", "lr", "tokens_per_sec", "mfu"} <= set(train[0])
+    assert [r["step"] for r in evals] == [0, 20, 40, 60]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5  # it learned something
+    ckpt = run / "ckpt" / "step-000060"
+    for name in ("model.safetensors", "model.json", "trainer_state.pt", "tokenizer"):
+        assert (ckpt / name).exists(), name
+    assert (run / "latest").read_text().strip() == "ckpt/step-000060"
+    assert (run / "config.toml").is_file() and list((run / "tb").iterdir())
+    assert "--- sample 1 ---" in capsys.readouterr().out
+
+    assert main(["generate", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "30",
+                 "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ROMEO:") and len(out) > len("ROMEO:") + 10
+
+    model = gptforge.load(run)
+    greedy = model.generate("JULIET", max_new_tokens=20, temperature=0)
+    assert greedy == model.generate("JULIET", max_new_tokens=20, temperature=0)
+    assert len(model.generate("JULIET", max_new_tokens=5, num_samples=3, seed=0)) == 3
+
+
+def test_rerun_refuses_to_overwrite_then_resume_extends(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(data_dir, run, "train.max_steps=10")) == 0
+    assert main(train_args(data_dir, run, "train.max_steps=10")) == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "train.max_steps=15", *TINY]) == 0
+    assert train_lines(run)[-1]["step"] == 15
+    assert main(["train", "--resume", str(run), "model.n_layer=3"]) == 1
+    assert "cannot change the architecture (model.n_layer)" in capsys.readouterr().err
+
+
+def test_resume_after_crash_is_exact(data_dir, tmp_path, monkeypatch):
+    """A run that crashes and resumes from its last checkpoint logs the same losses, step for
+    step, as one that never stopped (CPU, fp32, dropout on: RNG state is restored too)."""
+    from gptforge.train.loop import Trainer
+
+    common = ["train.max_steps=24", "train.ckpt_interval=5", "train.eval_interval=8",
+              "model.dropout=0.1"]
+    assert main(train_args(data_dir, tmp_path / "a", *common)) == 0
+
+    original = Trainer.train_step
+
+    def crash_at_13(self):
+        if self.state.step == 13:
+            raise RuntimeError("simulated crash")
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_at_13)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(train_args(data_dir, tmp_path / "b", *common))
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert max(r["step"] for r in train_lines(tmp_path / "b")) == 13  # logged past the ckpt
+    assert main(["train", "--resume", str(tmp_path / "b"), *TINY]) == 0
+
+    def losses(run):
+        return [(r["step"], r["loss"]) for r in train_lines(run)]
+
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert len(losses(tmp_path / "a")) == 24
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_is_exact(data_dir, tmp_path):
+    common = ["train.max_steps=300", "train.ckpt_interval=1000", "train.eval_interval=1000",
+              "train.sample_tokens=0", "runtime.threads=1"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "gptforge"]
+    run_b = tmp_path / "b"
+    proc = subprocess.Popen(cmd + train_args(data_dir, run_b, *common), env=env,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = run_b / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(train_lines(run_b)) >= 20):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    stopped = int((run_b / "latest").read_text().strip().split("-")[-1])
+    assert 20 <= stopped < 300
+    subprocess.run(cmd + ["train", "--resume", str(run_b), *TINY], env=env, check=True,
+                   capture_output=True)
+    subprocess.run(cmd + train_args(data_dir, tmp_path / "a", *common), env=env, check=True,
+                   capture_output=True)
+    a = [(r["step"], r["loss"]) for r in train_lines(tmp_path / "a")]
+    b = [(r["step"], r["loss"]) for r in train_lines(run_b)]
+    assert a == b and len(a) == 300
+
+
+def test_non_finite_loss_stops_with_the_last_checkpoint_intact(data_dir, tmp_path, monkeypatch,
+                                                              capsys):
+    import torch
+
+    from gptforge.train.objectives import LanguageModeling
+
+    original = LanguageModeling.__call__
+    calls = {"n": 0}
+
+    def nan_after_12(self, model, batch):
+        loss, n = original(self, model, batch)
+        calls["n"] += 1
+        return (loss * torch.nan if calls["n"] > 12 else loss), n
+
+    monkeypatch.setattr(LanguageModeling, "__call__", nan_after_12)
+    run = tmp_path / "run"
+    assert main(train_args(data_dir, run, "train.ckpt_interval=5", "train.eval_steps=1",
+                           "train.eval_interval=100")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "loss became nan" in err[0] and "step-000010" in err[0]
+    assert gptforge.load(run).generate("RO", max_new_tokens=3, temperature=0) is not None

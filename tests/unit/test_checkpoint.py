@@ -1,0 +1,77 @@
+import json
+
+import pytest
+import torch
+
+from gptforge import checkpoint
+from gptforge.errors import GptforgeError
+from gptforge.model import GPT, ModelConfig
+
+
+@pytest.fixture
+def setup(tmp_path):
+    cfg = ModelConfig(vocab_size=40, n_layer=1, n_head=2, n_embd=16, block_size=8)
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "chars.json").write_text("{}")
+    return cfg, GPT(cfg), tok, tmp_path / "run"
+
+
+def save(run, model, cfg, tok, step, val_loss=None, state=None):
+    return checkpoint.save_checkpoint(run, step=step, model=model, model_config=cfg,
+                                      tokenizer_dir=tok, tokenizer_info={"sha256": "x"},
+                                      trainer_state=state or {"step": step}, val_loss=val_loss)
+
+
+def test_round_trip_is_exact_and_keys_are_unprefixed(setup):
+    cfg, model, tok, run = setup
+    path = save(run, model, cfg, tok, 5)
+    assert checkpoint.resolve_checkpoint(run) == path
+    meta = checkpoint.read_meta(path)
+    clone = GPT(checkpoint.model_config_of(meta, path))
+    checkpoint.load_weights(clone, path)
+    for (name, a), (_, b) in zip(model.state_dict().items(), clone.state_dict().items()):
+        assert torch.equal(a, b), name
+    from safetensors import safe_open
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        assert all(not k.startswith(("_orig_mod.", "module.")) for k in f.keys())
+    assert (path / "tokenizer" / "chars.json").is_file()
+    assert checkpoint.load_trainer_state(path) == {"step": 5}
+
+
+def test_failed_write_leaves_latest_checkpoint_intact(setup, monkeypatch):
+    cfg, model, tok, run = setup
+    good = save(run, model, cfg, tok, 1)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(GptforgeError, match="disk full.*step-000001 is intact"):
+        save(run, model, cfg, tok, 2)
+    assert checkpoint.latest_checkpoint(run) == good
+    assert sorted(p.name for p in (run / "ckpt").iterdir()) == ["step-000001"]  # no debris
+
+
+def test_pruning_keeps_newest_and_best(setup):
+    cfg, model, tok, run = setup
+    for step, loss in [(1, 3.0), (2, 1.0), (3, 2.0), (4, 2.5), (5, None)]:
+        save(run, model, cfg, tok, step, val_loss=loss)
+    removed = checkpoint.prune_checkpoints(run, keep_last=2, keep_best=1)
+    assert sorted(p.name for p in removed) == ["step-000001", "step-000003"]
+    assert (run / "best").read_text().strip() == "ckpt/step-000002"
+
+
+def test_incompatible_checkpoints_are_refused(setup):
+    cfg, model, tok, run = setup
+    path = save(run, model, cfg, tok, 1)
+    meta = json.loads((path / "model.json").read_text())
+    other = GPT(ModelConfig(vocab_size=40, n_layer=2, n_head=2, n_embd=16, block_size=8))
+    with pytest.raises(GptforgeError, match="weights do not fit"):
+        checkpoint.load_weights(other, path)
+    meta["format_version"] = 99
+    (path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(GptforgeError, match="format 99 is not supported"):
+        checkpoint.read_meta(path)
+    with pytest.raises(GptforgeError, match="no such checkpoint"):
+        checkpoint.resolve_checkpoint(run / "nope")
