@@ -160,3 +160,47 @@ def test_non_finite_loss_stops_with_the_last_checkpoint_intact(data_dir, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "loss became nan" in err[0] and "step-000010" in err[0]
     assert gptforge.load(run).generate("RO", max_new_tokens=3, temperature=0) is not None
+
+
+def test_early_stopping_and_best_checkpoint(data_dir, tmp_path):
+    run = tmp_path / "run"
+    # lr = 0: the val loss can never improve, so two evaluations without a new best stop the run.
+    assert main(train_args(data_dir, run, "optim.lr=0", "train.eval_interval=2",
+                           "train.early_stop_patience=2", "train.max_steps=100",
+                           "train.ckpt_interval=100", "train.sample_tokens=0")) == 0
+    evals = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r]
+    assert evals == [0, 2, 4]
+    assert (run / "latest").read_text().strip() == "ckpt/step-000004"
+    assert (run / "best").read_text().strip() == "ckpt/step-000004"  # only scored checkpoint
+
+
+def test_resume_with_a_different_tokenizer_is_refused(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(data_dir, run, "train.max_steps=4")) == 0
+    other_corpus = tmp_path / "other.txt"
+    other_corpus.write_text("completely different text with other characters 0123456789\n" * 50)
+    other = tmp_path / "other"
+    assert main(["prepare", "--input", str(other_corpus), "--tokenizer", "char", "--out",
+                 str(other), "--workers", "1"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), f"data.dir={other}", *TINY]) == 1
+    assert "different tokenizer" in capsys.readouterr().err
+
+
+def test_bfloat16_autocast_trains(data_dir, tmp_path):
+    run = tmp_path / "run"
+    assert main(train_args(data_dir, run, "runtime.dtype=bfloat16", "train.max_steps=30",
+                           "optim.lr=3e-3", "train.eval_interval=30")) == 0
+    evals = [r["val_loss"] for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r]
+    assert evals[-1] < evals[0] - 0.3
+
+
+def test_compiled_training_saves_plain_weights(data_dir, tmp_path):
+    from safetensors import safe_open
+
+    run = tmp_path / "run"
+    assert main(train_args(data_dir, run, "runtime.compile=true", "train.max_steps=3",
+                           "train.eval_steps=1", "train.sample_tokens=0")) == 0
+    with safe_open(str(run / "ckpt" / "step-000003" / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "_orig_mod" in k]
+    assert gptforge.load(run).generate("RO", max_new_tokens=4, temperature=0)
