@@ -124,6 +124,8 @@ class Trainer:
         writer = MetricsWriter(self.run_dir, tensorboard=self.cfg.runtime.tensorboard)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         bar = self._progress_bar()
+        self._start_step, self._start_time = self.state.step, time.perf_counter()
+        self._last_status = time.perf_counter()
         try:
             if self.state.step == 0:
                 self._evaluate(writer)
@@ -180,8 +182,18 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         writer.log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                     "tokens_per_sec": tok_s, "mfu": mfu, "tokens": self.state.tokens_seen})
+        status = f"loss {loss:.4f}  {tok_s:,.0f} tok/s  mfu {mfu:.1%}"
         if bar is not None:
-            bar.set_postfix_str(f"loss {loss:.4f}  {tok_s:,.0f} tok/s  mfu {mfu:.1%}")
+            bar.set_postfix_str(status)
+        elif time.perf_counter() - self._last_status >= 10.0:  # no terminal: a line every 10 s
+            self._last_status = time.perf_counter()
+            left = (self.cfg.train.max_steps - step) * self._seconds_per_step()
+            log.info("step %d/%d  %s  eta %s", step, self.cfg.train.max_steps, status,
+                     time.strftime("%H:%M:%S", time.gmtime(left)))
+
+    def _seconds_per_step(self) -> float:
+        done = self.state.step - self._start_step
+        return (time.perf_counter() - self._start_time) / max(1, done)
 
     def _evaluate(self, writer) -> bool:
         """Evaluate, log, maybe print a sample; return True if early stopping should trigger."""

@@ -1,0 +1,630 @@
+"""The prepare pipeline: text files in, a data directory of token shards out.
+
+``prepare`` reads documents (:mod:`~gptforge.data.sources`), trains or loads a tokenizer, assigns
+each document to the train or val split, encodes the text in parallel, and streams the ids into
+shards (:mod:`~gptforge.data.shards`) of a fixed size. Everything is streamed, so the corpus never
+has to fit in memory, and the result depends only on the inputs and settings, never on the number
+of worker processes. The output directory::
+
+    OUT/manifest.json              what is here and how it was made (written last)
+    OUT/tokenizer/<file>           the tokenizer the shards were encoded with
+    OUT/train/shard_000000.bin ... every document's tokens followed by <|endoftext|>
+    OUT/val/shard_000000.bin ...
+
+It is built in a hidden directory beside OUT and renamed into place at the end, so an interrupted
+run leaves OUT as it was, and a directory with a manifest is always complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timezone
+from fractions import Fraction
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from gptforge import atomic
+from gptforge.data.corpora import fetch_corpus, get_corpus
+from gptforge.data.shards import FORMAT_VERSION as SHARD_FORMAT_VERSION
+from gptforge.data.shards import ShardWriter, shard_name, split_shard_paths, token_dtype
+from gptforge.data.sources import iter_documents, resolve_inputs
+from gptforge.errors import GptforgeError
+from gptforge.tokenizer.base import (
+    KINDS,
+    Tokenizer,
+    load_tokenizer,
+    train_tokenizer,
+)
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+# With at least this many documents whole documents go to val; with fewer, each one's tail does.
+MIN_DOCUMENTS_FOR_DOCUMENT_SPLIT = 20
+MAX_VAL_FRACTION = 0.5
+# Text longer than this is cut at line breaks before encoding, for parallelism and bounded memory.
+CHUNK_CHARS = 1 << 20
+BATCH_CHARS = 1 << 20  # characters of text per encoding task
+AUTO_WORKER_BYTES = 4 << 20  # workers=None starts at most one worker per this much input
+# A cut here gives the same ids as encoding the text whole (see _chunks).
+_SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
+
+
+class Piece(NamedTuple):
+    """Text bound for one split; ``eos`` marks the end of a document (or document part)."""
+
+    split: str
+    label: str
+    text: str
+    eos: bool = True
+
+
+# --------------------------------------------------------------------------- the split
+
+
+def plan_split(documents: Iterable[tuple[str, str]], val_fraction: float,
+               seed: int) -> tuple[str, Iterator[Piece]]:
+    """Assign documents to train/val; returns the method used and the stream of pieces.
+
+    With >= 20 documents, whole documents go to val (see :func:`document_goes_to_val`): decided
+    per document from its index alone, so the stream never has to be seen in full. With fewer
+    (one big .txt file, say), the last ``val_fraction`` of each document, cut at a nearby line
+    break, goes to val.
+    """
+    documents = iter(documents)
+    head = []
+    for label, text in documents:
+        head.append((label, text))
+        if len(head) == MIN_DOCUMENTS_FOR_DOCUMENT_SPLIT:
+            return "document", _split_by_document(head, documents, val_fraction, seed)
+    return "position", _split_by_position(head, val_fraction)
+
+
+def document_goes_to_val(index: int, val_fraction: float, seed: int) -> bool:
+    """Whether document ``index`` belongs to val: exactly one of every ``1 / val_fraction``.
+
+    The documents are cut into consecutive windows of ``1 / val_fraction`` (10 for 0.1), and a
+    hash of ``(seed, window)`` picks the one document of each window that goes to val. Unlike a
+    coin flip per document, this hits the fraction within one document even on small corpora (a
+    coin flip puts 1 of Shakespeare's 42 plays in val as easily as 7). The first window's pick is
+    among the first 20 documents, so val is never empty.
+    """
+    fraction = Fraction(val_fraction).limit_denominator(1_000_000)
+    if fraction == 0:
+        return False
+    num, den = fraction.numerator, fraction.denominator
+    window = index * num // den  # exact integer arithmetic: no float rounding at the edges
+    first = -(-window * den // num)  # the window's first index, ceil(window / fraction)
+    size = -(-(window + 1) * den // num) - first
+    if window == 0:
+        size = min(size, MIN_DOCUMENTS_FOR_DOCUMENT_SPLIT)
+    return index == first + int(_val_score(seed, window) * size)
+
+
+def _val_score(seed: int, window: int) -> float:
+    digest = hashlib.blake2b(f"{seed}:{window}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
+def _split_by_document(head: list[tuple[str, str]], rest: Iterator[tuple[str, str]],
+                       val_fraction: float, seed: int) -> Iterator[Piece]:
+    for index, (label, text) in enumerate(_chain(head, rest)):
+        to_val = document_goes_to_val(index, val_fraction, seed)
+        yield Piece("val" if to_val else "train", label, text)
+
+
+def _chain(head: list[tuple[str, str]], rest: Iterator[tuple[str, str]]):
+    while head:  # hand the buffered documents over one by one, so they can be freed
+        yield head.pop(0)
+    yield from rest
+
+
+def _split_by_position(documents: list[tuple[str, str]], val_fraction: float) -> Iterator[Piece]:
+    for label, text in documents:
+        cut = _cut_point(text, val_fraction)
+        if cut > 0:
+            yield Piece("train", label, text[:cut])
+        if cut < len(text):
+            yield Piece("val", label, text[cut:])
+
+
+def _cut_point(text: str, val_fraction: float) -> int:
+    """Where val starts: ``1 - val_fraction`` into the text, moved to a nearby line start."""
+    cut = round(len(text) * (1 - val_fraction))
+    if cut in (0, len(text)):
+        return cut
+    window = max(100, (len(text) - cut) // 10)
+    before = text.rfind("\n", max(0, cut - window), cut)
+    after = text.find("\n", cut, min(len(text), cut + window))
+    starts = [i + 1 for i in (before, after) if i >= 0]
+    return min(starts, key=lambda s: abs(s - cut)) if starts else cut
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _chunks(piece: Piece) -> Iterator[Piece]:
+    """Cut a long piece at line breaks with non-space on both sides.
+
+    No backend lets a token span such a break (byte-level BPE pre-splits there, SentencePiece is
+    trained on single lines, char is per character), so the ids are those of the whole text. (A
+    SentencePiece model trained elsewhere, with pieces that hold a newline, may tokenize a cut
+    slightly differently; the text still decodes exactly.)
+    """
+    text, start = piece.text, 0
+    while len(text) - start > CHUNK_CHARS:
+        match = _SAFE_CUT.search(text, start + CHUNK_CHARS)
+        if match is None:
+            break
+        yield Piece(piece.split, piece.label, text[start:match.end()], False)
+        start = match.end()
+    yield Piece(piece.split, piece.label, text[start:], piece.eos)
+
+
+def _batches(pieces: Iterable[Piece]) -> Iterator[list[Piece]]:
+    batch: list[Piece] = []
+    size = 0
+    for piece in pieces:
+        for chunk in _chunks(piece):
+            batch.append(chunk)
+            size += len(chunk.text)
+            if size >= BATCH_CHARS:
+                yield batch
+                batch, size = [], 0
+    if batch:
+        yield batch
+
+
+class Encoded(NamedTuple):
+    split: str
+    tokens: np.ndarray  # with eos appended when the piece ends a document
+    nbytes: int  # UTF-8 bytes of the text
+    eos: bool
+
+
+def encode_pieces(tokenizer: Tokenizer, batch: list[Piece], dtype: str,
+                  use_batch_api: bool = True) -> list[Encoded]:
+    """Encode a batch; an error names the document it came from."""
+    texts = [p.text for p in batch]
+    try:
+        all_ids = tokenizer.encode_batch(texts) if use_batch_api else None
+    except GptforgeError:
+        all_ids = None  # encode one by one below to find the document at fault
+    if all_ids is None:
+        all_ids = []
+        for piece in batch:
+            try:
+                all_ids.append(tokenizer.encode(piece.text))
+            except GptforgeError as err:
+                raise GptforgeError(f"{piece.label}: {err}") from None
+    out = []
+    for piece, ids in zip(batch, all_ids, strict=True):
+        if piece.eos:
+            ids.append(tokenizer.eos_id)
+        out.append(Encoded(piece.split, np.array(ids, dtype=dtype), len(piece.text.encode()),
+                           piece.eos))
+    return out
+
+
+_worker_tokenizer: Tokenizer | None = None
+_worker_dtype = "uint16"
+
+
+def _init_worker(tokenizer_file: str, dtype: str) -> None:
+    global _worker_tokenizer, _worker_dtype
+    # One process of many: native thread pools in it would only oversubscribe the CPUs.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_tokenizer = load_tokenizer(tokenizer_file)
+    _worker_dtype = dtype
+
+
+def _encode_in_worker(batch: list[Piece]) -> list[Encoded]:
+    assert _worker_tokenizer is not None, "worker not initialised"
+    return encode_pieces(_worker_tokenizer, batch, _worker_dtype, use_batch_api=False)
+
+
+def _encode_stream(batches: Iterable[list[Piece]], tokenizer: Tokenizer, tokenizer_file: Path,
+                   dtype: str, workers: int) -> Iterator[list[Encoded]]:
+    """Encoded batches in input order; with workers > 1, from a process pool.
+
+    At most two tasks per worker are in flight, so a fast reader cannot pile the whole corpus
+    into the pool's queue (``Pool.imap`` has no such limit).
+    """
+    if workers == 1:
+        for batch in batches:
+            yield encode_pieces(tokenizer, batch, dtype)
+        return
+    with _start_pool(workers, tokenizer_file, dtype) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append(pool.apply_async(_encode_in_worker, (batch,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _start_pool(workers: int, tokenizer_file: Path, dtype: str):
+    """A pool of encoding processes, each loading the tokenizer from its saved file.
+
+    On Linux the workers are forked: they start at once and do not re-run the caller's main
+    script, which "spawn" does and which fails in scripts without an ``if __name__ ==
+    "__main__"`` guard. The workers only run tokenizers and numpy, which are fork-safe, and
+    ``TOKENIZERS_PARALLELISM`` is set for the fork so the Rust library neither warns nor starts
+    thread pools. Elsewhere fork is unsafe or missing, and "spawn" is used.
+    """
+    method = "fork" if sys.platform == "linux" else "spawn"
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        return multiprocessing.get_context(method).Pool(
+            workers, initializer=_init_worker, initargs=(str(tokenizer_file), dtype))
+    finally:
+        if saved is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+
+
+class SplitWriter:
+    """Tokens of one split into ``shard_000000.bin``, ... of exactly ``shard_tokens`` each (the
+    last one shorter); documents run on across shard boundaries."""
+
+    def __init__(self, directory: Path, dtype: str, shard_tokens: int):
+        self.directory, self.dtype, self.shard_tokens = directory, dtype, shard_tokens
+        self.tokens = self.documents = self.bytes = 0
+        self.shards: list[str] = []
+        self._writer: ShardWriter | None = None
+
+    def write(self, item: Encoded) -> None:
+        self.tokens += len(item.tokens)
+        self.documents += item.eos
+        self.bytes += item.nbytes
+        tokens = item.tokens
+        while len(tokens):
+            if self._writer is None:
+                self.directory.mkdir(exist_ok=True)
+                path = self.directory / shard_name(len(self.shards))
+                self._writer = ShardWriter(path, self.dtype)
+                self.shards.append(f"{self.directory.name}/{self._writer.path.name}")
+            room = self.shard_tokens - self._writer.count
+            self._writer.write(tokens[:room])
+            tokens = tokens[room:]
+            if self._writer.count >= self.shard_tokens:
+                self._writer.close()
+                self._writer = None
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def summary(self) -> dict:
+        return {"tokens": self.tokens, "documents": self.documents, "shards": len(self.shards),
+                "bytes": self.bytes, "files": list(self.shards)}
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def prepare(inputs: list[str], out_dir: Path, tokenizer: str = "char",
+            vocab_size: int | None = None, *, text_field: str = "text",
+            val_fraction: float = 0.1, seed: int = 1337, workers: int | None = None,
+            shard_tokens: int = 100_000_000, token_dtype: str = "auto",
+            sp_model_type: str = "bpe", progress: bool = True,
+            corpus: str | None = None) -> dict:
+    """Tokenize ``inputs`` into the data directory ``out_dir``; returns the manifest.
+
+    ``tokenizer`` is a kind to train on the corpus (``char`` on all of it, so val has no unknown
+    characters; ``bpe``/``sentencepiece`` on the train split only) or the path of a saved
+    tokenizer. ``corpus`` only records which built-in corpus the inputs are.
+    """
+    started = time.perf_counter()
+    settings = {"inputs": [str(i) for i in inputs], "corpus": corpus, "tokenizer": str(tokenizer),
+                "vocab_size": vocab_size or None, "text_field": text_field,
+                "val_fraction": val_fraction, "seed": seed, "workers": workers,
+                "shard_tokens": shard_tokens, "token_dtype": token_dtype,
+                "sp_model_type": sp_model_type}
+    _check_settings(settings)
+    out_dir = Path(out_dir).expanduser().absolute()
+    files = resolve_inputs(settings["inputs"])
+    _check_output_dir(out_dir, files)
+    sources = [_describe_source(p) for p in files]
+    work = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work.mkdir()
+    try:
+        manifest = _prepare_into(work, files, settings, sources, progress, started)
+        _move_into_place(work, out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    _log_summary(manifest, out_dir)
+    return manifest
+
+
+def _prepare_into(work: Path, files: list[Path], settings: dict, sources: list[dict],
+                  progress: bool, started: float) -> dict:
+    def documents() -> Iterator[tuple[str, str]]:
+        return iter_documents([str(p) for p in files], settings["text_field"])
+
+    def pieces() -> tuple[str, Iterator[Piece]]:
+        return plan_split(documents(), settings["val_fraction"], settings["seed"])
+
+    tokenizer_started = time.perf_counter()
+    tok = _get_tokenizer(settings, documents, pieces, progress)
+    timings = {"tokenizer_s": time.perf_counter() - tokenizer_started}
+    dtype = token_dtype(tok.vocab_size, settings["token_dtype"])
+    tokenizer_file = tok.save(work / "tokenizer")[0]
+    method, stream = pieces()
+    writers = {split: SplitWriter(work / split, dtype, settings["shard_tokens"])
+               for split in ("train", "val")}
+    workers = _worker_count(settings["workers"], sum(s["bytes"] for s in sources))
+    log.debug("encoding with %d worker%s", workers, "" if workers == 1 else "s")
+    encoded = _encode_stream(_batches(stream), tok, tokenizer_file, dtype, workers)
+    encode_started = time.perf_counter()
+    _write_splits(encoded, writers, progress)
+    timings["encode_s"] = time.perf_counter() - encode_started
+    splits = {name: w.summary() for name, w in writers.items()}
+    _check_splits(splits, settings["val_fraction"])
+    if settings["val_fraction"] == 0:
+        del splits["val"]
+    timings["duration_s"] = time.perf_counter() - started
+    manifest = _manifest(tok, tokenizer_file.relative_to(work), dtype, method, splits, sources,
+                         settings, timings)
+    atomic.write_bytes(work / MANIFEST_NAME,
+                       (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode())
+    return manifest
+
+
+def _get_tokenizer(settings: dict, documents, pieces, progress: bool) -> Tokenizer:
+    spec, vocab_size = settings["tokenizer"], settings["vocab_size"]
+    if spec in KINDS:
+        if spec == "char":
+            texts: Iterable[str] = (text for _, text in documents())
+            where = "all documents"
+        else:
+            texts = (p.text for p in pieces()[1] if p.split == "train")
+            where = "the train split"
+        log.debug("training a %s tokenizer on %s", spec, where)
+        return train_tokenizer(spec, texts, vocab_size, sp_model_type=settings["sp_model_type"],
+                               progress=progress and sys.stderr.isatty())
+    if vocab_size:
+        raise GptforgeError("--vocab-size applies only when training a tokenizer (--tokenizer "
+                            "char, bpe or sentencepiece), not with a saved tokenizer")
+    if not Path(spec).exists() and os.sep not in spec and "." not in spec:
+        raise GptforgeError(f"unknown tokenizer '{spec}': choose {', '.join(KINDS)}, or give the "
+                            "path of a saved tokenizer")
+    return load_tokenizer(spec)
+
+
+def _write_splits(encoded: Iterable[list[Encoded]], writers: dict[str, SplitWriter],
+                  progress: bool) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(desc="encoding", unit="tok", unit_scale=True, file=sys.stderr,
+               disable=None if progress else True)  # None: only on a terminal
+    try:
+        with bar:
+            for results in encoded:
+                for item in results:
+                    writers[item.split].write(item)
+                    bar.update(len(item.tokens))
+    finally:
+        close = getattr(encoded, "close", None)
+        if close is not None:
+            close()  # stops the worker pool now, even when a write failed
+    for writer in writers.values():
+        writer.close()
+
+
+def _check_splits(splits: dict, val_fraction: float) -> None:
+    if splits["train"]["tokens"] == 0:
+        raise GptforgeError("the train split came out empty; lower --val-fraction or add text")
+    if val_fraction > 0 and splits["val"]["tokens"] == 0:
+        raise GptforgeError("the val split came out empty (the corpus is too small for "
+                            f"--val-fraction {val_fraction}); add text, raise --val-fraction, or "
+                            "use --val-fraction 0 for no validation split")
+
+
+def _check_settings(s: dict) -> None:
+    if s["vocab_size"] is not None and s["vocab_size"] < 1:
+        raise GptforgeError(f"--vocab-size must be positive, got {s['vocab_size']}")
+    if not 0 <= s["val_fraction"] <= MAX_VAL_FRACTION:
+        raise GptforgeError(f"--val-fraction must be between 0 and {MAX_VAL_FRACTION}, "
+                            f"got {s['val_fraction']}")
+    if s["shard_tokens"] < 1:
+        raise GptforgeError(f"--shard-tokens must be positive, got {s['shard_tokens']}")
+    if s["workers"] is not None and s["workers"] < 1:
+        raise GptforgeError(f"--workers must be at least 1, got {s['workers']}")
+    token_dtype(0, s["token_dtype"])  # rejects unknown names now rather than after training
+
+
+def _worker_count(requested: int | None, input_bytes: int) -> int:
+    if requested is not None:
+        return requested
+    try:
+        cpus = len(os.sched_getaffinity(0))  # the CPUs this process may use, e.g. in a container
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    # Starting a worker costs about a second; not worth it for small inputs.
+    return max(1, min(cpus, input_bytes // AUTO_WORKER_BYTES + 1))
+
+
+# --------------------------------------------------------------------------- output directory
+
+
+def _check_output_dir(out_dir: Path, files: list[Path]) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise GptforgeError(f"--out {out_dir} is a file, not a directory")
+    for path in files:
+        if path.is_relative_to(out_dir.resolve()):
+            raise GptforgeError(f"input {path} is inside the output directory {out_dir}, which "
+                                "prepare replaces; move it or choose another --out")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).exists():
+        raise GptforgeError(f"--out {out_dir} exists and is not a gptforge data directory (no "
+                            f"{MANIFEST_NAME}); choose another --out or empty it")
+
+
+def _move_into_place(work: Path, out_dir: Path) -> None:
+    """Swap the finished directory in; the old one is only removed once the new one is there."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:12]}")
+        os.replace(out_dir, old)
+    os.replace(work, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _describe_source(path: Path) -> dict:
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+            size += len(block)
+    return {"path": str(path), "bytes": size, "sha256": digest.hexdigest()}
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def _manifest(tok: Tokenizer, tokenizer_file: Path, dtype: str, method: str, splits: dict,
+              sources: list[dict], settings: dict, timings: dict[str, float]) -> dict:
+    tokens = sum(s["tokens"] for s in splits.values())
+    text_bytes = sum(s["bytes"] for s in splits.values())
+    return {
+        "format_version": MANIFEST_VERSION,
+        "created_by": f"gptforge {_version()}",
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "tokenizer": {"kind": tok.kind, "file": tokenizer_file.as_posix(),
+                      "sha256": tok.fingerprint(), "vocab_size": tok.vocab_size,
+                      "eos_id": tok.eos_id, "pad_id": tok.pad_id,
+                      "special_tokens": tok.special_tokens},
+        "token_dtype": dtype,
+        "shard_format_version": SHARD_FORMAT_VERSION,
+        "split": {"method": method, "val_fraction": settings["val_fraction"],
+                  "seed": settings["seed"]},
+        "splits": splits,
+        "sources": sources,
+        "settings": settings,
+        "stats": {"tokens": tokens, "text_bytes": text_bytes,
+                  "bytes_per_token": round(text_bytes / max(tokens, 1), 4),
+                  "tokenizer_s": round(timings["tokenizer_s"], 3),
+                  "encode_s": round(timings["encode_s"], 3),
+                  "tokens_per_s": round(tokens / max(timings["encode_s"], 1e-9))},
+        "duration_s": round(timings["duration_s"], 3),
+    }
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gptforge")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _log_summary(manifest: dict, out_dir: Path) -> None:
+    parts = [f"{name} {s['tokens']:,} tokens ({s['documents']:,} docs, {s['shards']} shard"
+             f"{'' if s['shards'] == 1 else 's'})" for name, s in manifest["splits"].items()]
+    stats = manifest["stats"]
+    log.info("prepared %s: %s; %.2f bytes/token; tokenizer %.1f s, encoding %.1f s (%s tokens/s), "
+             "total %.1f s", out_dir, ", ".join(parts), stats["bytes_per_token"],
+             stats["tokenizer_s"], stats["encode_s"], f"{stats['tokens_per_s']:,}",
+             manifest["duration_s"])
+
+
+REQUIRED_KEYS = {"format_version": int, "tokenizer": dict, "token_dtype": str, "splits": dict}
+REQUIRED_TOKENIZER_KEYS = ("kind", "file", "sha256", "vocab_size", "eos_id")
+
+
+def read_manifest(data_dir: Path) -> dict:
+    """The manifest of a prepared data directory, checked for the fields readers rely on."""
+    path = Path(data_dir) / MANIFEST_NAME
+    rerun = f"run `gptforge prepare --out {data_dir} ...` to (re)build it"
+    if not path.is_file():
+        raise GptforgeError(f"{path}: no such file; {data_dir} is not a prepared data directory; "
+                            f"{rerun}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise GptforgeError(f"{path}: corrupt manifest ({err}); {rerun}") from None
+    problem = _manifest_problem(data)
+    if problem:
+        raise GptforgeError(f"{path}: {problem}; {rerun}")
+    return data
+
+
+def _manifest_problem(data: object) -> str | None:
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    for key, kind in REQUIRED_KEYS.items():
+        if not isinstance(data.get(key), kind):
+            return f"missing or malformed '{key}'"
+    if data["format_version"] != MANIFEST_VERSION:
+        return (f"manifest format version {data['format_version']} is not supported (expected "
+                f"{MANIFEST_VERSION})")
+    missing = [k for k in REQUIRED_TOKENIZER_KEYS if k not in data["tokenizer"]]
+    if missing:
+        return f"'tokenizer' lacks {', '.join(missing)}"
+    if "train" not in data["splits"]:
+        return "'splits' has no 'train'"
+    return None
+
+
+# --------------------------------------------------------------------------- built-in corpora
+
+
+def ensure_builtin(name: str, out_dir: Path, tokenizer: str = "char",
+                   vocab_size: int | None = None) -> Path:
+    """``out_dir`` holding built-in corpus ``name``, prepared now unless it already is.
+
+    An existing data directory is returned untouched when it was prepared from this corpus with
+    this tokenizer; one prepared otherwise is an error rather than silently replaced. Call it from
+    one process only (rank 0) when training on several.
+    """
+    get_corpus(name)
+    out_dir = Path(out_dir)
+    if (out_dir / MANIFEST_NAME).exists():
+        try:
+            manifest = read_manifest(out_dir)
+        except GptforgeError as err:
+            log.warning("%s; preparing it again", err)
+        else:
+            _check_same_build(manifest, out_dir, name, tokenizer, vocab_size)
+            tokenizer_file = out_dir / manifest["tokenizer"]["file"]
+            if split_shard_paths(out_dir, "train") and tokenizer_file.is_file():
+                return out_dir
+            log.warning("%s is incomplete; preparing it again", out_dir)
+    files = fetch_corpus(name)
+    prepare([str(p) for p in files], out_dir, tokenizer, vocab_size, corpus=name)
+    return out_dir
+
+
+def _check_same_build(manifest: dict, out_dir: Path, name: str, tokenizer: str,
+                      vocab_size: int | None) -> None:
+    settings = manifest.get("settings", {})
+    have = (settings.get("corpus"), settings.get("tokenizer"), settings.get("vocab_size") or None)
+    want = (name, tokenizer, vocab_size or None)
+    if have != want:
+        raise GptforgeError(
+            f"{out_dir} holds corpus={have[0]} tokenizer={have[1]} vocab_size={have[2]}, not the "
+            f"requested corpus={want[0]} tokenizer={want[1]} vocab_size={want[2]}; use another "
+            "data directory, or delete this one to rebuild it")

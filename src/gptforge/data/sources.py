@@ -1,0 +1,252 @@
+"""Reading training documents out of the user's files, one at a time.
+
+A *document* is a unit of text that ends with an end-of-text token in the token stream: a whole
+``.txt``/``.md`` file, one line of a ``.jsonl`` file, one item of a ``.json`` array, one row of a
+``.parquet`` file. Documents are streamed, never collected, so corpora larger than memory work.
+
+Every problem with the input is reported as a one-line :class:`GptforgeError` naming the file and,
+where there is one, the line or row, because a bad line in a 10 GB file is otherwise hopeless to
+find.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from gptforge.errors import GptforgeError
+
+log = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt", ".md")
+SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".json", ".parquet")
+_GLOB_CHARS = frozenset("*?[")
+_PARQUET_BATCH_ROWS = 1024
+
+
+def resolve_inputs(inputs: list[str]) -> list[Path]:
+    """Expand ``inputs`` (files, directories, globs) into the list of files to read, in order.
+
+    Directories are searched recursively for files with a supported suffix, skipping hidden
+    entries, in sorted order; glob matches are sorted too. A file named twice is read once.
+    """
+    if not inputs:
+        raise GptforgeError("no input given; pass files, directories or globs with --input")
+    files: list[Path] = []
+    for item in inputs:
+        files.extend(_resolve_one(str(item)))
+    unique = list(dict.fromkeys(files))
+    if len(unique) < len(files):
+        log.info("inputs name %d files more than once; each is read once", len(files) - len(unique))
+    return unique
+
+
+def _resolve_one(item: str) -> list[Path]:
+    if _GLOB_CHARS & set(item) and not Path(item).exists():
+        matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
+        if not matches:
+            raise GptforgeError(f"no files match the pattern {item!r}")
+        files: list[Path] = []
+        for match in matches:
+            path = Path(match)
+            if path.is_dir():
+                files.extend(_scan_directory(path))
+            elif path.suffix.lower() in SUFFIXES:
+                files.append(path.resolve())
+        if not files:
+            raise GptforgeError(f"the pattern {item!r} matches no files of a supported type "
+                                f"({', '.join(SUFFIXES)})")
+        return files
+    path = Path(item).expanduser()
+    if path.is_dir():
+        return _scan_directory(path)
+    if not path.exists():
+        raise GptforgeError(f"no such file: {item}")
+    _check_suffix(path)
+    return [path.resolve()]
+
+
+def _scan_directory(directory: Path) -> list[Path]:
+    files = sorted(
+        p for p in directory.rglob("*")
+        if p.is_file() and p.suffix.lower() in SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+    )
+    if not files:
+        raise GptforgeError(f"{directory}: directory holds no supported files "
+                            f"({', '.join(SUFFIXES)})")
+    return [p.resolve() for p in files]
+
+
+def _check_suffix(path: Path) -> None:
+    if path.suffix.lower() not in SUFFIXES:
+        raise GptforgeError(f"{path}: unsupported file type '{path.suffix or '(none)'}' "
+                            f"(supported: {', '.join(SUFFIXES)})")
+
+
+def iter_documents(inputs: list[str], text_field: str = "text") -> Iterator[tuple[str, str]]:
+    """Yield ``(label, text)`` for every non-empty document of ``inputs``, in order.
+
+    ``label`` says where the document came from (``path``, ``path:line``, ``path[index]``,
+    ``path:row N``) for error messages. Documents that are empty or only whitespace, and null
+    values in JSON and Parquet, are skipped; finding no document at all is an error.
+    """
+    files = resolve_inputs(inputs)
+    count = 0
+    for path in files:
+        for label, text in read_file(path, text_field):
+            if text and not text.isspace():
+                count += 1
+                yield label, text
+    if count == 0:
+        raise GptforgeError(f"no text in the inputs: the {len(files)} file(s) hold only empty "
+                            "documents")
+
+
+def read_file(path: Path, text_field: str = "text") -> Iterator[tuple[str, str]]:
+    """Yield ``(label, text)`` for each document in one file, by its suffix."""
+    suffix = path.suffix.lower()
+    _check_suffix(path)
+    if suffix in TEXT_SUFFIXES:
+        return _read_text(path)
+    if suffix == ".jsonl":
+        return _read_jsonl(path, text_field)
+    if suffix == ".json":
+        return _read_json(path, text_field)
+    return _read_parquet(path, text_field)
+
+
+def _read_text(path: Path) -> Iterator[tuple[str, str]]:
+    yield str(path), decode_utf8(_read_bytes(path), str(path))
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise GptforgeError(f"{path}: cannot read ({err.strerror})") from None
+
+
+def decode_utf8(data: bytes, where: str, offset: int = 0) -> str:
+    """Decode UTF-8 (a leading BOM is dropped), refusing binary data with a precise location.
+
+    ``offset`` is where ``data`` starts in its file, so the byte offset reported is the file's.
+    """
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise GptforgeError(f"{where}: NUL byte at byte offset {offset + nul}: this is a binary "
+                            "or UTF-16 file, not UTF-8 text; convert it to UTF-8 or leave it out")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise GptforgeError(f"{where}: not valid UTF-8 (byte offset {offset + err.start}); "
+                            "convert the file to UTF-8, e.g. with iconv") from None
+    return text[1:] if offset == 0 and text.startswith("\ufeff") else text
+
+
+def _read_jsonl(path: Path, field: str) -> Iterator[tuple[str, str]]:
+    try:
+        f = path.open("rb")
+    except OSError as err:
+        raise GptforgeError(f"{path}: cannot read ({err.strerror})") from None
+    with f:
+        offset = 0
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            line = decode_utf8(raw, where, offset)
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise GptforgeError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") \
+                    from None
+            text = _document_text(value, field, where)
+            if text is not None:
+                yield where, text
+
+
+def _read_json(path: Path, field: str) -> Iterator[tuple[str, str]]:
+    text = decode_utf8(_read_bytes(path), str(path))
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise GptforgeError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column "
+                            f"{err.colno})") from None
+    if isinstance(value, dict):
+        doc = _document_text(value, field, str(path))
+        if doc is not None:
+            yield str(path), doc
+        return
+    if not isinstance(value, list):
+        raise GptforgeError(f"{path}: expected a JSON array of documents or one object with field "
+                            f"'{field}', got {_json_type(value)}")
+    for index, item in enumerate(value):
+        where = f"{path}[{index}]"
+        doc = _document_text(item, field, where)
+        if doc is not None:
+            yield where, doc
+
+
+def _document_text(value: Any, field: str, where: str) -> str | None:
+    """The text of one JSON document: a string, or an object's ``field``; None when null."""
+    if isinstance(value, dict):
+        if field not in value:
+            fields = ", ".join(map(str, value)) or "none"
+            raise GptforgeError(f"{where}: no field '{field}' (fields: {fields}); use --text-field")
+        value = value[field]
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise GptforgeError(f"{where}: field '{field}' is {_json_type(value)}, not a string")
+    elif not isinstance(value, str):
+        raise GptforgeError(f"{where}: expected an object with field '{field}' or a string, got "
+                            f"{_json_type(value)}")
+    _check_encodable(value, where)
+    return value
+
+
+def _check_encodable(text: str, where: str) -> None:
+    # JSON's \ud800-style escapes can produce lone surrogates, which no tokenizer can encode.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise GptforgeError(f"{where}: the text holds an unpaired surrogate "
+                            f"{text[err.start]!r} at character {err.start}, which is not valid "
+                            "Unicode; fix the \\uXXXX escape") from None
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+             int: "a number", float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _read_parquet(path: Path, field: str) -> Iterator[tuple[str, str]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise GptforgeError(f"{path}: not a readable Parquet file ({err})") from None
+    schema = parquet.schema_arrow
+    if field not in schema.names:
+        raise GptforgeError(f"{path}: no column '{field}' (columns: {', '.join(schema.names)}); "
+                            "use --text-field")
+    column_type = schema.field(field).type
+    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)
+            or str(column_type) == "string_view"):
+        raise GptforgeError(f"{path}: column '{field}' holds {column_type}, not strings")
+    row = 0
+    for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[field]):
+        for text in batch.column(0).to_pylist():
+            if text is not None:
+                yield f"{path}:row {row}", text
+            row += 1

@@ -1,0 +1,104 @@
+"""Byte-level BPE tokenizer (the GPT-2 scheme), built on Hugging Face ``tokenizers``.
+
+Text is first turned into UTF-8 bytes, each byte shown as a printable character, and BPE merges
+are learned over those. Because all 256 bytes are in the base alphabet, any string at all can be
+encoded and decoded back exactly (Chinese, emoji, odd whitespace), with no unknown token. It is the
+sensible default for English and code; for Chinese and Japanese, SentencePiece usually compresses
+better at the same vocabulary size.
+
+Saved as ``tokenizer.json`` in the ``tokenizers`` library's own format, so other tools can load it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from gptforge.errors import GptforgeError
+from gptforge.tokenizer.base import SPECIAL_TOKENS, Tokenizer
+
+DEFAULT_VOCAB_SIZE = 4096
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+# The trainer gets text in pieces of at most this many characters, so that one huge document
+# (a whole corpus in a single .txt file) does not balloon its memory.
+TRAIN_PIECE_CHARS = 1 << 20
+
+
+class BPETokenizer(Tokenizer):
+    kind = "bpe"
+    file_name = "tokenizer.json"
+
+    def __init__(self, hf_tokenizer: Any, source: str = "tokenizer"):
+        specials = {t: hf_tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+        missing = [t for t, i in specials.items() if i is None]
+        if missing:
+            raise GptforgeError(f"{source}: lacks the special tokens {', '.join(missing)}; "
+                                "train it with `gptforge tokenizer train --kind bpe`")
+        super().__init__(specials)
+        self._hf = hf_tokenizer
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int | None = None, *,
+              sp_model_type: str = "bpe", progress: bool = False) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        vocab_size = vocab_size or DEFAULT_VOCAB_SIZE
+        if vocab_size < MIN_VOCAB_SIZE:
+            raise GptforgeError(
+                f"--vocab-size {vocab_size} is too small for bpe: it needs at least "
+                f"{MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=list(SPECIAL_TOKENS),  # first, so they get ids 0..5
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=progress,
+        )
+        hf.train_from_iterator(_bounded(texts), trainer=trainer)
+        return cls(hf)
+
+    @classmethod
+    def load(cls, path: Path) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            hf = HFTokenizer.from_file(str(path))
+        except Exception as err:  # the Rust side raises a plain Exception for any parse problem
+            raise GptforgeError(f"{path}: not a valid tokenizers JSON file ({err})") from None
+        return cls(hf, source=str(path))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        # The "fast" variant (tokenizers >= 0.21) skips computing character offsets, which we
+        # never use: about 1.7x faster.
+        encode = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)
+        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._hf.decode(ids, skip_special_tokens=False)
+
+    def canonical_bytes(self) -> bytes:
+        return self._hf.to_str(pretty=False).encode("utf-8")
+
+
+def _bounded(texts: Iterable[str]) -> Iterator[str]:
+    """The texts, long ones cut just after a line break: a boundary the byte-level pre-tokenizer
+    makes anyway (bar a space run after it), so the learned merges are the same."""
+    limit = TRAIN_PIECE_CHARS
+    for text in texts:
+        start = 0
+        while len(text) - start > limit:
+            cut = text.rfind("\n", start, start + limit) + 1 or start + limit
+            yield text[start:cut]
+            start = cut
+        yield text[start:]

@@ -1,0 +1,134 @@
+"""SentencePiece tokenizer (BPE or unigram model), with byte fallback.
+
+SentencePiece learns pieces directly over Unicode characters and does not need spaces between
+words, which makes it the better choice for Chinese, Japanese and mixed-script corpora: common
+multi-character words become single tokens. ``byte_fallback`` encodes any character the vocabulary
+lacks as its UTF-8 bytes, so nothing is ever ``<unk>``.
+
+SentencePiece normally rewrites text (NFKC, collapsing spaces, a leading "▁"); every such option is
+turned off here so that ``decode(encode(s)) == s`` exactly. The trainer sees the text line by line,
+so no piece ever contains a newline: a newline always encodes to its byte token. That also makes
+cutting a long document at a line break before encoding give the same ids as encoding it whole.
+
+Saved as ``tokenizer.model``, the standard SentencePiece model file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+from gptforge.errors import GptforgeError
+from gptforge.tokenizer.base import SPECIAL_TOKENS, Tokenizer
+
+DEFAULT_VOCAB_SIZE = 4096
+MODEL_TYPES = ("bpe", "unigram")
+# Training cuts lines longer than this many characters; 4 bytes per character at most.
+MAX_SENTENCE_CHARS = 8192
+# Above this many lines SentencePiece samples, which bounds the trainer's memory.
+MAX_TRAINING_LINES = 5_000_000
+
+
+class SentencePieceTokenizer(Tokenizer):
+    kind = "sentencepiece"
+    file_name = "tokenizer.model"
+
+    def __init__(self, model_proto: bytes, source: str = "tokenizer"):
+        import sentencepiece
+
+        try:
+            sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+        except Exception as err:  # the C++ side reports a bad protobuf as a generic error
+            raise GptforgeError(f"{source}: not a valid SentencePiece model ({err})") from None
+        specials = {t: sp.piece_to_id(t) for t in SPECIAL_TOKENS}
+        missing = [t for t, i in specials.items() if sp.id_to_piece(i) != t]
+        if missing:
+            raise GptforgeError(f"{source}: lacks the special tokens {', '.join(missing)}; "
+                                "train it with `gptforge tokenizer train --kind sentencepiece`")
+        super().__init__(specials)
+        self._proto = bytes(model_proto)
+        self._sp = sp
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int | None = None, *,
+              sp_model_type: str = "bpe", progress: bool = False) -> SentencePieceTokenizer:
+        import sentencepiece
+
+        if sp_model_type not in MODEL_TYPES:
+            raise GptforgeError(f"unknown SentencePiece model type '{sp_model_type}' "
+                                f"(choose one of: {', '.join(MODEL_TYPES)})")
+        vocab_size = vocab_size or DEFAULT_VOCAB_SIZE
+        model = io.BytesIO()
+        sentencepiece.set_random_generator_seed(1337)  # sampling of huge corpora is repeatable
+        try:
+            sentencepiece.SentencePieceTrainer.train(
+                sentence_iterator=_training_lines(texts), model_writer=model,
+                model_type=sp_model_type, vocab_size=vocab_size, **_TRAINER_OPTIONS,
+                num_threads=max(1, min(os.cpu_count() or 1, 16)),
+                minloglevel=1 if progress else 2,  # 1: warnings only
+            )
+        except RuntimeError as err:
+            raise _training_error(err, vocab_size) from None
+        return cls(model.getvalue())
+
+    @classmethod
+    def load(cls, path: Path) -> SentencePieceTokenizer:
+        try:
+            proto = Path(path).read_bytes()
+        except OSError as err:
+            raise GptforgeError(f"{path}: cannot read ({err.strerror})") from None
+        return cls(proto, source=str(path))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._sp.encode(list(texts))
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._sp.decode(ids)
+
+    def canonical_bytes(self) -> bytes:
+        return self._proto
+
+
+_TRAINER_OPTIONS = dict(
+    byte_fallback=True,
+    normalization_rule_name="identity",  # no NFKC: keep every character as written
+    remove_extra_whitespaces=False,  # keep runs of spaces, leading and trailing spaces
+    add_dummy_prefix=False,  # no invented leading space, so decode gives the text back
+    allow_whitespace_only_pieces=True,  # runs of spaces (indentation) can become one token
+    user_defined_symbols=list(SPECIAL_TOKENS),  # ids 0..5, decode to their literal text
+    unk_id=len(SPECIAL_TOKENS),  # required by SentencePiece; never produced with byte_fallback
+    bos_id=-1, eos_id=-1, pad_id=-1,  # ours are the special tokens above
+    hard_vocab_limit=False,  # a small corpus gives a smaller vocabulary instead of an error
+    max_sentence_length=4 * MAX_SENTENCE_CHARS,  # in bytes
+    input_sentence_size=MAX_TRAINING_LINES,
+    shuffle_input_sentence=True,
+)
+
+
+def _training_lines(texts: Iterable[str]) -> Iterator[str]:
+    """Non-empty lines of every document, long ones cut, as SentencePiece's training sentences."""
+    for text in texts:
+        for line in text.split("\n"):
+            for start in range(0, len(line), MAX_SENTENCE_CHARS):
+                yield line[start:start + MAX_SENTENCE_CHARS]
+
+
+def _training_error(err: RuntimeError, vocab_size: int) -> GptforgeError:
+    message = str(err)
+    too_small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
+    if too_small:
+        return GptforgeError(
+            f"--vocab-size {vocab_size} is too small for sentencepiece on this text: it needs at "
+            f"least {too_small.group(2)} (256 bytes, the special tokens and the text's characters)")
+    return GptforgeError(f"SentencePiece training failed ({message.strip().splitlines()[-1]}); "
+                         "check the input, or try another --vocab-size")

