@@ -129,7 +129,8 @@ def load_trainer_state(ckpt: Path) -> dict:
 def prune_checkpoints(run_dir: Path, keep_last: int, keep_best: int) -> list[Path]:
     """Delete checkpoints that are neither among the newest ``keep_last`` nor the best ``keep_best``."""
     root = Path(run_dir) / CKPT_DIR
-    ckpts = sorted(p for p in root.glob("step-*") if (p / "model.json").is_file())
+    ckpts = sorted((p for p in root.glob("step-*") if (p / "model.json").is_file()),
+                   key=lambda p: int(p.name.split("-")[1]))
     losses = {p: json.loads((p / "model.json").read_text()).get("val_loss") for p in ckpts}
     keep = set(ckpts[-keep_last:]) if keep_last > 0 else set()
     scored = sorted((loss, p) for p, loss in losses.items() if loss is not None)

@@ -204,3 +204,17 @@ def test_compiled_training_saves_plain_weights(data_dir, tmp_path):
     with safe_open(str(run / "ckpt" / "step-000003" / "model.safetensors"), "pt") as f:
         assert not [k for k in f.keys() if "_orig_mod" in k]
     assert gptforge.load(run).generate("RO", max_new_tokens=4, temperature=0)
+
+
+def test_data_without_val_split_trains_without_evaluation(tmp_path, capsys):
+    from tests.conftest import make_corpus_text
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(make_corpus_text(300))
+    data = tmp_path / "d"
+    assert main(["prepare", "--input", str(corpus), "--tokenizer", "char", "--out", str(data),
+                 "--val-fraction", "0", "--workers", "1"]) == 0
+    run = tmp_path / "run"
+    assert main(train_args(data, run, "train.max_steps=6")) == 0
+    assert not [r for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r]
+    assert (run / "latest").read_text().strip() == "ckpt/step-000006"

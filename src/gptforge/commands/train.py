@@ -28,6 +28,9 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from gptforge.train.launch import resume_config, train
 
+    if args.resume and args.config:
+        from gptforge.errors import GptforgeError
+        raise GptforgeError("--resume uses the run's saved config; pass overrides instead of -c")
     if args.resume:
         cfg = resume_config(args.resume, args.overrides)
     else:

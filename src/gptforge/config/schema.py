@@ -84,7 +84,7 @@ class ScheduleConfig:
     name: str = "cosine"
     """Learning-rate schedule: ``cosine``, ``wsd`` (warmup-stable-decay), ``linear`` or ``constant``."""
     warmup_steps: int = 100
-    """Steps of linear warm-up from 0 to ``optim.lr``."""
+    """Steps of linear warm-up up to ``optim.lr`` (from lr/(warmup+1) at the first step)."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of ``optim.lr`` (cosine, wsd, linear)."""
     decay_fraction: float = 0.5

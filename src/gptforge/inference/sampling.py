@@ -3,7 +3,8 @@
 - temperature: divide logits by T; T -> 0 approaches greedy (T == 0 *is* greedy here);
 - top-k: keep the k most likely tokens (Fan et al., 2018);
 - top-p / nucleus: keep the smallest set whose probability reaches p (Holtzman et al., 2019);
-- repetition penalty: make already-generated tokens less likely (Keskar et al., 2019, CTRL).
+- repetition penalty: make tokens already in the context (prompt and output) less likely
+  (Keskar et al., 2019, CTRL).
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ def load_model(ckpt: Path, device: torch.device) -> GPT:
     checkpoint.load_weights(model, ckpt)
     model.to(device)
     if device.type == "cuda":  # batch-1 decoding is memory-bound: halve the bytes read
-        model.to(torch.bfloat16)
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        model.to(torch.bfloat16 if native_bf16 else torch.float16)
     return model.eval()
 
 

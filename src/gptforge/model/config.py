@@ -45,7 +45,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     """Share the token-embedding matrix with the output layer."""
     dropout: float = 0.0
-    """Dropout on attention weights and residual branches (0 for pretraining on large data)."""
+    """Dropout on embeddings, attention weights and residual branches (0 for large-data pretraining)."""
     logit_softcap: float = 0.0
     """If > 0, squash logits with ``cap * tanh(logits / cap)`` (Gemma-2, modded-nanogpt); 0 = off."""
     init_std: float = 0.02

@@ -19,7 +19,8 @@ from gptforge.config.schema import Config
 from gptforge.errors import GptforgeError
 from gptforge.metrics.sinks import truncate_after
 from gptforge.model.gpt import GPT
-from gptforge.runtime.device import peak_flops, resolve_device, resolve_precision, seed_everything
+from gptforge.runtime.device import (enable_tf32, peak_flops, resolve_device, resolve_precision,
+                                     seed_everything)
 from gptforge.train.loop import Trainer
 from gptforge.train.objectives import LanguageModeling
 from gptforge.train.optim import build_optimizer
@@ -78,6 +79,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> int:
     if cfg.runtime.threads > 0:
         torch.set_num_threads(cfg.runtime.threads)
     precision = resolve_precision(resolve_device(cfg.runtime.device), cfg.runtime.dtype)
+    enable_tf32(precision.device)
     run_dir = Path(cfg.train.out_dir)
     check_run_dir(run_dir, resume, overwrite)
     data_dir, manifest = prepared_data(cfg)
@@ -91,8 +93,13 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> int:
     tc, block = cfg.train, cfg.model.block_size
     train_loader = BatchLoader(open_split(data_dir, "train"), block, tc.batch_size,
                                seed=tc.seed, split="train")
-    val_loader = BatchLoader(open_split(data_dir, "val"), block, tc.batch_size,
-                             seed=tc.seed + 1, split="val", shuffle_offset=False)
+    val_loader = None
+    if manifest["splits"].get("val", {}).get("tokens", 0) > 0:
+        val_loader = BatchLoader(open_split(data_dir, "val"), block, tc.batch_size,
+                                 seed=tc.seed + 1, split="val", shuffle_offset=False)
+    else:
+        log.warning("%s has no val split: no evaluation, best-checkpoint tracking or early "
+                    "stopping (prepare with --val-fraction > 0 for them)", data_dir)
     tokenizer_dir = data_dir / "tokenizer"
     trainer = Trainer(
         cfg=cfg, model=model, train_model=train_model, optimizer=optimizer,

@@ -146,6 +146,8 @@ class Trainer:
                 if step % tc.ckpt_interval == 0 or step == tc.max_steps or stop_early \
                         or self.stop_signal is not None:
                     self.save()
+                if step % tc.log_interval == 0:  # evaluation and saving are not training time
+                    window_t0 = time.perf_counter()
                 if self.stop_signal is not None:
                     log.info("stopped by signal %d at step %d; resume with "
                              "`gptforge train --resume %s`", self.stop_signal, step, self.run_dir)
@@ -187,9 +189,9 @@ class Trainer:
             bar.set_postfix_str(status)
         elif time.perf_counter() - self._last_status >= 10.0:  # no terminal: a line every 10 s
             self._last_status = time.perf_counter()
-            left = (self.cfg.train.max_steps - step) * self._seconds_per_step()
-            log.info("step %d/%d  %s  eta %s", step, self.cfg.train.max_steps, status,
-                     time.strftime("%H:%M:%S", time.gmtime(left)))
+            left = int((self.cfg.train.max_steps - step) * self._seconds_per_step())
+            log.info("step %d/%d  %s  eta %d:%02d:%02d", step, self.cfg.train.max_steps, status,
+                     left // 3600, left % 3600 // 60, left % 60)
 
     def _seconds_per_step(self) -> float:
         done = self.state.step - self._start_step
@@ -198,6 +200,9 @@ class Trainer:
     def _evaluate(self, writer) -> bool:
         """Evaluate, log, maybe print a sample; return True if early stopping should trigger."""
         tc = self.cfg.train
+        if self.val_loader is None:
+            self._sample(self.state.step)
+            return False
         result = evaluate(self.train_model, self.val_loader, self.objective, self.precision,
                           tc.eval_steps)
         step = self.state.step
@@ -209,12 +214,17 @@ class Trainer:
             self.state.best_val_loss, self.state.evals_since_best = result["val_loss"], 0
         else:
             self.state.evals_since_best += 1
-        if self.sampler is not None and tc.sample_tokens > 0 and step > 0:
-            text = self.sampler(step)
-            writer.text("sample", text, step)
-            log.info("sample at step %d:\n%s\n", step, text)
+        self._sample(step, writer)
         patience = tc.early_stop_patience
         return patience > 0 and self.state.evals_since_best >= patience
+
+    def _sample(self, step: int, writer=None) -> None:
+        if self.sampler is None or self.cfg.train.sample_tokens <= 0 or step == 0:
+            return
+        text = self.sampler(step)
+        if writer is not None:
+            writer.text("sample", text, step)
+        log.info("sample at step %d:\n%s\n", step, text)
 
     def save(self) -> Path:
         path = checkpoint.save_checkpoint(

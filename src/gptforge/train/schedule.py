@@ -1,7 +1,8 @@
 """Learning-rate schedules as pure functions of the step.
 
 Because the rate is computed from the step number alone, a resumed run needs no scheduler state:
-the step counter is enough. All schedules warm up linearly from 0 over ``warmup_steps`` (Adam's
+the step counter is enough. All schedules warm up linearly over ``warmup_steps`` (step s of the
+warm-up uses ``lr * (s + 1) / (warmup + 1)``; Adam's
 second-moment estimates are poor at first, and large early updates can destabilise training).
 
 - ``cosine``: cosine decay from the peak to ``min_lr_ratio * lr`` at ``max_steps`` (GPT-3, Chinchilla).
