@@ -40,11 +40,14 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def save_checkpoint(run_dir: Path, *, step: int, model: nn.Module, model_config: ModelConfig,
-                    tokenizer_dir: Path, tokenizer_info: dict, trainer_state: dict,
-                    val_loss: float | None) -> Path:
-    """Write checkpoint ``step`` atomically and point ``RUN_DIR/latest`` at it."""
-    from safetensors.torch import save_model
+def save_checkpoint(run_dir: Path, *, step: int, weights: dict[str, torch.Tensor],
+                    model_config: ModelConfig, tokenizer_dir: Path, tokenizer_info: dict,
+                    trainer_state: dict, val_loss: float | None) -> Path:
+    """Write checkpoint ``step`` atomically and point ``RUN_DIR/latest`` at it.
+
+    ``weights`` is a full state dict without tied aliases (see :func:`weights_to_save`).
+    """
+    from safetensors.torch import save_file
 
     run_dir = Path(run_dir)
     target = run_dir / CKPT_DIR / checkpoint_name(step)
@@ -52,7 +55,8 @@ def save_checkpoint(run_dir: Path, *, step: int, model: nn.Module, model_config:
             "model": model_config.to_dict(), "tokenizer": tokenizer_info}
     try:
         with atomic.directory(target) as tmp:
-            save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            contiguous = {k: v.contiguous() for k, v in weights.items()}
+            save_file(contiguous, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             (tmp / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
             shutil.copytree(tokenizer_dir, tmp / "tokenizer")
             torch.save(trainer_state, tmp / "trainer_state.pt")
@@ -63,6 +67,33 @@ def save_checkpoint(run_dir: Path, *, step: int, model: nn.Module, model_config:
         reason = "disk full" if err.errno == errno.ENOSPC else err.strerror or str(err)
         raise GptforgeError(f"could not write checkpoint {target}: {reason}{kept}") from err
     return target
+
+
+def weights_to_save(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the second name of tied parameters (safetensors stores a tensor once)."""
+    seen, aliases = set(), set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            aliases.add(name)
+        seen.add(id(param))
+    return {k: v for k, v in state.items() if k not in aliases}
+
+
+def read_weights(ckpt: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights as a full state dict for ``model`` (tied aliases filled in)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(ckpt) / "model.safetensors"))
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first and name not in state and first[id(param)] in state:
+            state[name] = state[first[id(param)]]
+        first.setdefault(id(param), name)
+    expected = set(model.state_dict())
+    if set(state) != expected:
+        diff = sorted(set(state) ^ expected)[:3]
+        raise GptforgeError(f"{ckpt}: weights do not fit the model (mismatched names: {diff})")
+    return state
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -18,7 +18,8 @@ def setup(tmp_path):
 
 
 def save(run, model, cfg, tok, step, val_loss=None, state=None):
-    return checkpoint.save_checkpoint(run, step=step, model=model, model_config=cfg,
+    weights = checkpoint.weights_to_save(model, model.state_dict())
+    return checkpoint.save_checkpoint(run, step=step, weights=weights, model_config=cfg,
                                       tokenizer_dir=tok, tokenizer_info={"sha256": "x"},
                                       trainer_state=state or {"step": step}, val_loss=val_loss)
 
@@ -37,6 +38,11 @@ def test_round_trip_is_exact_and_keys_are_unprefixed(setup):
         assert all(not k.startswith(("_orig_mod.", "module.")) for k in f.keys())
     assert (path / "tokenizer" / "chars.json").is_file()
     assert checkpoint.load_trainer_state(path) == {"step": 5}
+    # The tied output layer is stored once, and read back under both names.
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    state = checkpoint.read_weights(path, clone)
+    assert torch.equal(state["lm_head.weight"], state["tok_emb.weight"])
 
 
 def test_failed_write_leaves_latest_checkpoint_intact(setup, monkeypatch):

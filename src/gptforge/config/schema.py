@@ -30,7 +30,10 @@ class TrainConfig:
     batch_size: int = 16
     """Sequences per micro-batch (per process)."""
     grad_accum: int = 1
-    """Micro-batches accumulated into one optimizer step."""
+    """Micro-batches accumulated into one optimizer step (derived when global_batch_tokens > 0)."""
+    global_batch_tokens: int = 0
+    """Tokens per optimizer step over all processes; if > 0, grad_accum is derived from it as
+    global_batch_tokens / (batch_size * block_size * world_size), which must divide exactly."""
     max_steps: int = 2000
     """Optimizer steps to train for."""
     eval_interval: int = 250
@@ -98,6 +101,9 @@ class RuntimeConfig:
     dtype: str = "auto"
     """Compute dtype: ``auto``, ``float32``, ``bfloat16`` (autocast) or ``float16`` (autocast + loss scaling).
     ``auto`` picks bfloat16 on CUDA GPUs that support it and on CPUs with native bf16 (AMX/AVX512-BF16)."""
+    parallel: str = "ddp"
+    """With several processes (torchrun): ``ddp`` (replicate the model) or ``fsdp`` (FSDP2: shard
+    parameters, gradients and optimizer state per block)."""
     compile: bool = False
     """Compile the model with ``torch.compile`` (pays off on GPUs; slow first step)."""
     threads: int = 0

@@ -67,3 +67,16 @@ class MetricsWriter:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+class NullWriter:
+    """The writer of ranks other than 0: only rank 0 records metrics."""
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

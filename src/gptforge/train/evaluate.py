@@ -10,18 +10,22 @@ import math
 
 import torch
 
+from gptforge.runtime.distributed import all_reduce_mean
+
 
 @torch.no_grad()
-def evaluate(model, loader, objective, precision, steps: int) -> dict:
+def evaluate(model, loader, objective, precision, steps: int, dist_info=None) -> dict:
     was_training = model.training
     model.eval()
     loader.reset()
-    total = 0.0
+    total = torch.zeros((), device=precision.device)
     for _ in range(steps):
         x, y = (t.to(precision.device, non_blocking=True) for t in loader.next_batch())
         with precision.autocast():
             loss, _ = objective(model, (x, y))
-        total += float(loss)
+        total += loss.float()
     model.train(was_training)
-    val_loss = total / max(1, steps)
+    if dist_info is not None:  # each rank scored its own share of the val batches
+        total = all_reduce_mean(total, dist_info)
+    val_loss = float(total) / max(1, steps)
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}

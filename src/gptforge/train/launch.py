@@ -19,8 +19,14 @@ from gptforge.config.schema import Config
 from gptforge.errors import GptforgeError
 from gptforge.metrics.sinks import truncate_after
 from gptforge.model.gpt import GPT
-from gptforge.runtime.device import (enable_tf32, peak_flops, resolve_device, resolve_precision,
-                                     seed_everything)
+from gptforge.runtime import distributed
+from gptforge.runtime.device import (
+    enable_tf32,
+    peak_flops,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+)
 from gptforge.train.loop import Trainer
 from gptforge.train.objectives import LanguageModeling
 from gptforge.train.optim import build_optimizer
@@ -72,31 +78,53 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 
 
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> int:
-    """Run (or, with ``resume``, continue) pretraining as configured; return an exit code."""
+    """Run (or, with ``resume``, continue) pretraining as configured; return an exit code.
+
+    Under torchrun every process runs this function; rank 0 alone prepares data and writes files.
+    """
+    if cfg.runtime.threads > 0:
+        torch.set_num_threads(cfg.runtime.threads)
+    device = resolve_device(cfg.runtime.device)
+    dist_info, device = distributed.init_distributed(device)
+    try:
+        if not dist_info.is_main:  # one voice: other ranks report only problems
+            logging.getLogger("gptforge").setLevel(logging.WARNING)
+        return _train(cfg, resolve_precision(device, cfg.runtime.dtype), dist_info,
+                      resume=resume, overwrite=overwrite)
+    finally:
+        distributed.teardown()
+
+
+def _train(cfg: Config, precision, dist_info, *, resume: bool, overwrite: bool) -> int:
     from gptforge.data.loader import BatchLoader
     from gptforge.data.shards import open_split
 
-    if cfg.runtime.threads > 0:
-        torch.set_num_threads(cfg.runtime.threads)
-    precision = resolve_precision(resolve_device(cfg.runtime.device), cfg.runtime.dtype)
     enable_tf32(precision.device)
     run_dir = Path(cfg.train.out_dir)
-    check_run_dir(run_dir, resume, overwrite)
+    if dist_info.is_main:
+        check_run_dir(run_dir, resume, overwrite)
+        prepared_data(cfg)
+    distributed.barrier(dist_info)
     data_dir, manifest = prepared_data(cfg)
-    cfg = with_vocab(cfg, manifest)
+    cfg = with_grad_accum(with_vocab(cfg, manifest), dist_info.world_size)
     ckpt = _checkpoint_to_resume(run_dir, manifest) if resume else None
 
     seed_everything(cfg.train.seed)
     model = GPT(cfg.model).to(precision.device)
-    train_model = torch.compile(model) if cfg.runtime.compile else model
+    if dist_info.enabled:  # same initial weights everywhere, then a dropout stream per rank
+        seed_everything(cfg.train.seed + dist_info.rank)
+    train_model = distributed.wrap_model(model, cfg.runtime.parallel, dist_info, precision)
+    if cfg.runtime.compile:
+        train_model = torch.compile(train_model)
     optimizer = build_optimizer(model, cfg.optim, precision.device)
     tc, block = cfg.train, cfg.model.block_size
+    ranks = {"rank": dist_info.rank, "world_size": dist_info.world_size}
     train_loader = BatchLoader(open_split(data_dir, "train"), block, tc.batch_size,
-                               seed=tc.seed, split="train")
+                               seed=tc.seed, split="train", **ranks)
     val_loader = None
     if manifest["splits"].get("val", {}).get("tokens", 0) > 0:
         val_loader = BatchLoader(open_split(data_dir, "val"), block, tc.batch_size,
-                                 seed=tc.seed + 1, split="val", shuffle_offset=False)
+                                 seed=tc.seed + 1, split="val", shuffle_offset=False, **ranks)
     else:
         log.warning("%s has no val split: no evaluation, best-checkpoint tracking or early "
                     "stopping (prepare with --val-fraction > 0 for them)", data_dir)
@@ -106,20 +134,41 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> int:
         objective=LanguageModeling(), train_loader=train_loader, val_loader=val_loader,
         precision=precision, run_dir=run_dir, tokenizer_dir=tokenizer_dir,
         tokenizer_info=manifest["tokenizer"], flops_per_token=model.flops_per_token(),
-        peak_flops=peak_flops(precision), sampler=_sampler(model, tokenizer_dir, cfg, precision))
+        peak_flops=peak_flops(precision), dist_info=dist_info,
+        sampler=_sampler(model, tokenizer_dir, cfg, precision))
     if ckpt is not None:
-        checkpoint.load_weights(model, ckpt)
+        weights = checkpoint.read_weights(ckpt, model)
+        distributed.load_full_model_state(model, weights)
         trainer.load_state_dict(checkpoint.load_trainer_state(ckpt))
-        truncate_after(run_dir / "metrics.jsonl", trainer.state.step)
+        if dist_info.is_main:
+            truncate_after(run_dir / "metrics.jsonl", trainer.state.step)
         log.info("resuming from %s (step %d)", ckpt, trainer.state.step)
-    save_config(cfg, run_dir / "config.toml")
-    _print_summary(cfg, model, precision, train_loader, run_dir)
+    if dist_info.is_main:
+        save_config(cfg, run_dir / "config.toml")
+    _print_summary(cfg, model, precision, train_loader, run_dir, dist_info.world_size)
     code = trainer.fit()
     if code == 0 and tc.sample_tokens > 0 and tc.num_samples > 0:
         for i in range(tc.num_samples):
             # Seeds distinct from the per-evaluation samples (seeded by their step).
-            print(f"--- sample {i + 1} ---\n{trainer.sampler(-1 - i)}")
+            text = trainer.sampler(-1 - i)  # every rank runs it: FSDP2 forwards are collective
+            if dist_info.is_main:
+                print(f"--- sample {i + 1} ---\n{text}")
     return code
+
+
+def with_grad_accum(cfg: Config, world_size: int) -> Config:
+    """Derive ``train.grad_accum`` from ``train.global_batch_tokens`` when that is set."""
+    tc = cfg.train
+    if tc.global_batch_tokens <= 0:
+        return cfg
+    per_micro = tc.batch_size * cfg.model.block_size * world_size
+    if tc.global_batch_tokens % per_micro:
+        raise GptforgeError(
+            f"train.global_batch_tokens={tc.global_batch_tokens} is not a multiple of "
+            f"batch_size x block_size x processes = {tc.batch_size} x {cfg.model.block_size} x "
+            f"{world_size} = {per_micro}")
+    accum = tc.global_batch_tokens // per_micro
+    return dataclasses.replace(cfg, train=dataclasses.replace(tc, grad_accum=accum))
 
 
 def _checkpoint_to_resume(run_dir: Path, manifest: dict) -> Path:
@@ -154,14 +203,17 @@ def _sampler(model: GPT, tokenizer_dir: Path, cfg: Config, precision):
     return sample
 
 
-def _print_summary(cfg: Config, model: GPT, precision, loader, run_dir: Path) -> None:
+def _print_summary(cfg: Config, model: GPT, precision, loader, run_dir: Path,
+                   world_size: int) -> None:
     tc = cfg.train
-    tokens_per_step = tc.batch_size * tc.grad_accum * cfg.model.block_size
+    tokens_per_step = tc.batch_size * tc.grad_accum * cfg.model.block_size * world_size
     log.info("model: %.2fM parameters, %d layers, %d heads, width %d, context %d, vocab %d",
              model.num_params() / 1e6, cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd,
              cfg.model.block_size, cfg.model.vocab_size)
-    log.info("training: %d steps x %d tokens/step on %s (%s), %d train windows per epoch; "
-             "run dir %s", tc.max_steps, tokens_per_step, precision.device, precision.name,
+    processes = f" x {world_size} processes ({cfg.runtime.parallel})" if world_size > 1 else ""
+    log.info("training: %d steps x %d tokens/step (batch %d x accum %d%s) on %s (%s), %d train "
+             "windows per epoch; run dir %s", tc.max_steps, tokens_per_step, tc.batch_size,
+             tc.grad_accum, processes, precision.device, precision.name,
              loader.windows_per_epoch, run_dir)
 
 

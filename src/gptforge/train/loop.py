@@ -16,16 +16,18 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from gptforge import checkpoint
 from gptforge.config.schema import Config
 from gptforge.errors import GptforgeError
-from gptforge.metrics.sinks import MetricsWriter
+from gptforge.metrics.sinks import MetricsWriter, NullWriter
+from gptforge.runtime import distributed
+from gptforge.runtime.distributed import DistInfo
 from gptforge.train.evaluate import evaluate
 from gptforge.train.schedule import lr_at
 
@@ -47,10 +49,13 @@ class Trainer:
                  optimizer: torch.optim.Optimizer, objective, train_loader, val_loader,
                  precision, run_dir: Path, tokenizer_dir: Path, tokenizer_info: dict,
                  flops_per_token: int, peak_flops: float,
-                 sampler: Callable[[int], str] | None = None):
+                 sampler: Callable[[int], str] | None = None, dist_info: DistInfo = DistInfo()):
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.model = model  # the plain module: what is saved
-        self.train_model = train_model  # possibly compiled/wrapped: what is run
+        self.dist = dist_info
+        # ``model`` has the plain parameter names that checkpoints use (under FSDP2 it is itself
+        # sharded, in place); ``train_model`` is what runs: possibly DDP-wrapped or compiled.
+        self.model = model
+        self.train_model = train_model
         self.optimizer, self.objective = optimizer, objective
         self.train_loader, self.val_loader = train_loader, val_loader
         self.precision = precision
@@ -64,38 +69,49 @@ class Trainer:
 
     # ---- resumable state -------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Everything but the weights, in a form any world size can load (a collective)."""
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {"loop": asdict(self.state), "optimizer": self.optimizer.state_dict(),
+        return {"loop": asdict(self.state),
+                "optimizer": distributed.full_optimizer_state(self.model, self.optimizer),
                 "scaler": self.scaler.state_dict(), "train_loader": self.train_loader.state_dict(),
-                "rng": rng}
+                "rng": distributed.gather_objects(rng, self.dist)}
 
     def load_state_dict(self, state: dict) -> None:
         self.state = LoopState(**state["loop"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        distributed.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.train_loader.load_state_dict(state["train_loader"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        ranks = state["rng"]
+        if len(ranks) == self.dist.world_size:  # same world size: each rank continues its stream
+            rng = ranks[self.dist.rank]
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        else:  # another world size: fresh, distinct, reproducible streams
+            torch.manual_seed(self.cfg.train.seed + 7919 * self.state.step + self.dist.rank)
 
     # ---- one optimizer step ----------------------------------------------------------
     def train_step(self) -> tuple[float, float]:
         """Run one optimizer step; return (mean loss, gradient norm before clipping)."""
         tc, oc = self.cfg.train, self.cfg.optim
         total = torch.zeros((), device=self.precision.device)
-        for _ in range(tc.grad_accum):
+        for micro in range(tc.grad_accum):
             x, y = (t.to(self.precision.device, non_blocking=True)
                     for t in self.train_loader.next_batch())
-            with self.precision.autocast():
-                loss, _ = self.objective(self.train_model, (x, y))
-            self.scaler.scale(loss / tc.grad_accum).backward()
+            with distributed.gradient_sync(self.train_model, micro == tc.grad_accum - 1):
+                with self.precision.autocast():
+                    loss, _ = self.objective(self.train_model, (x, y))
+                self.scaler.scale(loss / tc.grad_accum).backward()
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
         max_norm = oc.grad_clip if oc.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        mean_loss = float(total) / tc.grad_accum
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        # Every rank sees the same mean loss, so all of them stop together on a non-finite one.
+        mean_loss = float(distributed.all_reduce_mean(total, self.dist)) / tc.grad_accum
         if not math.isfinite(mean_loss):
             raise self._non_finite(mean_loss)
         lr = lr_at(self.state.step, oc.lr, tc.max_steps, self.cfg.schedule)
@@ -108,7 +124,9 @@ class Trainer:
         self.state.tokens_seen += tc.grad_accum * x.numel() * self.world_size
         return mean_loss, float(grad_norm)
 
-    world_size = 1  # data-parallel wrappers set this
+    @property
+    def world_size(self) -> int:
+        return self.dist.world_size
 
     def _non_finite(self, loss: float) -> GptforgeError:
         last = checkpoint.latest_checkpoint(self.run_dir)
@@ -121,7 +139,8 @@ class Trainer:
     def fit(self) -> int:
         """Train to ``train.max_steps``; return an exit code (0, or 128+signal if stopped)."""
         tc = self.cfg.train
-        writer = MetricsWriter(self.run_dir, tensorboard=self.cfg.runtime.tensorboard)
+        writer = (MetricsWriter(self.run_dir, tensorboard=self.cfg.runtime.tensorboard)
+                  if self.dist.is_main else NullWriter())
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         bar = self._progress_bar()
         self._start_step, self._start_time = self.state.step, time.perf_counter()
@@ -143,6 +162,7 @@ class Trainer:
                 stop_early = False
                 if step % tc.eval_interval == 0 or step == tc.max_steps:
                     stop_early = self._evaluate(writer)
+                self._agree_on_stop()
                 if step % tc.ckpt_interval == 0 or step == tc.max_steps or stop_early \
                         or self.stop_signal is not None:
                     self.save()
@@ -164,6 +184,13 @@ class Trainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    def _agree_on_stop(self) -> None:
+        """A signal may reach ranks at different steps: stop all of them at the same one."""
+        if not self.dist.enabled:
+            return
+        signals = distributed.gather_objects(self.stop_signal, self.dist)
+        self.stop_signal = next((s for s in signals if s is not None), None)
+
     def _on_signal(self, signum, frame) -> None:
         if self.stop_signal is not None:  # a second Ctrl-C: give up at once
             raise KeyboardInterrupt
@@ -172,7 +199,7 @@ class Trainer:
                  signum)
 
     def _progress_bar(self):
-        if not (self.cfg.runtime.progress and sys.stderr.isatty()):
+        if not (self.cfg.runtime.progress and sys.stderr.isatty() and self.dist.is_main):
             return None
         from tqdm import tqdm
         return tqdm(total=self.cfg.train.max_steps, initial=self.state.step, unit="step",
@@ -204,7 +231,7 @@ class Trainer:
             self._sample(self.state.step)
             return False
         result = evaluate(self.train_model, self.val_loader, self.objective, self.precision,
-                          tc.eval_steps)
+                          tc.eval_steps, self.dist)
         step = self.state.step
         writer.log({"step": step, **result})
         self.state.last_val_loss, self.state.last_eval_step = result["val_loss"], step
@@ -226,13 +253,18 @@ class Trainer:
             writer.text("sample", text, step)
         log.info("sample at step %d:\n%s\n", step, text)
 
-    def save(self) -> Path:
-        path = checkpoint.save_checkpoint(
-            self.run_dir, step=self.state.step, model=self.model,
-            model_config=self.model.config, tokenizer_dir=self.tokenizer_dir,
-            tokenizer_info=self.tokenizer_info, trainer_state=self.state_dict(),
-            val_loss=self.state.last_val_loss
-            if self.state.last_eval_step == self.state.step else None)
-        checkpoint.prune_checkpoints(self.run_dir, self.cfg.train.keep_last,
-                                     self.cfg.train.keep_best)
-        return path
+    def save(self) -> None:
+        """Gather full state on every rank (collectives), then rank 0 writes the checkpoint."""
+        weights = distributed.full_model_state(self.model)
+        trainer_state = self.state_dict()
+        if self.dist.is_main:
+            checkpoint.save_checkpoint(
+                self.run_dir, step=self.state.step,
+                weights=checkpoint.weights_to_save(self.model, weights),
+                model_config=self.model.config, tokenizer_dir=self.tokenizer_dir,
+                tokenizer_info=self.tokenizer_info, trainer_state=trainer_state,
+                val_loss=self.state.last_val_loss
+                if self.state.last_eval_step == self.state.step else None)
+            checkpoint.prune_checkpoints(self.run_dir, self.cfg.train.keep_last,
+                                         self.cfg.train.keep_best)
+        distributed.barrier(self.dist)

@@ -1,0 +1,208 @@
+"""Data-parallel training across processes: torchrun environment, DDP and FSDP2, state dicts.
+
+The same ``gptforge train`` runs as one process or as N under ``torchrun --nproc-per-node N -m
+gptforge train ...``. torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; from them this module joins
+the process group (NCCL on CUDA, gloo on CPU) and wraps the model:
+
+- **DDP** keeps a full copy of the model on every rank and averages gradients during backward.
+- **FSDP2** (``fully_shard``) shards parameters, gradients and optimizer state across ranks, one
+  block at a time, gathering a block's weights just before it runs; memory per rank falls with N.
+
+Checkpoints hold *full* (unsharded) state keyed by parameter name, so a run saved on N processes
+resumes on M, and loads for generation in a single process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gptforge.errors import GptforgeError
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
+    """Join the process group if launched by torchrun with WORLD_SIZE > 1; else a no-op."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo(), device
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world_size)
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
+                                device_id=device if device.type == "cuda" else None)
+    return info, device
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, strategy: str, info: DistInfo, precision) -> nn.Module:
+    """The module to run: DDP-wrapped, or FSDP2-sharded in place (then ``model`` is returned)."""
+    if not info.enabled:
+        return model
+    if strategy not in STRATEGIES:
+        raise GptforgeError(f"runtime.parallel must be one of {', '.join(STRATEGIES)}, "
+                            f"not '{strategy}'")
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [precision.device.index] if precision.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = None
+    if precision.dtype != torch.float32:  # compute in low precision, reduce gradients in fp32
+        mp = MixedPrecisionPolicy(param_dtype=precision.dtype, reduce_dtype=torch.float32)
+    kwargs = {"mp_policy": mp} if mp is not None else {}
+    for block in model.blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def gradient_sync(model: nn.Module, enabled: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation step."""
+    if enabled:
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):  # DDP
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= info.world_size
+    return value
+
+
+def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """True if ``flag`` is true on any rank (every rank gets the same answer)."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` in one process)."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+# ---- full state dicts keyed by parameter name ------------------------------------------------
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded weights on CPU (a collective under FSDP2: call it on every rank)."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(
+            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load unsharded weights into a plain or FSDP2 model (on every rank)."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(state, strict=True)
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Optimizer state keyed by parameter name (``{"state": {name: ...}, "param_groups": ...}``)."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        return get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    names = _param_names(model)
+    sd = optimizer.state_dict()
+    index_to_name = {}
+    for group, saved in zip(optimizer.param_groups, sd["param_groups"]):
+        for param, index in zip(group["params"], saved["params"]):
+            index_to_name[index] = names[param]
+    return {"state": {index_to_name[i]: s for i, s in sd["state"].items()},
+            "param_groups": [{**g, "params": [index_to_name[i] for i in g["params"]]}
+                             for g in sd["param_groups"]]}
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                              state: dict) -> None:
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        set_optimizer_state_dict(model, optimizer, state,
+                                 options=StateDictOptions(full_state_dict=True))
+        return
+    names = _param_names(model)
+    name_to_index, index = {}, 0
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            name_to_index[names[param]] = index
+            index += 1
+    optimizer.load_state_dict({
+        "state": {name_to_index[n]: s for n, s in state["state"].items()},
+        "param_groups": [{**g, "params": [name_to_index[n] for n in g["params"]]}
+                         for g in state["param_groups"]]})
+
+
+def _param_names(model: nn.Module) -> dict[nn.Parameter, str]:
+    """Each parameter's name (the first one, for tied weights), as DCP state dicts name them."""
+    names: dict[nn.Parameter, str] = {}
+    for name, param in model.named_parameters():
+        names.setdefault(param, name)
+    return names

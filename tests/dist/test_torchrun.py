@@ -1,0 +1,86 @@
+"""Two CPU processes under torchrun (gloo): DDP and FSDP2 match one process; resume N -> M."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from gptforge.cli import main
+from gptforge.metrics.sinks import read_metrics
+
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
+
+COMMON = ["-c", "tiny", "runtime.progress=false", "runtime.device=cpu", "train.max_steps=20",
+          "train.ckpt_interval=10", "train.keep_last=5", "train.eval_interval=10",
+          "train.sample_tokens=0", "optim.lr=3e-3"]
+
+
+def torchrun(*args: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "gptforge", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def losses(run, first_step: int = 1) -> list[float]:
+    return [r["loss"] for r in read_metrics(run / "metrics.jsonl")
+            if "loss" in r and r["step"] >= first_step]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from tests.conftest import make_corpus_text
+
+    root = tmp_path_factory.mktemp("dist")
+    (root / "c.txt").write_text(make_corpus_text(1500))
+    assert main(["prepare", "--input", str(root / "c.txt"), "--tokenizer", "char", "--out",
+                 str(root / "data"), "--workers", "1"]) == 0
+    data = f"data.dir={root / 'data'}"
+    # The same global batch of 4 sequences: 4 on one process, or 2 on each of two.
+    assert main(["train", *COMMON, data, f"train.out_dir={root / 'single'}",
+                 "train.batch_size=4", "runtime.threads=1"]) == 0
+    for strategy in ("ddp", "fsdp"):
+        torchrun("train", *COMMON, data, f"train.out_dir={root / strategy}",
+                 "train.batch_size=2", f"runtime.parallel={strategy}")
+    return root
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one(runs, strategy):
+    assert losses(runs / strategy) == pytest.approx(losses(runs / "single"), rel=1e-4)
+    evals = [r["val_loss"] for r in read_metrics(runs / strategy / "metrics.jsonl")
+             if "val_loss" in r]
+    single = [r["val_loss"] for r in read_metrics(runs / "single" / "metrics.jsonl")
+              if "val_loss" in r]
+    assert evals == pytest.approx(single, rel=1e-4)
+
+
+def rewind(run, dst, step: int):
+    """A copy of ``run`` whose latest checkpoint is ``step`` (as if it had stopped there)."""
+    shutil.copytree(run, dst)
+    (dst / "latest").write_text(f"ckpt/step-{step:06d}\n")
+    return dst
+
+
+def test_resume_two_to_two_with_fsdp(runs, tmp_path):
+    run = rewind(runs / "fsdp", tmp_path / "fsdp", 10)
+    torchrun("train", "--resume", str(run), "runtime.progress=false")
+    assert losses(run, 11) == pytest.approx(losses(runs / "single", 11), rel=1e-4)
+
+
+def test_resume_two_to_one_after_ddp(runs, tmp_path):
+    run = rewind(runs / "ddp", tmp_path / "ddp", 10)
+    assert main(["train", "--resume", str(run), "train.batch_size=4", "runtime.threads=1",
+                 "runtime.progress=false"]) == 0
+    assert losses(run, 11) == pytest.approx(losses(runs / "single", 11), rel=1e-4)
+
+
+def test_fsdp_checkpoint_loads_for_single_process_generation(runs):
+    import gptforge
+
+    assert gptforge.load(runs / "fsdp").generate("RO", max_new_tokens=5, temperature=0)
