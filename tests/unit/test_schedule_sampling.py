@@ -4,8 +4,12 @@ import pytest
 import torch
 
 from gptforge.config.schema import ScheduleConfig
-from gptforge.inference.sampling import (apply_repetition_penalty, filter_top_k, filter_top_p,
-                                         sample_next)
+from gptforge.inference.sampling import (
+    apply_repetition_penalty,
+    filter_top_k,
+    filter_top_p,
+    sample_next,
+)
 from gptforge.train.schedule import lr_at
 
 
