@@ -82,13 +82,18 @@ def test_rerun_refuses_to_overwrite_then_resume_extends(data_dir, tmp_path, caps
     assert "cannot change the architecture (model.n_layer)" in capsys.readouterr().err
 
 
-def test_resume_after_crash_is_exact(data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [
+    [],
+    ["optim.name=muon", "train.grad_accum=2", "schedule.batch_ramp_steps=16",
+     "schedule.weight_decay=follow_lr"],
+], ids=["adamw", "muon-ramp"])
+def test_resume_after_crash_is_exact(data_dir, tmp_path, monkeypatch, extra):
     """A run that crashes and resumes from its last checkpoint logs the same losses, step for
     step, as one that never stopped (CPU, fp32, dropout on: RNG state is restored too)."""
     from gptforge.train.loop import Trainer
 
     common = ["train.max_steps=24", "train.ckpt_interval=5", "train.eval_interval=8",
-              "model.dropout=0.1"]
+              "model.dropout=0.1", *extra]
     assert main(train_args(data_dir, tmp_path / "a", *common)) == 0
 
     original = Trainer.train_step

@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -57,3 +58,22 @@ def test_repetition_penalty_lowers_seen_tokens():
     out = apply_repetition_penalty(logits, torch.tensor([[0, 1]]), 2.0)
     assert out.tolist() == [[1.0, -2.0, 1.0]]
     assert math.isclose(apply_repetition_penalty(logits, torch.tensor([[0]]), 1.0)[0, 0], 2.0)
+
+
+def test_weight_decay_schedules():
+    from gptforge.train.schedule import weight_decay_factor
+
+    cfg = ScheduleConfig(weight_decay="linear")
+    assert [weight_decay_factor(s, 100, 1.0, cfg) for s in (0, 50, 100)] == [1.0, 0.5, 0.0]
+    assert weight_decay_factor(10, 100, 0.3, ScheduleConfig(weight_decay="follow_lr")) == 0.3
+    assert weight_decay_factor(10, 100, 0.3, ScheduleConfig()) == 1.0
+
+
+def test_batch_size_ramp_grows_grad_accum_to_full():
+    from gptforge.train.schedule import grad_accum_at
+
+    cfg = ScheduleConfig(batch_ramp_steps=100, batch_ramp_start=0.25)
+    accums = [grad_accum_at(s, 8, cfg) for s in range(120)]
+    assert accums[0] == 2 and accums[99] <= 8 and accums[100:] == [8] * 20
+    assert all(b >= a for a, b in itertools.pairwise(accums))
+    assert grad_accum_at(0, 8, ScheduleConfig()) == 8

@@ -65,7 +65,8 @@ class TrainConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     name: str = "adamw"
-    """Optimizer: ``adamw``."""
+    """Optimizer: ``adamw``; ``muon`` (Muon for matrices inside the blocks, AdamW for the rest);
+    ``adafactor`` (factored second moments: less memory)."""
     lr: float = 1e-3
     """Peak learning rate."""
     weight_decay: float = 0.1
@@ -78,6 +79,8 @@ class OptimConfig:
     """Adam epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 = no clipping)."""
+    muon_momentum: float = 0.95
+    """Muon's Nesterov momentum."""
     fused: str = "auto"
     """Fused AdamW kernel: ``auto`` (on where supported), ``true`` or ``false``."""
 
@@ -92,6 +95,14 @@ class ScheduleConfig:
     """Final learning rate as a fraction of ``optim.lr`` (cosine, wsd, linear)."""
     decay_fraction: float = 0.5
     """WSD only: share of the steps spent in the final linear decay."""
+    weight_decay: str = "constant"
+    """Weight-decay schedule: ``constant``, ``follow_lr`` (scaled like the learning rate) or
+    ``linear`` (linearly to 0 at the last step)."""
+    batch_ramp_steps: int = 0
+    """Batch-size warm-up: grow the micro-batches per step from ``batch_ramp_start`` x
+    ``train.grad_accum`` to the full count over this many steps (0 = off)."""
+    batch_ramp_start: float = 0.25
+    """Share of ``train.grad_accum`` used at the first step of the batch-size ramp."""
 
 
 @dataclass(frozen=True)

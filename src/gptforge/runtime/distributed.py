@@ -156,8 +156,23 @@ def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> N
         model.load_state_dict(state, strict=True)
 
 
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Optimizer state keyed by parameter name (``{"state": {name: ...}, "param_groups": ...}``)."""
+def full_optimizer_state(model: nn.Module, optimizer) -> dict:
+    """``{"optimizers": [state keyed by parameter name, ...]}`` for one optimizer or a chain."""
+    parts = getattr(optimizer, "optimizers", [optimizer])
+    return {"optimizers": [_full_optimizer_state(model, opt) for opt in parts]}
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
+    parts = getattr(optimizer, "optimizers", [optimizer])
+    if len(parts) != len(state["optimizers"]):
+        raise GptforgeError("the checkpoint's optimizer does not match optim.name; "
+                            "resume with the optimizer the run was started with")
+    for opt, saved in zip(parts, state["optimizers"]):
+        _load_full_optimizer_state(model, opt, saved)
+
+
+def _full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """One optimizer's state keyed by parameter name (``{"state": {name: ...}, ...}``)."""
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -177,8 +192,8 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
                              for g in sd["param_groups"]]}
 
 
-def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
-                              state: dict) -> None:
+def _load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                               state: dict) -> None:
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,

@@ -29,7 +29,7 @@ from gptforge.metrics.sinks import MetricsWriter, NullWriter
 from gptforge.runtime import distributed
 from gptforge.runtime.distributed import DistInfo
 from gptforge.train.evaluate import evaluate
-from gptforge.train.schedule import lr_at
+from gptforge.train.schedule import grad_accum_at, lr_at, weight_decay_factor
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +97,14 @@ class Trainer:
         """Run one optimizer step; return (mean loss, gradient norm before clipping)."""
         tc, oc = self.cfg.train, self.cfg.optim
         total = torch.zeros((), device=self.precision.device)
-        for micro in range(tc.grad_accum):
+        accum = grad_accum_at(self.state.step, tc.grad_accum, self.cfg.schedule)
+        for micro in range(accum):
             x, y = (t.to(self.precision.device, non_blocking=True)
                     for t in self.train_loader.next_batch())
-            with distributed.gradient_sync(self.train_model, micro == tc.grad_accum - 1):
+            with distributed.gradient_sync(self.train_model, micro == accum - 1):
                 with self.precision.autocast():
                     loss, _ = self.objective(self.train_model, (x, y))
-                self.scaler.scale(loss / tc.grad_accum).backward()
+                self.scaler.scale(loss / accum).backward()
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
         max_norm = oc.grad_clip if oc.grad_clip > 0 else float("inf")
@@ -111,18 +112,26 @@ class Trainer:
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
         # Every rank sees the same mean loss, so all of them stop together on a non-finite one.
-        mean_loss = float(distributed.all_reduce_mean(total, self.dist)) / tc.grad_accum
+        mean_loss = float(distributed.all_reduce_mean(total, self.dist)) / accum
         if not math.isfinite(mean_loss):
             raise self._non_finite(mean_loss)
-        lr = lr_at(self.state.step, oc.lr, tc.max_steps, self.cfg.schedule)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self._set_hyperparameters()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        self.state.tokens_seen += tc.grad_accum * x.numel() * self.world_size
+        self.state.tokens_seen += accum * x.numel() * self.world_size
         return mean_loss, float(grad_norm)
+
+    def _set_hyperparameters(self) -> None:
+        """Learning rate and weight decay of every parameter group for the coming step."""
+        tc, oc, sc = self.cfg.train, self.cfg.optim, self.cfg.schedule
+        lr = lr_at(self.state.step, oc.lr, tc.max_steps, sc)
+        wd = weight_decay_factor(self.state.step, tc.max_steps, lr / oc.lr if oc.lr else 0.0, sc)
+        for group in self.optimizer.param_groups:
+            group.setdefault("initial_weight_decay", group["weight_decay"])
+            group["lr"] = lr
+            group["weight_decay"] = group["initial_weight_decay"] * wd
 
     @property
     def world_size(self) -> int:

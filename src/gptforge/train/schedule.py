@@ -11,6 +11,12 @@ second-moment estimates are poor at first, and large early updates can destabili
   in nanochat's and modded-nanogpt's speed records.
 - ``linear``: linear decay from the peak to the floor.
 - ``constant``: the peak after warm-up.
+
+Weight decay and the batch size can follow schedules too (``schedule.weight_decay``,
+``schedule.batch_ramp_steps``). A batch-size ramp starts with fewer micro-batches per step: early
+gradients are noisy anyway (large steps in a rough landscape), and a small batch buys more updates
+per token then (GPT-3 ramped its batch size; McCandlish et al., 2018, on the critical batch size).
+It changes ``grad_accum``, not the micro-batch, so tensor shapes (and compiled graphs) stay fixed.
 """
 
 from __future__ import annotations
@@ -45,3 +51,26 @@ def lr_at(step: int, peak_lr: float, max_steps: int, cfg: ScheduleConfig) -> flo
     if cfg.name == "linear":
         return peak_lr + (floor - peak_lr) * progress
     return floor + 0.5 * (peak_lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+WEIGHT_DECAY_SCHEDULES = ("constant", "follow_lr", "linear")
+
+
+def weight_decay_factor(step: int, max_steps: int, lr_ratio: float, cfg: ScheduleConfig) -> float:
+    """Multiplier on ``optim.weight_decay`` at ``step``; ``lr_ratio`` is lr / peak lr now."""
+    if cfg.weight_decay == "constant":
+        return 1.0
+    if cfg.weight_decay == "follow_lr":
+        return lr_ratio
+    if cfg.weight_decay == "linear":
+        return max(0.0, 1.0 - step / max(1, max_steps))
+    raise GptforgeError(f"schedule.weight_decay: unknown schedule '{cfg.weight_decay}' "
+                        f"(use {', '.join(WEIGHT_DECAY_SCHEDULES)})")
+
+
+def grad_accum_at(step: int, grad_accum: int, cfg: ScheduleConfig) -> int:
+    """Micro-batches accumulated at ``step`` under the batch-size ramp (``grad_accum`` after it)."""
+    if cfg.batch_ramp_steps <= 0 or step >= cfg.batch_ramp_steps:
+        return grad_accum
+    start = max(1, round(cfg.batch_ramp_start * grad_accum))
+    return min(grad_accum, start + (grad_accum - start) * step // cfg.batch_ramp_steps)
