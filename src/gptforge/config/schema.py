@@ -115,6 +115,9 @@ class RuntimeConfig:
     parallel: str = "ddp"
     """With several processes (torchrun): ``ddp`` (replicate the model) or ``fsdp`` (FSDP2: shard
     parameters, gradients and optimizer state per block)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations during backward instead of storing them: less memory
+    (activations no longer grow with depth) for about one extra forward pass of time."""
     compile: bool = False
     """Compile the model with ``torch.compile`` (pays off on GPUs; slow first step)."""
     threads: int = 0

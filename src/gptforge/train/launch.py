@@ -20,6 +20,7 @@ from gptforge.errors import GptforgeError
 from gptforge.metrics.sinks import truncate_after
 from gptforge.model.gpt import GPT
 from gptforge.runtime import distributed
+from gptforge.runtime.activation_checkpointing import apply_activation_checkpointing
 from gptforge.runtime.device import (
     enable_tf32,
     peak_flops,
@@ -113,6 +114,8 @@ def _train(cfg: Config, precision, dist_info, *, resume: bool, overwrite: bool) 
     model = GPT(cfg.model).to(precision.device)
     if dist_info.enabled:  # same initial weights everywhere, then a dropout stream per rank
         seed_everything(cfg.train.seed + dist_info.rank)
+    if cfg.runtime.activation_checkpointing:  # before sharding and compiling, as torchtitan does
+        apply_activation_checkpointing(model)
     train_model = distributed.wrap_model(model, cfg.runtime.parallel, dist_info, precision)
     if cfg.runtime.compile:
         train_model = torch.compile(train_model)
