@@ -223,3 +223,49 @@ def test_data_without_val_split_trains_without_evaluation(tmp_path, capsys):
     assert main(train_args(data, run, "train.max_steps=6")) == 0
     assert not [r for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r]
     assert (run / "latest").read_text().strip() == "ckpt/step-000006"
+
+
+@pytest.mark.parametrize("policy", ["rollback", "skip"])
+def test_injected_nan_is_survived(data_dir, tmp_path, monkeypatch, policy):
+    """One NaN loss at step 13: rollback reloads step 10 with half the learning rate; skip drops
+    the batch. Either way the run finishes and logs the event."""
+    import torch
+
+    from gptforge.train.objectives import LanguageModeling
+
+    original = LanguageModeling.__call__
+    calls = {"n": 0}
+
+    def one_nan(self, model, batch):
+        loss, n = original(self, model, batch)
+        calls["n"] += model.training  # training steps only, not evaluation batches
+        return (loss * torch.nan if model.training and calls["n"] == 13 else loss), n
+
+    monkeypatch.setattr(LanguageModeling, "__call__", one_nan)
+    run = tmp_path / "run"
+    assert main(train_args(data_dir, run, f"train.on_anomaly={policy}", "train.max_steps=20",
+                           "train.ckpt_interval=5", "train.eval_interval=100")) == 0
+    records = read_metrics(run / "metrics.jsonl")
+    events = [r for r in records if "event" in r]
+    assert [(e["event"], e["step"]) for e in events] == [(policy, 13)]
+    steps = [r["step"] for r in records if "loss" in r]
+    if policy == "rollback":
+        assert events[0]["lr_scale"] == 0.5
+        assert steps == list(range(1, 21))  # steps 11-12 were redone and logged once
+        assert [r["lr"] for r in records if r.get("step") == 11 and "loss" in r][0] < 0.001
+    else:
+        assert steps == [s for s in range(1, 21) if s != 13]
+
+
+def test_wandb_offline_run_keeps_its_id_across_resume(data_dir, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    wandb_args = ["runtime.wandb_project=gptforge-test", "train.sample_tokens=0"]
+    assert main(train_args(data_dir, run, "train.max_steps=4", *wandb_args)) == 0
+    run_id = (run / "wandb_id").read_text().strip()
+    assert main(["train", "--resume", str(run), "train.max_steps=6", *TINY]) == 0
+    assert (run / "wandb_id").read_text().strip() == run_id
+    offline_runs = list((run / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(offline_runs) == 2  # the first run and its resumption, under one id

@@ -52,6 +52,16 @@ class TrainConfig:
     """Stop after this many evaluations without a new best val loss (0 = never stop early)."""
     seed: int = 1337
     """Seed for weights, data order and dropout: the same seed gives the same run."""
+    on_anomaly: str = "stop"
+    """What a non-finite loss/gradient or a loss spike does: ``stop`` (the last checkpoint stays
+    intact), ``skip`` (drop that batch) or ``rollback`` (reload the last checkpoint, continue with
+    the learning rate times ``train.rollback_lr_scale``)."""
+    spike_threshold: float = 0.0
+    """A loss above this many times its running average is an anomaly too (0 = don't check)."""
+    rollback_lr_scale: float = 0.5
+    """Learning-rate multiplier applied at each rollback."""
+    max_anomalies: int = 10
+    """Stop anyway after this many anomalies in one run."""
     out_dir: str = "runs/shakespeare_char"
     """Run directory: config.toml, metrics.jsonl, tb/, ckpt/, latest."""
     sample_prompt: str = "\n"
@@ -124,6 +134,9 @@ class RuntimeConfig:
     """CPU threads for PyTorch (0 = PyTorch's default)."""
     tensorboard: bool = True
     """Also write TensorBoard event files to RUN_DIR/tb."""
+    wandb_project: str = ""
+    """Also log to this Weights & Biases project (empty = off); the run id is kept across resumes.
+    Set ``WANDB_MODE=offline`` to record locally."""
     progress: bool = True
     """Show a progress bar on the terminal."""
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import secrets
 from pathlib import Path
 
 from gptforge import atomic
+from gptforge.errors import GptforgeError
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +38,29 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def start_wandb(run_dir: Path, project: str, config: dict | None):
+    """A Weights & Biases run that a resumed training continues (same id, kept in RUN_DIR).
+
+    ``WANDB_MODE=offline`` works as usual: the run is recorded locally for ``wandb sync``.
+    """
+    try:
+        import wandb
+    except ImportError:
+        raise GptforgeError("runtime.wandb_project is set but wandb is not installed; "
+                            "pip install 'gptforge[wandb]'") from None
+    id_file = run_dir / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(6)
+    atomic.write_text(id_file, run_id + "\n")
+    return wandb.init(project=project, id=run_id, resume="allow", name=run_dir.name,
+                      dir=str(run_dir), config=config)
+
+
 class MetricsWriter:
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, wandb_project: str = "",
+                 config: dict | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.file = self.path.open("a", encoding="utf-8")
+        self.wandb = start_wandb(Path(run_dir), wandb_project, config) if wandb_project else None
         self.tb = None
         if tensorboard:
             try:
@@ -53,11 +74,18 @@ class MetricsWriter:
                  for k, v in record.items()}
         self.file.write(json.dumps(clean) + "\n")
         self.file.flush()
+        numbers = {k: v for k, v in record.items()
+                   if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
         if self.tb is not None:
-            step = record["step"]
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self.tb.add_scalar(key, value, step)
+            for key, value in numbers.items():
+                self.tb.add_scalar(key, value, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=record["step"])
+
+    def reopen(self) -> None:
+        """Continue in the file now at ``path`` (after :func:`truncate_after` replaced it)."""
+        self.file.close()
+        self.file = self.path.open("a", encoding="utf-8")
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self.tb is not None:
@@ -67,6 +95,8 @@ class MetricsWriter:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 class NullWriter:
@@ -76,6 +106,9 @@ class NullWriter:
         pass
 
     def text(self, tag: str, text: str, step: int) -> None:
+        pass
+
+    def reopen(self) -> None:
         pass
 
     def close(self) -> None:

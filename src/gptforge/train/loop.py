@@ -11,8 +11,8 @@ optimizer, data loader position and RNG states. Restoring it continues the run e
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 import signal
 import sys
 import time
@@ -25,9 +25,10 @@ import torch
 from gptforge import checkpoint
 from gptforge.config.schema import Config
 from gptforge.errors import GptforgeError
-from gptforge.metrics.sinks import MetricsWriter, NullWriter
+from gptforge.metrics.sinks import MetricsWriter, NullWriter, truncate_after
 from gptforge.runtime import distributed
 from gptforge.runtime.distributed import DistInfo
+from gptforge.train.anomaly import POLICIES, Anomaly, AnomalyGuard
 from gptforge.train.evaluate import evaluate
 from gptforge.train.schedule import grad_accum_at, lr_at, weight_decay_factor
 
@@ -42,6 +43,8 @@ class LoopState:
     evals_since_best: int = 0
     last_val_loss: float | None = None
     last_eval_step: int = -1
+    lr_scale: float = 1.0  # lowered by each rollback
+    anomalies: int = 0
 
 
 class Trainer:
@@ -65,7 +68,12 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(precision.device.type,
                                            enabled=precision.needs_grad_scaler)
         self.state = LoopState()
+        self.guard = AnomalyGuard(spike_threshold=cfg.train.spike_threshold,
+                                  check_grad_norm=not precision.needs_grad_scaler)
         self.stop_signal: int | None = None
+        if cfg.train.on_anomaly not in POLICIES:
+            raise GptforgeError(f"train.on_anomaly must be one of {', '.join(POLICIES)}, "
+                                f"not '{cfg.train.on_anomaly}'")
 
     # ---- resumable state -------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -73,13 +81,14 @@ class Trainer:
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {"loop": asdict(self.state),
+        return {"loop": asdict(self.state), "guard": self.guard.state_dict(),
                 "optimizer": distributed.full_optimizer_state(self.model, self.optimizer),
                 "scaler": self.scaler.state_dict(), "train_loader": self.train_loader.state_dict(),
                 "rng": distributed.gather_objects(rng, self.dist)}
 
     def load_state_dict(self, state: dict) -> None:
         self.state = LoopState(**state["loop"])
+        self.guard.load_state_dict(state["guard"])
         distributed.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.train_loader.load_state_dict(state["train_loader"])
@@ -111,10 +120,10 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
-        # Every rank sees the same mean loss, so all of them stop together on a non-finite one.
+        # Every rank sees the same loss and norm, so all of them take the same decision.
         mean_loss = float(distributed.all_reduce_mean(total, self.dist)) / accum
-        if not math.isfinite(mean_loss):
-            raise self._non_finite(mean_loss)
+        self.guard.check(mean_loss, float(grad_norm))  # raises Anomaly before any harm is done
+        self.guard.accept(mean_loss)
         self._set_hyperparameters()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -126,7 +135,7 @@ class Trainer:
     def _set_hyperparameters(self) -> None:
         """Learning rate and weight decay of every parameter group for the coming step."""
         tc, oc, sc = self.cfg.train, self.cfg.optim, self.cfg.schedule
-        lr = lr_at(self.state.step, oc.lr, tc.max_steps, sc)
+        lr = lr_at(self.state.step, oc.lr, tc.max_steps, sc) * self.state.lr_scale
         wd = weight_decay_factor(self.state.step, tc.max_steps, lr / oc.lr if oc.lr else 0.0, sc)
         for group in self.optimizer.param_groups:
             group.setdefault("initial_weight_decay", group["weight_decay"])
@@ -137,18 +146,52 @@ class Trainer:
     def world_size(self) -> int:
         return self.dist.world_size
 
-    def _non_finite(self, loss: float) -> GptforgeError:
+    # ---- anomalies ----------------------------------------------------------------------
+    def _handle_anomaly(self, anomaly: Anomaly, writer) -> None:
+        """Stop, skip the batch, or roll back, as ``train.on_anomaly`` says."""
+        tc = self.cfg.train
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.anomalies += 1
+        step = self.state.step + 1
         last = checkpoint.latest_checkpoint(self.run_dir)
-        where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
-        return GptforgeError(
-            f"loss became {loss} at step {self.state.step + 1}; training stopped and {where}. "
-            "Lower optim.lr, raise schedule.warmup_steps or set optim.grad_clip")
+        policy = tc.on_anomaly
+        if policy == "rollback" and last is None:
+            policy = "stop"
+        if policy == "stop" or self.state.anomalies > tc.max_anomalies:
+            where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
+            raise GptforgeError(
+                f"{anomaly.reason} at step {step}; training stopped and {where}. Lower optim.lr, "
+                "raise schedule.warmup_steps, set optim.grad_clip or train.on_anomaly=rollback")
+        if policy == "skip":
+            self.state.step += 1  # the batch was consumed; the schedule moves on without it
+        else:
+            self._roll_back(last)
+            writer.reopen()  # metrics.jsonl was rewritten without the undone steps
+        event = {"step": step, "event": policy, "reason": anomaly.reason,
+                 "lr_scale": self.state.lr_scale}
+        log.warning("step %d: %s; %s", step, anomaly.reason,
+                    "skipping the batch" if policy == "skip" else
+                    f"rolled back to {last.name}, learning rate x{self.state.lr_scale:g}")
+        writer.log(event)
+
+    def _roll_back(self, ckpt: Path) -> None:
+        """Restore the last checkpoint (weights, optimizer, data, RNG) with a lower lr scale."""
+        anomalies, lr_scale = self.state.anomalies, self.state.lr_scale
+        weights = checkpoint.read_weights(ckpt, self.model)
+        distributed.load_full_model_state(self.model, weights)
+        self.load_state_dict(checkpoint.load_trainer_state(ckpt))
+        self.state.anomalies = anomalies
+        self.state.lr_scale = lr_scale * self.cfg.train.rollback_lr_scale
+        if self.dist.is_main:
+            truncate_after(self.run_dir / "metrics.jsonl", self.state.step)
 
     # ---- the loop ----------------------------------------------------------------------
     def fit(self) -> int:
         """Train to ``train.max_steps``; return an exit code (0, or 128+signal if stopped)."""
         tc = self.cfg.train
-        writer = (MetricsWriter(self.run_dir, tensorboard=self.cfg.runtime.tensorboard)
+        writer = (MetricsWriter(self.run_dir, tensorboard=self.cfg.runtime.tensorboard,
+                                wandb_project=self.cfg.runtime.wandb_project,
+                                config=dataclasses.asdict(self.cfg))
                   if self.dist.is_main else NullWriter())
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         bar = self._progress_bar()
@@ -159,7 +202,11 @@ class Trainer:
                 self._evaluate(writer)
             window_t0, window_tokens = time.perf_counter(), self.state.tokens_seen
             while self.state.step < tc.max_steps:
-                loss, grad_norm = self.train_step()
+                try:
+                    loss, grad_norm = self.train_step()
+                except Anomaly as anomaly:
+                    self._handle_anomaly(anomaly, writer)
+                    continue
                 step = self.state.step
                 if step % tc.log_interval == 0 or step == tc.max_steps:
                     elapsed = time.perf_counter() - window_t0
