@@ -269,3 +269,30 @@ def test_wandb_offline_run_keeps_its_id_across_resume(data_dir, tmp_path, monkey
     assert (run / "wandb_id").read_text().strip() == run_id
     offline_runs = list((run / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(offline_runs) == 2  # the first run and its resumption, under one id
+
+
+def test_training_on_a_weighted_mixture(data_dir, tmp_path, capsys):
+    """Two datasets prepared with one tokenizer train together; the mixture is recorded."""
+    import json
+
+    second = tmp_path / "second.txt"
+    second.write_text("JULIET:\nThe night sees the moon.\n" * 400)
+    other = tmp_path / "other"
+    assert main(["prepare", "--input", str(second), "--tokenizer",
+                 str(data_dir / "tokenizer"), "--out", str(other), "--workers", "1"]) == 0
+    run = tmp_path / "run"
+    assert main(train_args(data_dir, run, f"data.mixture={data_dir}:3,{other}:1",
+                           "train.max_steps=6")) == 0
+    record = json.loads((run / "mixture.json").read_text())
+    assert [r["weight"] for r in record] == [0.75, 0.25]
+    state = __import__("torch").load(run / "ckpt" / "step-000006" / "trainer_state.pt",
+                                     weights_only=True)
+    assert sum(state["train_loader"]["rows_per_source"]) == 6 * 4
+
+    foreign = tmp_path / "foreign"
+    assert main(["prepare", "--input", str(second), "--tokenizer", "char", "--out",
+                 str(foreign), "--workers", "1"]) == 0
+    capsys.readouterr()
+    assert main(train_args(data_dir, tmp_path / "run2",
+                           f"data.mixture={data_dir}:1,{foreign}:1")) == 1
+    assert "another tokenizer" in capsys.readouterr().err

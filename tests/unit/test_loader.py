@@ -50,3 +50,50 @@ def test_split_shorter_than_block_is_a_clear_error():
     with pytest.raises(GptforgeError, match="val split has 10 tokens.*block_size"):
         BatchLoader([np.arange(10, dtype=np.uint16)], block_size=16, batch_size=2, seed=0,
                     split="val")
+
+
+def mixture(weights, seed=0, rank=0, world_size=1, batch_size=8):
+    from gptforge.data.loader import MixtureLoader
+
+    # Source d holds tokens d*100000 + i, so every window tells where it came from.
+    sources = [[np.arange(d * 100_000, d * 100_000 + 5000, dtype=np.uint32)]
+               for d in range(len(weights))]
+    return MixtureLoader(sources, weights, block_size=8, batch_size=batch_size, seed=seed,
+                         rank=rank, world_size=world_size)
+
+
+def test_mixture_follows_its_weights():
+    loader = mixture([0.7, 0.2, 0.1])
+    origins = np.concatenate([loader.next_batch()[0][:, 0].numpy() // 100_000
+                              for _ in range(500)])
+    freq = np.bincount(origins, minlength=3) / len(origins)
+    assert np.allclose(freq, [0.7, 0.2, 0.1], atol=0.02)
+    assert loader.rows_per_source == np.bincount(origins, minlength=3).tolist()
+
+
+def test_mixture_resumes_exactly_and_ranks_are_disjoint():
+    a = mixture([0.5, 0.5], seed=4)
+    for _ in range(30):
+        a.next_batch()
+    state = a.state_dict()
+    want = [a.next_batch()[0] for _ in range(10)]
+    b = mixture([0.5, 0.5], seed=4)
+    b.load_state_dict(state)
+    assert all((b.next_batch()[0] == w).all() for w in want)
+
+    ranks = [mixture([0.6, 0.4], seed=1, rank=r, world_size=2, batch_size=4) for r in range(2)]
+    single = mixture([0.6, 0.4], seed=1, batch_size=8)
+    for _ in range(20):
+        r0, r1 = (loader.next_batch()[0] for loader in ranks)
+        whole = single.next_batch()[0]
+        assert (r0 == whole[0::2]).all() and (r1 == whole[1::2]).all()
+
+
+def test_mixture_spec_parsing():
+    from gptforge.data.loader import parse_mixture
+
+    assert parse_mixture("data/web:3, data/code:1") == [("data/web", 0.75), ("data/code", 0.25)]
+    with pytest.raises(GptforgeError, match="DIR:WEIGHT"):
+        parse_mixture("data/web")
+    with pytest.raises(GptforgeError, match="positive weight"):
+        parse_mixture("data/web:0")

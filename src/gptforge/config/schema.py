@@ -23,6 +23,10 @@ class DataConfig:
     """Tokenizer used when a built-in corpus is prepared: ``char``, ``bpe`` or ``sentencepiece``."""
     vocab_size: int = 0
     """Vocabulary size when a built-in corpus is prepared with bpe/sentencepiece (0 = default)."""
+    mixture: str = ""
+    """Train on several prepared datasets at once, e.g. ``"data/web:3,data/code:1"`` (DIR:WEIGHT;
+    weights are normalised). Each row of a batch comes from one dataset, drawn with these weights.
+    All must share one tokenizer; ``data.dir`` is then ignored. Recorded in RUN_DIR/mixture.json."""
 
 
 @dataclass(frozen=True)

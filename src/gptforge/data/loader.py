@@ -5,10 +5,15 @@ A split is one long token stream (its shards back to back). It is cut into windo
 once in a fresh random order, with the window grid shifted by a random offset so the model does not
 always see the same boundaries.
 
-The order is a pure function of ``(seed, epoch)``, so the loader's whole state is two integers,
+The order is a pure function of ``(seed, epoch)``, so a stream's whole state is two integers,
 ``epoch`` and ``position`` (windows consumed so far, counted over all processes). Saving them in a
 checkpoint and loading them back continues the exact same sequence of batches. With several
-processes, rank r takes every world_size-th window of each global batch, so ranks never overlap.
+processes, each global batch is drawn once and rank r takes rows r, r + N, r + 2N, ... of it, so
+ranks never overlap and need not talk to each other.
+
+A *mixture* draws each row of a global batch from one of several prepared datasets with given
+weights. The choice for row i of batch b comes from a generator seeded by (seed, b), so it is the
+same on every rank and after a resume.
 """
 
 from __future__ import annotations
@@ -42,21 +47,14 @@ class TokenStream:
         return np.concatenate(parts)
 
 
-class BatchLoader:
-    def __init__(self, shards: list[np.ndarray], block_size: int, batch_size: int, *,
-                 seed: int, split: str = "train", rank: int = 0, world_size: int = 1,
-                 shuffle_offset: bool = True):
-        self.stream = TokenStream(shards)
-        self.block_size, self.batch_size = block_size, batch_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.shuffle_offset = shuffle_offset
-        self.global_batch = batch_size * world_size
-        if self.stream.n_tokens < block_size + 1:
-            raise GptforgeError(
-                f"the {split} split has {self.stream.n_tokens} tokens, fewer than "
-                f"model.block_size + 1 = {block_size + 1}; lower model.block_size or add data")
+class WindowOrder:
+    """The epoch-by-epoch random order of one stream's windows; state = (epoch, position)."""
+
+    def __init__(self, stream: TokenStream, block_size: int, seed: int, shuffle_offset: bool):
+        self.stream, self.block_size = stream, block_size
+        self.seed, self.shuffle_offset = seed, shuffle_offset
         self.epoch, self.position = 0, 0
-        self._order = self._epoch_order(0)
+        self._offset, self._perm = self._epoch_order(0)
 
     def _epoch_order(self, epoch: int) -> tuple[int, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -70,36 +68,136 @@ class BatchLoader:
 
     @property
     def windows_per_epoch(self) -> int:
-        return len(self._order[1])
+        return len(self._perm)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next (x, y) int64 batch of shape (batch_size, block_size) for this rank."""
-        starts = []
-        while len(starts) < self.batch_size:
-            offset, perm = self._order
-            if self.position + self.global_batch > len(perm) and len(perm) >= self.global_batch:
-                self._advance_epoch()  # drop the ragged tail so ranks stay in step
-                continue
-            index = self.position + self.rank + len(starts) * self.world_size
-            starts.append(offset + int(perm[index % len(perm)]) * self.block_size)
-        self.position += self.global_batch
-        rows = np.stack([self.stream.window(s, self.block_size + 1) for s in starts])
-        tokens = torch.from_numpy(rows.astype(np.int64))
-        return tokens[:, :-1], tokens[:, 1:]
+    def take(self, n: int) -> list[int]:
+        """Start offsets of the next ``n`` windows (a new epoch begins rather than split them)."""
+        if self.position + n > len(self._perm) and len(self._perm) >= n:
+            self.seek(self.epoch + 1, 0)  # drop the ragged tail so every batch is whole
+        idx = [(self.position + i) % len(self._perm) for i in range(n)]
+        self.position += n
+        return [self._offset + int(self._perm[i]) * self.block_size for i in idx]
 
-    def _advance_epoch(self) -> None:
-        self.epoch += 1
-        self.position = 0
-        self._order = self._epoch_order(self.epoch)
-
-    def reset(self) -> None:
-        self.epoch, self.position = 0, 0
-        self._order = self._epoch_order(0)
+    def seek(self, epoch: int, position: int) -> None:
+        if epoch != self.epoch:
+            self._offset, self._perm = self._epoch_order(epoch)
+        self.epoch, self.position = epoch, position
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
         self.seed = int(state["seed"])
+        self._offset, self._perm = self._epoch_order(int(state["epoch"]))
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._order = self._epoch_order(self.epoch)
+
+
+def _check_length(stream: TokenStream, block_size: int, split: str) -> None:
+    if stream.n_tokens < block_size + 1:
+        raise GptforgeError(
+            f"the {split} split has {stream.n_tokens} tokens, fewer than "
+            f"model.block_size + 1 = {block_size + 1}; lower model.block_size or add data")
+
+
+def _rows_to_batch(streams_and_starts, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = np.stack([stream.window(s, block_size + 1) for stream, s in streams_and_starts])
+    tokens = torch.from_numpy(rows.astype(np.int64))
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+class BatchLoader:
+    """Batches from one prepared split."""
+
+    def __init__(self, shards: list[np.ndarray], block_size: int, batch_size: int, *,
+                 seed: int, split: str = "train", rank: int = 0, world_size: int = 1,
+                 shuffle_offset: bool = True):
+        self.stream = TokenStream(shards)
+        _check_length(self.stream, block_size, split)
+        self.block_size, self.batch_size = block_size, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.order = WindowOrder(self.stream, block_size, seed, shuffle_offset)
+
+    @property
+    def windows_per_epoch(self) -> int:
+        return self.order.windows_per_epoch
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next (x, y) int64 batch of shape (batch_size, block_size) for this rank."""
+        starts = self.order.take(self.batch_size * self.world_size)[self.rank::self.world_size]
+        return _rows_to_batch([(self.stream, s) for s in starts], self.block_size)
+
+    def reset(self) -> None:
+        self.order.seek(0, 0)
+
+    def state_dict(self) -> dict:
+        return self.order.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order.load_state_dict(state)
+
+
+class MixtureLoader:
+    """Batches whose rows come from several prepared splits, chosen with fixed weights."""
+
+    def __init__(self, sources: list[list[np.ndarray]], weights: list[float], block_size: int,
+                 batch_size: int, *, seed: int, split: str = "train", rank: int = 0,
+                 world_size: int = 1, shuffle_offset: bool = True):
+        if len(sources) != len(weights) or not sources:
+            raise ValueError("one weight per source is needed")
+        self.streams = [TokenStream(s) for s in sources]
+        for i, stream in enumerate(self.streams):
+            _check_length(stream, block_size, f"{split} (mixture source {i + 1})")
+        self.weights = torch.tensor(weights, dtype=torch.float64)
+        self.orders = [WindowOrder(s, block_size, seed + 7 * i, shuffle_offset)
+                       for i, s in enumerate(self.streams)]
+        self.block_size, self.batch_size = block_size, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.batches = 0  # global batches drawn so far
+        self.rows_per_source = [0] * len(sources)
+
+    @property
+    def windows_per_epoch(self) -> int:
+        return sum(o.windows_per_epoch for o in self.orders)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.batch_size * self.world_size
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.batches)
+        choice = torch.multinomial(self.weights, n, replacement=True, generator=g).tolist()
+        starts = {d: iter(order.take(choice.count(d))) for d, order in enumerate(self.orders)}
+        rows = [(self.streams[d], next(starts[d])) for d in choice]  # global row order
+        self.batches += 1
+        for d in choice:
+            self.rows_per_source[d] += 1
+        return _rows_to_batch(rows[self.rank::self.world_size], self.block_size)
+
+    def reset(self) -> None:
+        for order in self.orders:
+            order.seek(0, 0)
+        self.batches, self.rows_per_source = 0, [0] * len(self.orders)
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches, "rows_per_source": list(self.rows_per_source),
+                "sources": [o.state_dict() for o in self.orders]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches = int(state["batches"])
+        self.rows_per_source = list(state["rows_per_source"])
+        for order, saved in zip(self.orders, state["sources"], strict=True):
+            order.load_state_dict(saved)
+
+
+def parse_mixture(spec: str) -> list[tuple[str, float]]:
+    """``"data/web:3, data/code:1"`` -> [("data/web", 0.75), ("data/code", 0.25)]."""
+    parts = []
+    for item in spec.split(","):
+        path, sep, weight = item.strip().rpartition(":")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = -1.0
+        if not sep or not path or value <= 0:
+            raise GptforgeError(f"data.mixture: '{item.strip()}' must look like DIR:WEIGHT with a "
+                                "positive weight, e.g. data.mixture='data/web:3,data/code:1'")
+        parts.append((path, value))
+    total = sum(w for _, w in parts)
+    return [(p, w / total) for p, w in parts]

@@ -8,12 +8,13 @@ loaders, restores a checkpoint when resuming, saves the resolved config, and run
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
 import torch
 
-from gptforge import checkpoint
+from gptforge import atomic, checkpoint
 from gptforge.config.loader import config_to_dict, save_config
 from gptforge.config.schema import Config
 from gptforge.errors import GptforgeError
@@ -39,6 +40,10 @@ def prepared_data(cfg: Config) -> tuple[Path, dict]:
     """The data directory and its manifest, preparing a built-in corpus on first use."""
     from gptforge.data.prepare import ensure_builtin, read_manifest
 
+    if cfg.data.mixture:  # the first dataset of a mixture stands for all (same tokenizer)
+        from gptforge.data.loader import parse_mixture
+        data_dir = Path(parse_mixture(cfg.data.mixture)[0][0])
+        return data_dir, read_manifest(data_dir)
     data_dir = Path(cfg.data.dir)
     if not (data_dir / "manifest.json").is_file():
         if not cfg.data.corpus:
@@ -97,9 +102,6 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> int:
 
 
 def _train(cfg: Config, precision, dist_info, *, resume: bool, overwrite: bool) -> int:
-    from gptforge.data.loader import BatchLoader
-    from gptforge.data.shards import open_split
-
     enable_tf32(precision.device)
     run_dir = Path(cfg.train.out_dir)
     if dist_info.is_main:
@@ -120,17 +122,7 @@ def _train(cfg: Config, precision, dist_info, *, resume: bool, overwrite: bool) 
     if cfg.runtime.compile:
         train_model = torch.compile(train_model)
     optimizer = build_optimizer(model, cfg.optim, precision.device)
-    tc, block = cfg.train, cfg.model.block_size
-    ranks = {"rank": dist_info.rank, "world_size": dist_info.world_size}
-    train_loader = BatchLoader(open_split(data_dir, "train"), block, tc.batch_size,
-                               seed=tc.seed, split="train", **ranks)
-    val_loader = None
-    if manifest["splits"].get("val", {}).get("tokens", 0) > 0:
-        val_loader = BatchLoader(open_split(data_dir, "val"), block, tc.batch_size,
-                                 seed=tc.seed + 1, split="val", shuffle_offset=False, **ranks)
-    else:
-        log.warning("%s has no val split: no evaluation, best-checkpoint tracking or early "
-                    "stopping (prepare with --val-fraction > 0 for them)", data_dir)
+    train_loader, val_loader = build_loaders(cfg, data_dir, manifest, dist_info, run_dir)
     tokenizer_dir = data_dir / "tokenizer"
     trainer = Trainer(
         cfg=cfg, model=model, train_model=train_model, optimizer=optimizer,
@@ -150,6 +142,7 @@ def _train(cfg: Config, precision, dist_info, *, resume: bool, overwrite: bool) 
         save_config(cfg, run_dir / "config.toml")
     _print_summary(cfg, model, precision, train_loader, run_dir, dist_info.world_size)
     code = trainer.fit()
+    tc = cfg.train
     if code == 0 and tc.sample_tokens > 0 and tc.num_samples > 0:
         for i in range(tc.num_samples):
             # Seeds distinct from the per-evaluation samples (seeded by their step).
@@ -157,6 +150,46 @@ def _train(cfg: Config, precision, dist_info, *, resume: bool, overwrite: bool) 
             if dist_info.is_main:
                 print(f"--- sample {i + 1} ---\n{text}")
     return code
+
+
+def build_loaders(cfg: Config, data_dir: Path, manifest: dict, dist_info, run_dir: Path):
+    """(train loader, val loader or None) for one prepared dataset or a weighted mixture."""
+    from gptforge.data.loader import BatchLoader, MixtureLoader, parse_mixture
+    from gptforge.data.prepare import read_manifest
+    from gptforge.data.shards import open_split
+
+    tc, block = cfg.train, cfg.model.block_size
+    kwargs = {"rank": dist_info.rank, "world_size": dist_info.world_size}
+    if not cfg.data.mixture:
+        train = BatchLoader(open_split(data_dir, "train"), block, tc.batch_size, seed=tc.seed,
+                            split="train", **kwargs)
+        val = None
+        if manifest["splits"].get("val", {}).get("tokens", 0) > 0:
+            val = BatchLoader(open_split(data_dir, "val"), block, tc.batch_size,
+                              seed=tc.seed + 1, split="val", shuffle_offset=False, **kwargs)
+        else:
+            log.warning("%s has no val split: no evaluation, best-checkpoint tracking or early "
+                        "stopping (prepare with --val-fraction > 0 for them)", data_dir)
+        return train, val
+    sources = parse_mixture(cfg.data.mixture)
+    dirs, weights = [Path(p) for p, _ in sources], [w for _, w in sources]
+    manifests = [read_manifest(d) for d in dirs]
+    for d, m in zip(dirs[1:], manifests[1:]):
+        if m["tokenizer"]["sha256"] != manifest["tokenizer"]["sha256"]:
+            raise GptforgeError(f"data.mixture: {d} was prepared with another tokenizer than "
+                                f"{dirs[0]}; prepare all with the same --tokenizer FILE")
+    train = MixtureLoader([open_split(d, "train") for d in dirs], weights, block, tc.batch_size,
+                          seed=tc.seed, split="train", **kwargs)
+    val = None
+    if all(m["splits"].get("val", {}).get("tokens", 0) > 0 for m in manifests):
+        val = MixtureLoader([open_split(d, "val") for d in dirs], weights, block, tc.batch_size,
+                            seed=tc.seed + 1, split="val", shuffle_offset=False, **kwargs)
+    if dist_info.is_main:
+        record = [{"dir": str(d), "weight": w, "train_tokens": m["splits"]["train"]["tokens"]}
+                  for d, w, m in zip(dirs, weights, manifests)]
+        atomic.write_text(run_dir / "mixture.json", json.dumps(record, indent=2) + "\n")
+    log.info("mixture: %s", ", ".join(f"{d} {w:.0%}" for d, w in zip(dirs, weights)))
+    return train, val
 
 
 def with_grad_accum(cfg: Config, world_size: int) -> Config:

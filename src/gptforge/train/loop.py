@@ -67,6 +67,8 @@ class Trainer:
         self.sampler = sampler
         self.scaler = torch.amp.GradScaler(precision.device.type,
                                            enabled=precision.needs_grad_scaler)
+        for group in optimizer.param_groups:  # the base that the weight-decay schedule scales
+            group.setdefault("initial_weight_decay", group["weight_decay"])
         self.state = LoopState()
         self.guard = AnomalyGuard(spike_threshold=cfg.train.spike_threshold,
                                   check_grad_norm=not precision.needs_grad_scaler)
@@ -138,7 +140,6 @@ class Trainer:
         lr = lr_at(self.state.step, oc.lr, tc.max_steps, sc) * self.state.lr_scale
         wd = weight_decay_factor(self.state.step, tc.max_steps, lr / oc.lr if oc.lr else 0.0, sc)
         for group in self.optimizer.param_groups:
-            group.setdefault("initial_weight_decay", group["weight_decay"])
             group["lr"] = lr
             group["weight_decay"] = group["initial_weight_decay"] * wd
 
