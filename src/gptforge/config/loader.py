@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import sys
+import types
 import typing
 from importlib import resources
 from pathlib import Path
@@ -102,7 +103,18 @@ def merge_tree(tree: dict, update: dict, label: str) -> None:
             tree.setdefault(section, {})[key] = _coerce(value, hint, f"{section}.{key}", label)
 
 
-def _coerce(value: Any, hint: type, key: str, label: str) -> Any:
+def _coerce(value: Any, hint: Any, key: str, label: str) -> Any:
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) \
+        else ()
+    if options:  # e.g. int | str: the first member type the value fits
+        for option in options:
+            try:
+                return _coerce(value, option, key, label)
+            except GptforgeError:
+                continue
+        names = " or ".join(o.__name__ for o in options)
+        raw = value.raw if isinstance(value, _RawText) else value
+        raise GptforgeError(f"{label}: {key} must be {names}, got {raw!r}")
     if isinstance(value, _RawText):
         if hint is str:
             return value.parsed if isinstance(value.parsed, str) else value.raw

@@ -31,8 +31,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch_size: int = 16
-    """Sequences per micro-batch (per process)."""
+    batch_size: int | str = 16
+    """Sequences per micro-batch (per process); ``"auto"`` (CUDA) finds the largest that fits in
+    memory and derives grad_accum from ``train.global_batch_tokens``."""
     grad_accum: int = 1
     """Micro-batches accumulated into one optimizer step (derived when global_batch_tokens > 0)."""
     global_batch_tokens: int = 0
@@ -74,6 +75,12 @@ class TrainConfig:
     """Tokens generated per sample (0 = no samples)."""
     num_samples: int = 1
     """Samples generated at the end of training (one per evaluation during training)."""
+
+    def __post_init__(self) -> None:
+        if not (self.batch_size == "auto" or (isinstance(self.batch_size, int)
+                                              and self.batch_size > 0)):
+            raise ValueError(f"train.batch_size must be a positive integer or 'auto', "
+                             f"not {self.batch_size!r}")
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,15 @@ def gather_objects(obj, info: DistInfo) -> list:
     return out
 
 
+def min_over_ranks(value: int, info: DistInfo, device: torch.device) -> int:
+    """The smallest ``value`` of all ranks (every rank gets it)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

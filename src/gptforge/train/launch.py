@@ -109,7 +109,7 @@ def _train(cfg: Config, precision, dist_info, *, resume: bool, overwrite: bool) 
         prepared_data(cfg)
     distributed.barrier(dist_info)
     data_dir, manifest = prepared_data(cfg)
-    cfg = with_grad_accum(with_vocab(cfg, manifest), dist_info.world_size)
+    cfg = with_vocab(cfg, manifest)
     ckpt = _checkpoint_to_resume(run_dir, manifest) if resume else None
 
     seed_everything(cfg.train.seed)
@@ -121,6 +121,8 @@ def _train(cfg: Config, precision, dist_info, *, resume: bool, overwrite: bool) 
     train_model = distributed.wrap_model(model, cfg.runtime.parallel, dist_info, precision)
     if cfg.runtime.compile:
         train_model = torch.compile(train_model)
+    cfg = with_grad_accum(resolve_batch_size(cfg, train_model, precision, dist_info),
+                          dist_info.world_size)
     optimizer = build_optimizer(model, cfg.optim, precision.device)
     train_loader, val_loader = build_loaders(cfg, data_dir, manifest, dist_info, run_dir)
     tokenizer_dir = data_dir / "tokenizer"
@@ -190,6 +192,23 @@ def build_loaders(cfg: Config, data_dir: Path, manifest: dict, dist_info, run_di
         atomic.write_text(run_dir / "mixture.json", json.dumps(record, indent=2) + "\n")
     log.info("mixture: %s", ", ".join(f"{d} {w:.0%}" for d, w in zip(dirs, weights)))
     return train, val
+
+
+def resolve_batch_size(cfg: Config, train_model, precision, dist_info) -> Config:
+    """``train.batch_size=auto``: measure the largest micro-batch that fits (CUDA only)."""
+    from gptforge.runtime.batch_size import auto_batch_size, cuda_probe
+
+    if cfg.train.batch_size != "auto":
+        return cfg
+    if precision.device.type != "cuda":
+        raise GptforgeError("train.batch_size=auto needs a CUDA GPU (it measures GPU memory); "
+                            "set a number, e.g. train.batch_size=16")
+    probe = cuda_probe(train_model, LanguageModeling(), precision, cfg.model.block_size,
+                       cfg.model.vocab_size)
+    batch = auto_batch_size(probe, cfg.train.global_batch_tokens, cfg.model.block_size,
+                            dist_info.world_size)
+    batch = distributed.min_over_ranks(batch, dist_info, precision.device)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch))
 
 
 def with_grad_accum(cfg: Config, world_size: int) -> Config:
