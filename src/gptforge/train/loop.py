@@ -73,6 +73,7 @@ class Trainer:
         self.guard = AnomalyGuard(spike_threshold=cfg.train.spike_threshold,
                                   check_grad_norm=not precision.needs_grad_scaler)
         self.stop_signal: int | None = None
+        self.last_metrics: dict[str, float] = {}  # the objective's extra figures, last step
         if cfg.train.on_anomaly not in POLICIES:
             raise GptforgeError(f"train.on_anomaly must be one of {', '.join(POLICIES)}, "
                                 f"not '{cfg.train.on_anomaly}'")
@@ -109,14 +110,17 @@ class Trainer:
         tc, oc = self.cfg.train, self.cfg.optim
         total = torch.zeros((), device=self.precision.device)
         accum = grad_accum_at(self.state.step, tc.grad_accum, self.cfg.schedule)
+        metrics: dict[str, float] = {}
         for micro in range(accum):
-            x, y = (t.to(self.precision.device, non_blocking=True)
-                    for t in self.train_loader.next_batch())
+            batch = tuple(t.to(self.precision.device, non_blocking=True)
+                          for t in self.train_loader.next_batch())
             with distributed.gradient_sync(self.train_model, micro == accum - 1):
                 with self.precision.autocast():
-                    loss, _ = self.objective(self.train_model, (x, y))
+                    loss, _ = self.objective(self.train_model, batch)
                 self.scaler.scale(loss / accum).backward()
             total += loss.detach()
+            for key, value in getattr(self.objective, "metrics", {}).items():
+                metrics[key] = metrics.get(key, 0.0) + float(value) / accum
         self.scaler.unscale_(self.optimizer)
         max_norm = oc.grad_clip if oc.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
@@ -131,7 +135,8 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        self.state.tokens_seen += accum * x.numel() * self.world_size
+        self.state.tokens_seen += accum * batch[0].numel() * self.world_size
+        self.last_metrics = metrics
         return mean_loss, float(grad_norm)
 
     def _set_hyperparameters(self) -> None:
@@ -267,7 +272,8 @@ class Trainer:
         mfu = self.flops_per_token * tok_s / self.peak_flops if self.peak_flops else 0.0
         lr = self.optimizer.param_groups[0]["lr"]
         writer.log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                    "tokens_per_sec": tok_s, "mfu": mfu, "tokens": self.state.tokens_seen})
+                    "tokens_per_sec": tok_s, "mfu": mfu, "tokens": self.state.tokens_seen,
+                    **self.last_metrics})
         status = f"loss {loss:.4f}  {tok_s:,.0f} tok/s  mfu {mfu:.1%}"
         if bar is not None:
             bar.set_postfix_str(status)

@@ -2,7 +2,11 @@
 
 The training loop is the same for pretraining and later stages; what differs is the batch and the
 objective. An objective is a callable ``(model, batch) -> (loss, n_tokens)``: the mean loss over
-the tokens that count, and how many tokens those were.
+the tokens that count, and how many tokens those were. ``batch`` is the tuple of tensors the
+stage's loader yields (``(x, y)`` for language modelling). An objective may also keep a dict of
+floats in ``self.metrics`` describing its last call (e.g. DPO's reward margin); the loop averages
+them over the micro-batches of a step and logs them next to the loss (``val_``-prefixed when
+evaluating).
 
 A mixture-of-experts model also has auxiliary router losses (``GPT.aux_loss()``). They are added
 so that they contribute their gradient but not their value: the returned loss (which the loop
