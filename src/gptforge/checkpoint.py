@@ -42,7 +42,8 @@ def checkpoint_name(step: int) -> str:
 
 def save_checkpoint(run_dir: Path, *, step: int, weights: dict[str, torch.Tensor],
                     model_config: ModelConfig, tokenizer_dir: Path, tokenizer_info: dict,
-                    trainer_state: dict, val_loss: float | None) -> Path:
+                    trainer_state: dict, val_loss: float | None,
+                    extra_meta: dict | None = None) -> Path:
     """Write checkpoint ``step`` atomically and point ``RUN_DIR/latest`` at it.
 
     ``weights`` is a full state dict without tied aliases (see :func:`weights_to_save`).
@@ -52,7 +53,7 @@ def save_checkpoint(run_dir: Path, *, step: int, weights: dict[str, torch.Tensor
     run_dir = Path(run_dir)
     target = run_dir / CKPT_DIR / checkpoint_name(step)
     meta = {"format_version": FORMAT_VERSION, "step": step, "val_loss": val_loss,
-            "model": model_config.to_dict(), "tokenizer": tokenizer_info}
+            "model": model_config.to_dict(), "tokenizer": tokenizer_info, **(extra_meta or {})}
     try:
         with atomic.directory(target) as tmp:
             contiguous = {k: v.contiguous() for k, v in weights.items()}

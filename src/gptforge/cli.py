@@ -16,7 +16,7 @@ import sys
 from gptforge.errors import GptforgeError
 
 # Order is the order shown in ``gptforge --help``.
-COMMANDS = ("prepare", "tokenizer", "train", "generate")
+COMMANDS = ("prepare", "tokenizer", "train", "sft", "dpo", "generate")
 
 
 def build_parser() -> argparse.ArgumentParser:

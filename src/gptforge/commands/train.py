@@ -26,16 +26,26 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gptforge.train.launch import resume_config, train
+    from gptforge.train.launch import train
+
+    cfg = resolve(args, DEFAULT_PRESET)
+    if cfg is None:
+        return 0
+    return train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+
+
+def resolve(args: argparse.Namespace, default_preset: str):
+    """The config a training command runs (None after --print-config has printed it)."""
+    from gptforge.errors import GptforgeError
+    from gptforge.train.launch import resume_config
 
     if args.resume and args.config:
-        from gptforge.errors import GptforgeError
         raise GptforgeError("--resume uses the run's saved config; pass overrides instead of -c")
     if args.resume:
         cfg = resume_config(args.resume, args.overrides)
     else:
-        cfg = load_config(args.config or DEFAULT_PRESET, args.overrides)
+        cfg = load_config(args.config or default_preset, args.overrides)
     if args.print_config:
         print(to_toml(cfg), end="")
-        return 0
-    return train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+        return None
+    return cfg

@@ -65,9 +65,14 @@ def load_config(source: str | None = None, overrides: list[str] = (),
     return build_config(tree)
 
 
+# Keys that may be given without their section on the command line.
+ALIASES = {"init_from": "finetune.init_from"}
+
+
 def parse_override(item: str) -> tuple[str, str, Any]:
     """``section.key=value`` -> (section, key, value); value read as TOML, else kept as text."""
     name, sep, raw = item.partition("=")
+    name = ALIASES.get(name.strip(), name)
     section, dot, key = name.strip().partition(".")
     if not sep or not dot or not key:
         raise GptforgeError(f"override '{item}' must look like section.key=value "

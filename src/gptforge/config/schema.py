@@ -153,6 +153,42 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    init_from: str = ""
+    """Checkpoint or run directory to start from (``gptforge sft``/``dpo``): its weights,
+    architecture and tokenizer are used; the ``[model]`` section is ignored."""
+    data: str = ""
+    """Conversation files (sft) or preference files (dpo): comma-separated paths or globs of
+    .jsonl/.json."""
+    val_fraction: float = 0.05
+    """Share of the records held out for evaluation (seeded; 0 = none)."""
+    packing: bool = False
+    """SFT: pack several conversations into each row (attention kept within each) instead of
+    padding one per row."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 0
+    """LoRA rank; 0 = full fine-tuning. With a rank, only the adapters are trained and saved."""
+    alpha: float = 16.0
+    """LoRA scaling numerator: the adapter output is multiplied by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input."""
+    targets: str = "qkv,proj,up,down"
+    """Comma-separated suffixes of the linear layers that get adapters (qkv, proj, up, down,
+    lm_head)."""
+
+
+@dataclass(frozen=True)
+class DpoConfig:
+    beta: float = 0.1
+    """DPO temperature: how far the policy may move from the reference (higher = closer)."""
+    sft_weight: float = 0.0
+    """Weight of an added SFT (negative log-likelihood) term on the chosen responses."""
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -160,3 +196,6 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)

@@ -83,9 +83,42 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
 
 
-def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> int:
-    """Run (or, with ``resume``, continue) pretraining as configured; return an exit code.
+class Pretraining:
+    """The pretraining stage: prepared token shards (or a mixture), next-token objective."""
 
+    name = "pretrain"
+
+    def setup(self, cfg: Config, dist_info) -> tuple[Config, Path, dict]:
+        """(config with the vocabulary filled in, tokenizer dir, tokenizer info)."""
+        if dist_info.is_main:
+            prepared_data(cfg)  # prepares a built-in corpus on first use
+        distributed.barrier(dist_info)
+        self.data_dir, self.manifest = prepared_data(cfg)
+        return with_vocab(cfg, self.manifest), self.data_dir / "tokenizer", \
+            self.manifest["tokenizer"]
+
+    def init_weights(self, cfg: Config, model: GPT) -> None:
+        """Nothing to load: pretraining starts from the random initialisation."""
+
+    def loaders(self, cfg: Config, dist_info, run_dir: Path):
+        return build_loaders(cfg, self.data_dir, self.manifest, dist_info, run_dir)
+
+    def build_objective(self, cfg: Config, model: GPT):
+        """The objective; called once the initial weights are in place."""
+        return LanguageModeling()
+
+    def load_run_weights(self, model: GPT, ckpt: Path) -> None:
+        distributed.load_full_model_state(model, checkpoint.read_weights(ckpt, model))
+
+    def checkpoint_extras(self, cfg: Config, model: GPT):
+        """(filter applied to the weights before saving, extra model.json entries)."""
+        return None, {}
+
+
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, stage=None) -> int:
+    """Run (or, with ``resume``, continue) a training stage as configured; return an exit code.
+
+    ``stage`` is pretraining unless given (see :mod:`gptforge.train.finetune` for SFT and DPO).
     Under torchrun every process runs this function; rank 0 alone prepares data and writes files.
     """
     if cfg.runtime.threads > 0:
@@ -95,25 +128,24 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> int:
     try:
         if not dist_info.is_main:  # one voice: other ranks report only problems
             logging.getLogger("gptforge").setLevel(logging.WARNING)
-        return _train(cfg, resolve_precision(device, cfg.runtime.dtype), dist_info,
-                      resume=resume, overwrite=overwrite)
+        return _train(cfg, stage or Pretraining(), resolve_precision(device, cfg.runtime.dtype),
+                      dist_info, resume=resume, overwrite=overwrite)
     finally:
         distributed.teardown()
 
 
-def _train(cfg: Config, precision, dist_info, *, resume: bool, overwrite: bool) -> int:
+def _train(cfg: Config, stage, precision, dist_info, *, resume: bool, overwrite: bool) -> int:
     enable_tf32(precision.device)
     run_dir = Path(cfg.train.out_dir)
     if dist_info.is_main:
         check_run_dir(run_dir, resume, overwrite)
-        prepared_data(cfg)
-    distributed.barrier(dist_info)
-    data_dir, manifest = prepared_data(cfg)
-    cfg = with_vocab(cfg, manifest)
-    ckpt = _checkpoint_to_resume(run_dir, manifest) if resume else None
+    cfg, tokenizer_dir, tokenizer_info = stage.setup(cfg, dist_info)
+    ckpt = _checkpoint_to_resume(run_dir, tokenizer_info) if resume else None
 
     seed_everything(cfg.train.seed)
     model = GPT(cfg.model).to(precision.device)
+    stage.init_weights(cfg, model)
+    objective = stage.build_objective(cfg, model)  # may add LoRA adapters or copy a reference
     if dist_info.enabled:  # same initial weights everywhere, then a dropout stream per rank
         seed_everything(cfg.train.seed + dist_info.rank)
     if cfg.runtime.activation_checkpointing:  # before sharding and compiling, as torchtitan does
@@ -124,18 +156,18 @@ def _train(cfg: Config, precision, dist_info, *, resume: bool, overwrite: bool) 
     cfg = with_grad_accum(resolve_batch_size(cfg, train_model, precision, dist_info),
                           dist_info.world_size)
     optimizer = build_optimizer(model, cfg.optim, precision.device)
-    train_loader, val_loader = build_loaders(cfg, data_dir, manifest, dist_info, run_dir)
-    tokenizer_dir = data_dir / "tokenizer"
+    train_loader, val_loader = stage.loaders(cfg, dist_info, run_dir)
+    weights_filter, extra_meta = stage.checkpoint_extras(cfg, model)
     trainer = Trainer(
         cfg=cfg, model=model, train_model=train_model, optimizer=optimizer,
-        objective=LanguageModeling(), train_loader=train_loader, val_loader=val_loader,
+        objective=objective, train_loader=train_loader, val_loader=val_loader,
         precision=precision, run_dir=run_dir, tokenizer_dir=tokenizer_dir,
-        tokenizer_info=manifest["tokenizer"], flops_per_token=model.flops_per_token(),
+        tokenizer_info=tokenizer_info, flops_per_token=model.flops_per_token(),
         peak_flops=peak_flops(precision), dist_info=dist_info,
-        sampler=_sampler(model, tokenizer_dir, cfg, precision))
+        sampler=_sampler(model, tokenizer_dir, cfg, precision),
+        weights_filter=weights_filter, extra_meta=extra_meta)
     if ckpt is not None:
-        weights = checkpoint.read_weights(ckpt, model)
-        distributed.load_full_model_state(model, weights)
+        stage.load_run_weights(model, ckpt)
         trainer.load_state_dict(checkpoint.load_trainer_state(ckpt))
         if dist_info.is_main:
             truncate_after(run_dir / "metrics.jsonl", trainer.state.step)
@@ -226,12 +258,12 @@ def with_grad_accum(cfg: Config, world_size: int) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(tc, grad_accum=accum))
 
 
-def _checkpoint_to_resume(run_dir: Path, manifest: dict) -> Path:
+def _checkpoint_to_resume(run_dir: Path, tokenizer_info: dict) -> Path:
     ckpt = checkpoint.latest_checkpoint(run_dir)
     if ckpt is None:
         raise GptforgeError(f"--resume: {run_dir} holds no checkpoint to resume from")
     meta = checkpoint.read_meta(ckpt)
-    saved, current = meta["tokenizer"].get("sha256"), manifest["tokenizer"].get("sha256")
+    saved, current = meta["tokenizer"].get("sha256"), tokenizer_info.get("sha256")
     if saved != current:
         raise GptforgeError(f"{ckpt} was trained with a different tokenizer than the one in "
                             "data.dir (fingerprints differ); resume with the original data")

@@ -52,9 +52,13 @@ class Trainer:
                  optimizer: torch.optim.Optimizer, objective, train_loader, val_loader,
                  precision, run_dir: Path, tokenizer_dir: Path, tokenizer_info: dict,
                  flops_per_token: int, peak_flops: float,
-                 sampler: Callable[[int], str] | None = None, dist_info: DistInfo = DistInfo()):
+                 sampler: Callable[[int], str] | None = None, dist_info: DistInfo = DistInfo(),
+                 weights_filter: Callable[[dict], dict] | None = None,
+                 extra_meta: dict | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.dist = dist_info
+        # LoRA runs save only their adapters (weights_filter) and say so in model.json.
+        self.weights_filter, self.extra_meta = weights_filter, extra_meta or {}
         # ``model`` has the plain parameter names that checkpoints use (under FSDP2 it is itself
         # sharded, in place); ``train_model`` is what runs: possibly DDP-wrapped or compiled.
         self.model = model
@@ -319,6 +323,8 @@ class Trainer:
     def save(self) -> None:
         """Gather full state on every rank (collectives), then rank 0 writes the checkpoint."""
         weights = distributed.full_model_state(self.model)
+        if self.weights_filter is not None:
+            weights = self.weights_filter(weights)
         trainer_state = self.state_dict()
         if self.dist.is_main:
             checkpoint.save_checkpoint(
@@ -326,6 +332,7 @@ class Trainer:
                 weights=checkpoint.weights_to_save(self.model, weights),
                 model_config=self.model.config, tokenizer_dir=self.tokenizer_dir,
                 tokenizer_info=self.tokenizer_info, trainer_state=trainer_state,
+                extra_meta=self.extra_meta,
                 val_loss=self.state.last_val_loss
                 if self.state.last_eval_step == self.state.step else None)
             checkpoint.prune_checkpoints(self.run_dir, self.cfg.train.keep_last,

@@ -1,0 +1,179 @@
+"""Fine-tuning stages: supervised fine-tuning (SFT) and direct preference optimisation (DPO).
+
+Both start from a trained checkpoint (``finetune.init_from``), whose architecture and tokenizer
+they keep, and run the same training loop as pretraining with other batches and another objective:
+
+- **SFT** trains on conversations with the loss on the assistant's tokens only, so the model learns
+  to answer rather than to imitate the user.
+- **DPO** (Rafailov et al., 2023) trains on pairs of a preferred and a rejected answer to the same
+  prompt, against a frozen copy of the starting model (the *reference*): it raises the preferred
+  answer's likelihood relative to the reference more than the rejected one's.
+
+Either can train all weights or, with ``lora.rank > 0``, only low-rank adapters (Hu et al., 2021),
+in which case checkpoints hold only the adapters plus the path and hash of the base checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+
+from gptforge import checkpoint
+from gptforge.config.schema import Config
+from gptforge.errors import GptforgeError
+from gptforge.model.gpt import GPT
+from gptforge.runtime import distributed
+
+log = logging.getLogger(__name__)
+
+
+class Finetuning:
+    """SFT (``kind="sft"``) or DPO (``kind="dpo"``) from ``finetune.init_from``."""
+
+    def __init__(self, kind: str):
+        if kind not in ("sft", "dpo"):
+            raise ValueError(kind)
+        self.kind = self.name = kind
+
+    # ---- model and tokenizer from the starting checkpoint ---------------------------------
+    def setup(self, cfg: Config, dist_info) -> tuple[Config, Path, dict]:
+        if not cfg.finetune.init_from:
+            raise GptforgeError(f"gptforge {self.kind} needs a checkpoint to start from: "
+                                "init_from=RUN_DIR_OR_CKPT")
+        self.base = checkpoint.resolve_checkpoint(cfg.finetune.init_from).resolve()
+        meta = checkpoint.read_meta(self.base)
+        if "lora" in meta:
+            raise GptforgeError(f"{self.base} holds LoRA adapters only; merge them first with "
+                                f"`gptforge export {self.base} --merge-lora --out DIR` and start "
+                                "from DIR")
+        model_cfg = checkpoint.model_config_of(meta, self.base)
+        import dataclasses
+        cfg = dataclasses.replace(cfg, model=model_cfg)
+        return cfg, self.base / "tokenizer", meta["tokenizer"]
+
+    def init_weights(self, cfg: Config, model: GPT) -> None:
+        checkpoint.load_weights(model, self.base)
+
+    # ---- objective, LoRA, reference ----------------------------------------------------------
+    def build_objective(self, cfg: Config, model: GPT):
+        from gptforge.train.objectives import DirectPreference, MaskedLanguageModeling
+
+        reference = None
+        if self.kind == "dpo":  # a frozen copy of the starting policy, before any adapters
+            reference = copy.deepcopy(model).eval().requires_grad_(False)
+        if cfg.lora.rank > 0:
+            from gptforge.model.lora import apply_lora
+
+            targets = [t.strip() for t in cfg.lora.targets.split(",") if t.strip()]
+            try:
+                wrapped = apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
+                                     targets)
+            except ValueError as err:
+                raise GptforgeError(f"lora.targets: {err}") from None
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            log.info("LoRA rank %d on %d layers: %.3fM trainable of %.2fM parameters",
+                     cfg.lora.rank, len(wrapped), trainable / 1e6, model.num_params() / 1e6)
+        if self.kind == "dpo":
+            return DirectPreference(reference, beta=cfg.dpo.beta, sft_weight=cfg.dpo.sft_weight)
+        return MaskedLanguageModeling()
+
+    def checkpoint_extras(self, cfg: Config, model: GPT):
+        if cfg.lora.rank <= 0:
+            return None, {}
+        from gptforge.model.lora import lora_config_of
+
+        lora = {**lora_config_of(model), "base": str(self.base),
+                "base_sha256": file_sha256(self.base / "model.safetensors")}
+        return (lambda weights: {k: v for k, v in weights.items() if ".lora_" in k}), \
+            {"lora": lora}
+
+    def load_run_weights(self, model: GPT, ckpt: Path) -> None:
+        """Resume: full weights, or for LoRA runs the adapters on top of the base weights."""
+        meta = checkpoint.read_meta(ckpt)
+        if "lora" not in meta:
+            distributed.load_full_model_state(model, checkpoint.read_weights(ckpt, model))
+            return
+        from safetensors.torch import load_file
+
+        adapters = load_file(str(Path(ckpt) / "model.safetensors"))
+        missing = [k for k in model.state_dict() if ".lora_" in k and k not in adapters]
+        if missing:
+            raise GptforgeError(f"{ckpt}: adapter weights missing ({missing[0]}, ...)")
+        model.load_state_dict(adapters, strict=False)
+
+    # ---- data ---------------------------------------------------------------------------------
+    def loaders(self, cfg: Config, dist_info, run_dir: Path):
+        from gptforge.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(self.base / "tokenizer")
+        paths = [p.strip() for p in cfg.finetune.data.split(",") if p.strip()]
+        if not paths:
+            raise GptforgeError(f"gptforge {self.kind} needs data: finetune.data=FILE.jsonl")
+        records = self._read(paths)
+        train_records, val_records = split_records(records, cfg.finetune.val_fraction,
+                                                   cfg.train.seed)
+        log.info("%s data: %d train and %d val records from %s", self.kind, len(train_records),
+                 len(val_records), ", ".join(paths))
+        make = self._sft_loader if self.kind == "sft" else self._preference_loader
+        common = {"rank": dist_info.rank, "world_size": dist_info.world_size}
+        train = make(tokenizer, train_records, cfg, seed=cfg.train.seed, **common)
+        val = make(tokenizer, val_records, cfg, seed=cfg.train.seed + 1, **common) \
+            if val_records else None
+        return train, val
+
+    def _read(self, paths: list[str]):
+        from gptforge.data.conversations import read_conversations, read_preferences
+
+        return read_conversations(paths) if self.kind == "sft" else read_preferences(paths)
+
+    @staticmethod
+    def _sft_loader(tokenizer, records, cfg: Config, **kwargs):
+        from gptforge.data.finetune_loader import SFTLoader, encode_sft_examples
+
+        loader = SFTLoader(encode_sft_examples(tokenizer, records), cfg.model.block_size,
+                           cfg.train.batch_size, pad_id=tokenizer.pad_id,
+                           packing=cfg.finetune.packing, **kwargs)
+        _warn_truncated(loader, cfg)
+        return loader
+
+    @staticmethod
+    def _preference_loader(tokenizer, records, cfg: Config, **kwargs):
+        from gptforge.data.finetune_loader import PreferenceLoader, encode_preference_examples
+
+        loader = PreferenceLoader(encode_preference_examples(tokenizer, records),
+                                  cfg.model.block_size, cfg.train.batch_size,
+                                  pad_id=tokenizer.pad_id, **kwargs)
+        _warn_truncated(loader, cfg)
+        return loader
+
+
+def _warn_truncated(loader, cfg: Config) -> None:
+    if getattr(loader, "truncated", 0):
+        log.warning("%d records are longer than model.block_size=%d tokens and were truncated",
+                    loader.truncated, cfg.model.block_size)
+
+
+def split_records(records: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded split into (train, val); val gets round(fraction * n) records, at least one if
+    the fraction is positive and there are two or more records."""
+    if not records:
+        raise GptforgeError("the fine-tuning data holds no records")
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = round(val_fraction * len(records))
+    if val_fraction > 0 and len(records) >= 2:
+        n_val = max(1, n_val)
+    val_idx = set(order[:n_val])
+    return ([r for i, r in enumerate(records) if i not in val_idx],
+            [r for i, r in enumerate(records) if i in val_idx])
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
