@@ -296,3 +296,13 @@ def test_training_on_a_weighted_mixture(data_dir, tmp_path, capsys):
     assert main(train_args(data_dir, tmp_path / "run2",
                            f"data.mixture={data_dir}:1,{foreign}:1")) == 1
     assert "another tokenizer" in capsys.readouterr().err
+
+
+def test_resume_accepts_a_config_saved_before_new_model_fields(data_dir, tmp_path):
+    """Fields added to the schema later are absent from older runs' config.toml files."""
+    run = tmp_path / "run"
+    assert main(train_args(data_dir, run, "train.max_steps=3")) == 0
+    text = (run / "config.toml").read_text()
+    (run / "config.toml").write_text("\n".join(
+        line for line in text.splitlines() if not line.startswith("logit_softcap")))
+    assert main(["train", "--resume", str(run), "train.max_steps=4", *TINY]) == 0

@@ -19,6 +19,7 @@ from gptforge.config.loader import config_to_dict, save_config
 from gptforge.config.schema import Config
 from gptforge.errors import GptforgeError
 from gptforge.metrics.sinks import truncate_after
+from gptforge.model.config import ModelConfig
 from gptforge.model.gpt import GPT
 from gptforge.runtime import distributed
 from gptforge.runtime.activation_checkpointing import apply_activation_checkpointing
@@ -319,7 +320,10 @@ def resume_config(run_dir: Path, overrides: list[str]) -> Config:
         raise GptforgeError(f"--resume: {path} not found; is {run_dir} a gptforge run directory?")
     saved = tomllib.loads(path.read_text())
     cfg = load_config(None, overrides, base=saved)
-    changed = [k for k, v in config_to_dict(cfg)["model"].items() if saved["model"].get(k) != v]
+    # A key missing from an older run's file had its default value then (fields only get added).
+    defaults = dataclasses.asdict(ModelConfig())
+    changed = [k for k, v in config_to_dict(cfg)["model"].items()
+               if saved["model"].get(k, defaults[k]) != v]
     if changed:
         raise GptforgeError(f"--resume cannot change the architecture (model.{changed[0]}); "
                             "start a new run instead")
