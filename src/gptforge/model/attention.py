@@ -8,6 +8,10 @@ For decoding, an optional cache object stores past keys and values. The model on
 things from it (duck typing keeps ``model/`` free of inference code): ``cache.pos``, the number of
 positions already stored, and ``cache.update(layer, k, v)``, which stores the new keys/values and
 returns all of them so far.
+
+For packed rows (several fine-tuning examples back to back in one row, see
+``data/finetune_loader.py``) the model passes a block-diagonal causal mask instead: a token attends
+to the earlier tokens of its own example only, so each example is computed as if it were alone.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                kv_cache=None) -> torch.Tensor:
+                kv_cache=None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``attn_mask`` (B, 1, T, T), True = may attend, replaces the causal mask (packed rows)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
@@ -52,11 +57,16 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             start = kv_cache.pos
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, start+T, hs)
+        if attn_mask is None:
+            attn_mask = self._cached_mask(start, T, x.device)
+            is_causal = start == 0 and T > 1
+        else:
+            is_causal = False  # the given mask is already causal
         y = F.scaled_dot_product_attention(
             q, k, v,
-            attn_mask=self._cached_mask(start, T, x.device),
+            attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=start == 0 and T > 1,
+            is_causal=is_causal,
             enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)

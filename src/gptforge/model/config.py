@@ -50,6 +50,18 @@ class ModelConfig:
     """If > 0, squash logits with ``cap * tanh(logits / cap)`` (Gemma-2, modded-nanogpt); 0 = off."""
     init_std: float = 0.02
     """Standard deviation of the normal weight initialisation."""
+    n_experts: int = 0
+    """Experts per mixture-of-experts MLP; 0 means a dense MLP in every block (docs/moe.md)."""
+    moe_top_k: int = 2
+    """Experts each token is routed to (Mixtral: 2 of 8; Switch Transformer: 1)."""
+    moe_expert_hidden: int = 0
+    """Hidden width of each expert; 0 means the dense MLP's (``mlp_hidden`` or its default)."""
+    moe_every: int = 1
+    """An MoE MLP in every N-th block (the N-th, 2N-th, ...), dense MLPs in the others."""
+    moe_aux_loss_coef: float = 0.01
+    """Weight of the load-balancing loss (Switch Transformer) added to the training objective."""
+    moe_z_loss_coef: float = 0.0
+    """Weight of the router z-loss (ST-MoE; 1e-3 there) that keeps router logits small; 0 = off."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -64,6 +76,14 @@ class ModelConfig:
             (self.mlp in ("gelu", "swiglu", "relu2"), "model.mlp must be 'gelu', 'swiglu' or 'relu2'"),
             (0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)"),
             (self.pos_emb != "rope" or self.head_dim % 2 == 0, "rope needs an even head size"),
+            (self.n_experts >= 0, "model.n_experts must be >= 0 (0 = dense MLP)"),
+            (self.n_experts == 0 or 1 <= self.moe_top_k <= self.n_experts,
+             f"model.moe_top_k ({self.moe_top_k}) must be between 1 and model.n_experts "
+             f"({self.n_experts})"),
+            (self.moe_expert_hidden >= 0, "model.moe_expert_hidden must be >= 0"),
+            (self.moe_every >= 1, "model.moe_every must be >= 1"),
+            (self.moe_aux_loss_coef >= 0 and self.moe_z_loss_coef >= 0,
+             "model.moe_aux_loss_coef and model.moe_z_loss_coef must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -89,6 +109,14 @@ class ModelConfig:
         if self.mlp == "swiglu":  # keep parameters equal to a 4x GELU MLP, rounded to 64
             return (int(8 * self.n_embd / 3) + 63) // 64 * 64
         return 4 * self.n_embd
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether block ``layer_idx`` (0-based) gets an MoE MLP: every ``moe_every``-th block.
+
+        With ``moe_every = 2`` blocks 1, 3, 5, ... are MoE, so dense and MoE blocks alternate
+        starting with a dense one, as in Switch Transformer and GShard.
+        """
+        return self.n_experts > 0 and (layer_idx + 1) % self.moe_every == 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -2,8 +2,15 @@
 
 GPT-2 (Radford et al., 2019) and Llama (Touvron et al., 2023) differ only in a few choices, all of
 them fields of :class:`ModelConfig`: the norm, how positions enter, the MLP, biases, grouped-query
-attention and tied embeddings. This file holds the architecture and nothing else: no optimizer, no
-loss, no distributed code, no file I/O (see ``train/`` and ``runtime/``).
+attention and tied embeddings. A mixture-of-experts MLP (``n_experts > 0``, see ``moe.py``) can
+take the dense MLP's place in some or all blocks. This file holds the architecture and nothing
+else: no optimizer, no loss, no distributed code, no file I/O (see ``train/`` and ``runtime/``).
+
+*Packing*: fine-tuning puts several short examples back to back in one row and passes
+``segment_ids`` numbering them. Each token then attends only within its own example and its
+position restarts at 0 where its example starts, so every example is computed exactly as if it
+were alone in the row (the idea of "packing with attention masks", e.g. Krell et al., 2021,
+https://arxiv.org/abs/2107.02027).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from torch import nn
 from gptforge.model.attention import CausalSelfAttention
 from gptforge.model.config import ModelConfig
 from gptforge.model.layers import MLP, build_norm, rope_tables
+from gptforge.model.moe import MoEMLP
 
 
 class Block(nn.Module):
@@ -26,11 +34,39 @@ class Block(nn.Module):
         self.norm1 = build_norm(cfg)
         self.attn = CausalSelfAttention(cfg, layer_idx)
         self.norm2 = build_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = MoEMLP(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope, kv_cache=None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rope, kv_cache)
+    def forward(self, x: torch.Tensor, rope, kv_cache=None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope, kv_cache, attn_mask)
         return x + self.mlp(self.norm2(x))
+
+
+def _segment_starts(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool, True where a segment begins. A segment is a run of equal ids, so only
+    neighbouring segments need distinct ids."""
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return starts
+
+
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Position of each token within its segment (B, T): ``[[0, 0, 0, 1, 1, 2]]`` ->
+    ``[[0, 1, 2, 0, 1, 0]]``."""
+    B, T = segment_ids.shape
+    index = torch.arange(T, device=segment_ids.device).expand(B, T)  # (B, T)
+    starts = _segment_starts(segment_ids)
+    segment_start = torch.where(starts, index, 0).cummax(dim=1).values  # (B, T)
+    return index - segment_start
+
+
+def segment_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal mask (B, 1, T, T), True = may attend: causal and same segment."""
+    T = segment_ids.size(1)
+    run = _segment_starts(segment_ids).cumsum(dim=1)  # (B, T): segments numbered 1, 2, ...
+    same = run[:, :, None] == run[:, None, :]  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    return (same & causal).unsqueeze(1)  # (B, 1, T, T), broadcast over heads
 
 
 class GPT(nn.Module):
@@ -71,28 +107,41 @@ class GPT(nn.Module):
         residual_std = std / math.sqrt(2 * self.config.n_layer)
         for block in self.blocks:
             nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
-            nn.init.normal_(block.mlp.down.weight, mean=0.0, std=residual_std)
+        for module in self.modules():
+            if isinstance(module, MLP):  # the dense MLPs and every expert
+                nn.init.normal_(module.down.weight, mean=0.0, std=residual_std)
 
-    def forward(self, idx: torch.Tensor, kv_cache=None, logits_to_keep: int = 0) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, kv_cache=None, logits_to_keep: int = 0,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, padded_vocab) for token ids ``idx`` (B, T).
 
         With ``kv_cache``, ``idx`` continues the sequence stored in the cache. ``logits_to_keep=n``
         computes logits for the last n positions only (generation needs just the last one).
+        ``segment_ids`` (B, T) marks packed rows: runs of equal ids are independent sequences.
         """
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size "
                              f"{self.config.block_size}")
+        if segment_ids is not None and kv_cache is not None:
+            raise ValueError("segment_ids (packed rows) cannot be combined with a kv_cache")
         x = self.tok_emb(idx)  # (B, T, C)
-        rope = None
-        if self.pos_emb is not None:
+        rope, attn_mask = None, None
+        if segment_ids is not None:  # packed rows: positions restart in each segment
+            pos = segment_positions(segment_ids)  # (B, T)
+            attn_mask = segment_attention_mask(segment_ids)  # (B, 1, T, T)
+            if self.pos_emb is not None:
+                x = x + self.pos_emb(pos)  # (B, T, C)
+            else:  # (B, 1, T, hs/2): each row's own positions, broadcast over heads
+                rope = (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))
+        elif self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
         else:
             rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, rope, kv_cache)
+            x = block(x, rope, kv_cache, attn_mask)
         if kv_cache is not None:
             kv_cache.advance(T)
         if logits_to_keep:
@@ -110,15 +159,51 @@ class GPT(nn.Module):
             n -= self.pos_emb.weight.numel()
         return n
 
+    def num_active_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameters one token uses: ``num_params`` with ``moe_top_k`` experts per MoE layer.
+
+        Routers count in full, the ``n_experts - moe_top_k`` experts a token skips do not.
+        Equal to ``num_params`` for a dense model.
+        """
+        n = self.num_params(exclude_embeddings)
+        for module in self.modules():
+            if isinstance(module, MoEMLP):
+                per_expert = sum(p.numel() for p in module.experts[0].parameters())
+                n -= (module.n_experts - module.top_k) * per_expert
+        return n
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Weighted sum of the MoE layers' auxiliary losses of the last forward; None if dense.
+
+        Load balancing times ``moe_aux_loss_coef`` plus router z-loss times ``moe_z_loss_coef``,
+        summed over the MoE layers; the training objective adds it to the loss. The layers'
+        stored losses are handed over and cleared, so no autograd graph stays attached to the
+        model between steps (it would keep memory alive and make the model impossible to
+        ``copy.deepcopy``): call this once per forward.
+        """
+        layers = [m for m in self.modules() if isinstance(m, MoEMLP)]
+        if not layers:
+            return None
+        if any(m.balance_loss is None for m in layers):
+            raise RuntimeError("GPT.aux_loss() needs a forward pass first (once per forward)")
+        cfg = self.config
+        total = sum(cfg.moe_aux_loss_coef * m.balance_loss + cfg.moe_z_loss_coef * m.z_loss
+                    for m in layers)
+        for m in layers:
+            m.balance_loss = m.z_loss = None
+        return total
+
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B.
 
         6 FLOPs per non-embedding-lookup parameter (2 forward, 4 backward) plus attention's
         score and value products, 12 * n_layer * n_embd * T per token at context length T.
+        Only *active* parameters count (``num_active_params``): a token runs through top_k
+        experts, not all of them, so the MFU of an MoE model is computed on the FLOPs it does.
         """
         cfg = self.config
         T = seq_len or cfg.block_size
-        n = self.num_params(exclude_embeddings=True)
+        n = self.num_active_params(exclude_embeddings=True)
         if not cfg.tie_embeddings:  # the input table is a lookup, not a matmul
             n -= self.tok_emb.weight.numel()
         return 6 * n + 12 * cfg.n_layer * cfg.n_embd * T
