@@ -97,3 +97,12 @@ def test_mixture_spec_parsing():
         parse_mixture("data/web")
     with pytest.raises(GptforgeError, match="positive weight"):
         parse_mixture("data/web:0")
+
+
+def test_a_batch_larger_than_the_split_still_moves_through_epochs():
+    loader = BatchLoader([np.arange(50, dtype=np.uint16)], block_size=8, batch_size=8, seed=0,
+                         shuffle_offset=False)  # 6 windows, 8 per batch
+    loader.next_batch()
+    assert loader.order.epoch == 1 and loader.order.position == 2
+    x, _ = loader.next_batch()
+    assert len({int(r[0]) for r in x[:4]}) == 4  # the rest of epoch 1: distinct windows

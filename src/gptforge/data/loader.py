@@ -74,9 +74,15 @@ class WindowOrder:
         """Start offsets of the next ``n`` windows (a new epoch begins rather than split them)."""
         if self.position + n > len(self._perm) and len(self._perm) >= n:
             self.seek(self.epoch + 1, 0)  # drop the ragged tail so every batch is whole
-        idx = [(self.position + i) % len(self._perm) for i in range(n)]
-        self.position += n
-        return [self._offset + int(self._perm[i]) * self.block_size for i in idx]
+        starts: list[int] = []
+        while len(starts) < n:  # more than one epoch only when a batch outnumbers the windows
+            if self.position >= len(self._perm):
+                self.seek(self.epoch + 1, 0)
+            k = min(n - len(starts), len(self._perm) - self.position)
+            starts += [self._offset + int(i) * self.block_size
+                       for i in self._perm[self.position:self.position + k]]
+            self.position += k
+        return starts
 
     def seek(self, epoch: int, position: int) -> None:
         if epoch != self.epoch:

@@ -153,8 +153,9 @@ class Finetuning:
 
 def _warn_truncated(loader, cfg: Config) -> None:
     if getattr(loader, "truncated", 0):
-        log.warning("%d records are longer than model.block_size=%d tokens and were truncated",
-                    loader.truncated, cfg.model.block_size)
+        log.warning("%d examples are longer than model.block_size=%d tokens and were cut; %d of "
+                    "them had no answer left and were dropped", loader.truncated,
+                    cfg.model.block_size, getattr(loader, "dropped", 0))
 
 
 def split_records(records: list, val_fraction: float, seed: int) -> tuple[list, list]:

@@ -139,7 +139,9 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        self.state.tokens_seen += accum * batch[0].numel() * self.world_size
+        # Tokens through the model: DPO batches hold two inputs (chosen and rejected rows).
+        inputs = getattr(self.objective, "inputs_per_batch", 1)
+        self.state.tokens_seen += accum * inputs * batch[0].numel() * self.world_size
         self.last_metrics = metrics
         return mean_loss, float(grad_norm)
 

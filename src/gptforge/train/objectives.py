@@ -1,12 +1,13 @@
 """Objectives: what a training step minimises, given a model and a batch.
 
 The training loop is the same for pretraining and later stages; what differs is the batch and the
-objective. An objective is a callable ``(model, batch) -> (loss, n_tokens)``: the mean loss over
-the tokens that count, and how many tokens those were. ``batch`` is the tuple of tensors the
-stage's loader yields (``(x, y)`` for language modelling). An objective may also keep a dict of
-floats in ``self.metrics`` describing its last call (e.g. DPO's reward margin); the loop averages
-them over the micro-batches of a step and logs them next to the loss (``val_``-prefixed when
-evaluating).
+objective: :class:`LanguageModeling` (pretraining), :class:`MaskedLanguageModeling` (SFT: only
+the assistant's tokens count) and :class:`DirectPreference` (DPO on preference pairs). An
+objective is a callable ``(model, batch) -> (loss, n_tokens)``: the mean loss over the tokens that
+count, and how many tokens those were. ``batch`` is the tuple of tensors the stage's loader yields
+(``(x, y)`` for language modelling). An objective may also keep a dict of floats in
+``self.metrics`` describing its last call (e.g. DPO's reward margin); the loop averages them over
+the micro-batches of a step and logs them next to the loss (``val_``-prefixed when evaluating).
 
 A mixture-of-experts model also has auxiliary router losses (``GPT.aux_loss()``). They are added
 so that they contribute their gradient but not their value: the returned loss (which the loop
@@ -61,3 +62,96 @@ class LanguageModeling:
         if aux_loss is not None:
             loss = with_aux_gradient(loss, aux_loss())
         return loss, y.numel()
+
+
+def aux_loss_of(model: nn.Module) -> torch.Tensor | None:
+    """The MoE router losses of ``model``'s last forward (None for a dense model)."""
+    aux_loss = getattr(unwrap_model(model), "aux_loss", None)
+    return aux_loss() if aux_loss is not None else None
+
+
+def logits_of(model: nn.Module, x: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
+    """Logits of ``x``; ``segment_ids`` (packed rows) is passed only when there is one, so models
+    without packing support still work on padded batches."""
+    return model(x) if segment_ids is None else model(x, segment_ids=segment_ids)
+
+
+def target_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) at each position (B, T), 0 where the target is IGNORE_INDEX."""
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                          ignore_index=IGNORE_INDEX, reduction="none")  # (B*T,)
+    return -nll.view(targets.shape)
+
+
+class MaskedLanguageModeling:
+    """Next-token prediction on the targets that are not IGNORE_INDEX (supervised fine-tuning).
+
+    The batch is ``(x, y)`` or, from a packing loader, ``(x, y, segment_ids)``. The loss is the
+    mean over the counted targets (the assistant's tokens), and ``n_tokens`` their number. A batch
+    with no counted target gives a loss of 0 with no gradient rather than NaN.
+    """
+
+    name = "sft"
+
+    def __call__(self, model: nn.Module, batch: tuple[torch.Tensor, ...]):
+        x, y, *rest = batch
+        logits = logits_of(model, x, rest[0] if rest else None)
+        n_tokens = (y != IGNORE_INDEX).sum()
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(),
+                               ignore_index=IGNORE_INDEX, reduction="sum") / n_tokens.clamp(min=1)
+        loss = with_aux_gradient(loss, aux_loss_of(model))
+        return loss, int(n_tokens)
+
+
+class DirectPreference:
+    """Direct Preference Optimization (Rafailov et al., 2023, https://arxiv.org/abs/2305.18290).
+
+    For each pair the policy's log-probability of the chosen and the rejected answer is compared
+    with a frozen reference model's (usually the SFT model it starts from). With the implicit
+    reward ``r = beta * (log pi(answer) - log ref(answer))`` the loss is
+    ``-log sigmoid(r_chosen - r_rejected)``: it raises the chosen answer relative to the rejected
+    one, and ``beta`` sets how far the policy may drift from the reference (smaller = further).
+    It equals ln 2 while the policy is the reference. ``sft_weight > 0`` adds the chosen answers'
+    per-token NLL, which keeps their absolute probability from sinking (as in RPO, Pang et al.,
+    2024, https://arxiv.org/abs/2404.19733).
+
+    The batch is ``(chosen_x, chosen_y, rejected_x, rejected_y)``; both halves go through the
+    model in one forward of 2B rows. ``self.metrics`` holds the mean rewards, their margin and
+    the fraction of pairs where the chosen reward is the higher (``reward_accuracy``).
+    """
+
+    name = "dpo"
+    inputs_per_batch = 2  # chosen and rejected rows both go through the model
+
+    def __init__(self, reference: nn.Module, beta: float = 0.1, sft_weight: float = 0.0):
+        if beta <= 0:
+            raise ValueError(f"DPO beta must be positive, got {beta}")
+        if sft_weight < 0:
+            raise ValueError(f"DPO sft_weight must be >= 0, got {sft_weight}")
+        self.reference = reference.eval().requires_grad_(False)
+        self.beta, self.sft_weight = beta, sft_weight
+        self.metrics: dict[str, float] = {}
+
+    def __call__(self, model: nn.Module, batch: tuple[torch.Tensor, ...]):
+        chosen_x, chosen_y, rejected_x, rejected_y = batch
+        B = chosen_x.size(0)
+        x = torch.cat([chosen_x, rejected_x])  # (2B, T)
+        y = torch.cat([chosen_y, rejected_y])
+        token_logp = target_log_probs(model(x), y)  # (2B, T)
+        aux = aux_loss_of(model)
+        with torch.no_grad():
+            ref_logp = target_log_probs(self.reference(x), y).sum(dim=1)  # (2B,)
+            aux_loss_of(self.reference)  # clears the reference's MoE losses, if any
+        logp = token_logp.sum(dim=1)  # (2B,) log-probability of each answer
+        rewards = self.beta * (logp - ref_logp).detach()
+        margin_logits = self.beta * ((logp[:B] - ref_logp[:B]) - (logp[B:] - ref_logp[B:]))
+        loss = -F.logsigmoid(margin_logits).mean()
+        if self.sft_weight > 0:
+            n_chosen = (chosen_y != IGNORE_INDEX).sum().clamp(min=1)
+            loss = loss + self.sft_weight * (-token_logp[:B].sum() / n_chosen)
+        margin = rewards[:B] - rewards[B:]
+        self.metrics = {"reward_margin": float(margin.mean()),
+                        "reward_accuracy": float((margin > 0).float().mean()),
+                        "chosen_reward": float(rewards[:B].mean()),
+                        "rejected_reward": float(rewards[B:].mean())}
+        return with_aux_gradient(loss, aux), int((y != IGNORE_INDEX).sum())
