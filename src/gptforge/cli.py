@@ -16,7 +16,7 @@ import sys
 from gptforge.errors import GptforgeError
 
 # Order is the order shown in ``gptforge --help``.
-COMMANDS = ("prepare", "tokenizer", "train", "sft", "dpo", "generate")
+COMMANDS = ("prepare", "tokenizer", "train", "sft", "dpo", "generate", "chat", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse cannot take positionals after an option (`train --overwrite a.b=1`): collect them.
+    if extra and hasattr(args, "overrides") and all("=" in e for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 2

@@ -75,3 +75,16 @@ def test_wrong_optimizer_on_resume_and_unknown_name():
         load_full_optimizer_state(model, muon, full_optimizer_state(model, adamw))
     with pytest.raises(GptforgeError, match="unknown optimizer 'sgd'"):
         build_optimizer(model, OptimConfig(name="sgd"), torch.device("cpu"))
+
+
+def test_muon_leaves_lora_adapters_to_adamw():
+    from gptforge.model.lora import apply_lora
+
+    model = tiny_model()
+    apply_lora(model, rank=2, alpha=4, dropout=0.0, targets=["qkv", "up"])
+    # apply_lora froze every base matrix, so Muon has nothing to take: AdamW trains the adapters.
+    adamw = build_optimizer(model, OptimConfig(name="muon"), torch.device("cpu"))
+    assert isinstance(adamw, torch.optim.AdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    adamw_names = [names[id(p)] for g in adamw.param_groups for p in g["params"]]
+    assert adamw_names and all(".lora_" in n for n in adamw_names)

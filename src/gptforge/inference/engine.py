@@ -5,19 +5,29 @@ Prefill runs the whole prompt through the model in one pass and fills the KV cac
 step then feeds only the newest token. When the context window is full, the cache is refilled with
 the most recent half of the window (a sliding window, amortised over many steps).
 
+Decode steps run through the model's forward by default. ``Engine(..., compile=True)`` runs them
+through a compiled static-shape step instead (``decode.py``): several times faster at batch size 1
+on a CPU once compiled, but the first call compiles for 5-30 s, so it pays off only for long or
+repeated generation. If compilation fails (no C compiler, unsupported platform) the engine warns
+once and decodes through the model.
+
 ``generate`` is a Python generator yielding one tensor of B new ids per step, so callers can
 stream output as it is produced.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 
 from gptforge.inference.kv_cache import KVCache
 from gptforge.inference.sampling import apply_repetition_penalty, sample_next
+
+log = logging.getLogger(__name__)
+_compile_failed = False  # set once torch.compile has failed in this process: warn and retry never
 
 
 @dataclass(frozen=True)
@@ -31,54 +41,98 @@ class SamplingSettings:
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, vocab_size: int | None = None):
+    def __init__(self, model: torch.nn.Module, vocab_size: int | None = None, *,
+                 compile: bool = False, weight_dtype: torch.dtype | None = None):
+        """``compile``: decode through the compiled step; ``weight_dtype`` (with ``compile``):
+        stream its matrices in this dtype, e.g. ``torch.bfloat16`` (a copy of the weights)."""
         self.model = model.eval()
         self.block_size = model.config.block_size
         self.vocab_size = vocab_size or model.config.vocab_size
         self.device = model.lm_head.weight.device
-
-    def _logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Last-position logits (B, V) without the padding rows of the vocabulary."""
-        return logits[:, -1, :self.vocab_size].float()
+        self.compile, self.weight_dtype = compile, weight_dtype
+        self.decoder = None  # the compiled step, built on first use
 
     @torch.inference_mode()
     def generate(self, prompt: Sequence[int], settings: SamplingSettings, *,
                  num_samples: int = 1, stop_ids: Sequence[int] = (),
+                 banned_ids: Sequence[int] = (),
                  use_cache: bool = True) -> Iterator[torch.Tensor]:
-        """Yield (num_samples,) new token ids per step until max_new_tokens or all rows stop."""
+        """Yield (num_samples,) new token ids per step until max_new_tokens or all rows stop.
+
+        ``banned_ids`` are never sampled (their logits are set to -inf), e.g. the chat markers
+        that only the template may write."""
         if not prompt:
             raise ValueError("the prompt must contain at least one token")
         gen = None
         if settings.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(settings.seed)
-        tokens = torch.tensor([list(prompt)] * num_samples, dtype=torch.long, device=self.device)
+        # The whole history lives in one preallocated buffer; `tokens[:, :n]` is a view of it.
+        n = len(prompt)
+        tokens = torch.empty(num_samples, n + settings.max_new_tokens, dtype=torch.long,
+                             device=self.device)
+        tokens[:, :n] = torch.tensor(list(prompt), dtype=torch.long, device=self.device)
         cache = KVCache.for_model(self.model, num_samples) if use_cache else None
-        logits = self._forward_window(tokens, cache, fresh=True)
+        logits = self._forward_window(tokens[:, :n], cache)
         done = torch.zeros(num_samples, dtype=torch.bool, device=self.device)
         stops = torch.tensor(list(stop_ids), dtype=torch.long, device=self.device)
+        banned = torch.tensor(list(banned_ids), dtype=torch.long, device=self.device)
+        penalty = settings.repetition_penalty
         for _ in range(settings.max_new_tokens):
-            logits = apply_repetition_penalty(logits, tokens, settings.repetition_penalty)
+            if penalty != 1.0:
+                logits = apply_repetition_penalty(logits, tokens[:, :n], penalty)
+            if len(banned_ids):
+                logits = logits.index_fill(1, banned, float("-inf"))
             next_ids = sample_next(logits, temperature=settings.temperature,
                                    top_k=settings.top_k, top_p=settings.top_p, generator=gen)
             yield next_ids
-            done |= torch.isin(next_ids, stops)
-            if bool(done.all()):
-                return
-            tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
-            logits = self._step(tokens, cache)
+            if len(stop_ids):
+                done |= torch.isin(next_ids, stops)
+                if bool(done.all()):
+                    return
+            tokens[:, n] = next_ids
+            n += 1
+            if n - len(prompt) < settings.max_new_tokens:  # the last token needs no logits
+                logits = self._step(tokens[:, :n], cache)
+
+    def _logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Last-position logits (B, V) without the padding rows of the vocabulary."""
+        return logits[:, -1, :self.vocab_size].float()
 
     def _step(self, tokens: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         if cache is None:  # no cache: recompute the whole (cropped) context every step
             return self._logits(self.model(tokens[:, -self.block_size:], logits_to_keep=1))
         if cache.pos >= self.block_size:  # window full: keep the newest half and refill
-            return self._forward_window(tokens, cache, fresh=True)
+            return self._forward_window(tokens, cache)
+        if self.compile:
+            logits = self._compiled_step(tokens[:, -1:], cache)
+            if logits is not None:
+                return logits[:, :self.vocab_size]
         return self._logits(self.model(tokens[:, -1:], kv_cache=cache))
 
-    def _forward_window(self, tokens: torch.Tensor, cache: KVCache | None,
-                        fresh: bool) -> torch.Tensor:
+    def _compiled_step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
+        """Logits from the compiled step, or None if it cannot be used here (then never again)."""
+        global _compile_failed
+        if self.decoder is None:
+            from gptforge.inference.decode import CompiledDecoder
+            try:
+                if _compile_failed:
+                    raise RuntimeError("it failed earlier in this process")
+                self.decoder = CompiledDecoder(self.model, self.weight_dtype)
+                return self.decoder(idx, cache)
+            except Exception as err:  # no C compiler, unsupported model, ...: only slower
+                if not _compile_failed:
+                    first_line = (str(err).strip().splitlines() or [""])[0][:200]
+                    log.warning("compiled decoding unavailable (%s: %s); decoding through the "
+                                "model", type(err).__name__, first_line)
+                _compile_failed = True
+                self.compile, self.decoder = False, None
+                return None
+        return self.decoder(idx, cache)
+
+    def _forward_window(self, tokens: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """Logits after the last ``block_size`` tokens (half of them when refilling a cache)."""
         keep = self.block_size if cache is None or tokens.size(1) < self.block_size \
             else self.block_size // 2
-        if cache is not None and fresh:
+        if cache is not None:
             cache.reset()
-        window = tokens[:, -keep:]
-        return self._logits(self.model(window, kv_cache=cache, logits_to_keep=1))
+        return self._logits(self.model(tokens[:, -keep:], kv_cache=cache, logits_to_keep=1))

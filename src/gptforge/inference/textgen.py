@@ -1,28 +1,28 @@
 """Text in, text out: a checkpoint's model and tokenizer around the token-id engine.
 
-This is what ``gptforge generate`` and ``gptforge.load(path).generate(...)`` use. Streaming decodes
-the whole continuation so far and emits only the new suffix, which is correct for tokenizers whose
-tokens are partial UTF-8 characters (byte-level BPE): an incomplete character is held back until
-its last byte arrives.
+This is what ``gptforge generate`` and ``gptforge.load(path).generate(...)`` use, and ``.chat()``
+for conversations (see ``chat.py``). Streaming decodes the whole continuation so far and emits only
+the new suffix, which is correct for tokenizers whose tokens are partial UTF-8 characters
+(byte-level BPE): an incomplete character is held back until its last byte arrives.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from gptforge import checkpoint
 from gptforge.inference.engine import Engine, SamplingSettings
 from gptforge.model.gpt import GPT
+from gptforge.model_loading import build_model
 from gptforge.runtime.device import resolve_device
 
 
 def load_model(ckpt: Path, device: torch.device) -> GPT:
-    meta = checkpoint.read_meta(ckpt)
-    model = GPT(checkpoint.model_config_of(meta, ckpt))
-    checkpoint.load_weights(model, ckpt)
+    """The checkpoint's model on ``device``; LoRA adapters are merged (``model_loading.py``)."""
+    model = build_model(ckpt)
     model.to(device)
     if device.type == "cuda":  # batch-1 decoding is memory-bound: halve the bytes read
         native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
@@ -36,7 +36,7 @@ class TextGenerator:
         self.engine = Engine(model, vocab_size=tokenizer.vocab_size)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> "TextGenerator":
+    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> TextGenerator:
         from gptforge.tokenizer import load_tokenizer
 
         ckpt = checkpoint.resolve_checkpoint(path)
@@ -54,11 +54,16 @@ class TextGenerator:
 
     def stream(self, prompt: str, **kwargs) -> Iterator[str]:
         """Yield pieces of text of one sample as they are generated (EOS not included)."""
+        steps = self.stream_ids(prompt, SamplingSettings(**kwargs))
+        yield from self.decode_stream(steps, stop_ids=[self.tokenizer.eos_id])
+
+    def decode_stream(self, steps: Iterator[torch.Tensor], stop_ids) -> Iterator[str]:
+        """Text pieces of the first row of an engine's ``steps``, up to (without) a stop id."""
         ids: list[int] = []
         emitted = ""
-        for step in self.stream_ids(prompt, SamplingSettings(**kwargs)):
+        for step in steps:
             token = int(step[0])
-            if token == self.tokenizer.eos_id:
+            if token in stop_ids:
                 break
             ids.append(token)
             text = self.tokenizer.decode(ids)
@@ -78,3 +83,13 @@ class TextGenerator:
                     rows[i].append(token)
         texts = [self.tokenizer.decode(r) for r in rows]
         return texts[0] if num_samples == 1 else texts
+
+    def chat(self, messages: list[dict], **kwargs) -> str:
+        """The assistant's reply to a conversation ``[{"role", "content"}, ...]``; no state kept.
+
+        ``kwargs`` are sampling settings (``max_new_tokens``, ``temperature``, ...); the oldest
+        turns are left out if the conversation does not fit the context (see ``chat.py``).
+        """
+        from gptforge.inference.chat import complete_chat
+
+        return complete_chat(self, messages, **kwargs)

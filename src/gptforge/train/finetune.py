@@ -16,7 +16,7 @@ in which case checkpoints hold only the adapters plus the path and hash of the b
 from __future__ import annotations
 
 import copy
-import hashlib
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -51,7 +51,10 @@ class Finetuning:
                                 f"`gptforge export {self.base} --merge-lora --out DIR` and start "
                                 "from DIR")
         model_cfg = checkpoint.model_config_of(meta, self.base)
-        import dataclasses
+        if self.kind == "dpo":
+            # Dropout would make the policy's log-ratios noisy against the (eval-mode) reference:
+            # at the first step the loss would not even be ln 2. DPO runs without it.
+            model_cfg = dataclasses.replace(model_cfg, dropout=0.0)
         cfg = dataclasses.replace(cfg, model=model_cfg)
         return cfg, self.base / "tokenizer", meta["tokenizer"]
 
@@ -85,6 +88,7 @@ class Finetuning:
         if cfg.lora.rank <= 0:
             return None, {}
         from gptforge.model.lora import lora_config_of
+        from gptforge.model_loading import file_sha256
 
         lora = {**lora_config_of(model), "base": str(self.base),
                 "base_sha256": file_sha256(self.base / "model.safetensors")}
@@ -97,13 +101,9 @@ class Finetuning:
         if "lora" not in meta:
             distributed.load_full_model_state(model, checkpoint.read_weights(ckpt, model))
             return
-        from safetensors.torch import load_file
+        from gptforge.model_loading import load_adapters
 
-        adapters = load_file(str(Path(ckpt) / "model.safetensors"))
-        missing = [k for k in model.state_dict() if ".lora_" in k and k not in adapters]
-        if missing:
-            raise GptforgeError(f"{ckpt}: adapter weights missing ({missing[0]}, ...)")
-        model.load_state_dict(adapters, strict=False)
+        load_adapters(model, ckpt)
 
     # ---- data ---------------------------------------------------------------------------------
     def loaders(self, cfg: Config, dist_info, run_dir: Path):
@@ -170,11 +170,3 @@ def split_records(records: list, val_fraction: float, seed: int) -> tuple[list, 
     val_idx = set(order[:n_val])
     return ([r for i, r in enumerate(records) if i not in val_idx],
             [r for i, r in enumerate(records) if i in val_idx])
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

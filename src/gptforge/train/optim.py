@@ -62,13 +62,16 @@ def build_adamw(params, cfg: OptimConfig, device: torch.device) -> torch.optim.A
                              betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
 
 
-def build_muon(model: nn.Module, params, cfg: OptimConfig, device) -> OptimizerChain:
+def build_muon(model: nn.Module, params, cfg: OptimConfig, device):
     """Muon for the 2-D weights inside the blocks, AdamW for everything else."""
-    hidden = [(n, p) for n, p in params if p.dim() == 2 and n.startswith("blocks.")]
+    # LoRA factors are not weight matrices in Muon's sense (their product is): AdamW for them.
+    hidden = [(n, p) for n, p in params
+              if p.dim() == 2 and n.startswith("blocks.") and ".lora_" not in n]
     hidden_ids = {id(p) for _, p in hidden}
     rest = [(n, p) for n, p in params if id(p) not in hidden_ids]
-    if not hidden:
-        raise GptforgeError("optim.name=muon: the model has no 2-D weights inside its blocks")
+    if not hidden:  # e.g. LoRA froze every block matrix: nothing for Muon to do
+        log.info("optim.name=muon: no trainable matrices inside the blocks; using AdamW")
+        return build_adamw(params, cfg, device)
     muon = torch.optim.Muon([p for _, p in hidden], lr=cfg.lr, weight_decay=cfg.weight_decay,
                             momentum=cfg.muon_momentum, adjust_lr_fn="match_rms_adamw")
     log.debug("Muon on %d matrices, AdamW on %d other tensors", len(hidden), len(rest))

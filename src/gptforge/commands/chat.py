@@ -1,0 +1,111 @@
+"""``gptforge chat``: talk to a fine-tuned model, one line per message, replies streamed.
+
+Reads standard input line by line, so it works in a terminal and with piped input alike. Lines
+starting with ``/`` are commands (see ``HELP``); ``/exit`` or end of input quits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = """commands:
+  /reset        forget the conversation (the system message stays)
+  /history      show the conversation so far
+  /system TEXT  set the system message (no TEXT: remove it)
+  /help         show this help
+  /exit         quit (so does end of input, Ctrl-D)"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("chat", help="chat with a (fine-tuned) checkpoint in the terminal")
+    p.add_argument("checkpoint", metavar="CKPT_OR_RUN_DIR")
+    p.add_argument("--system", default=None, metavar="TEXT", help="system message")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="longest reply (default: 256 or half the context, if smaller)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible replies")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import gptforge
+    from gptforge.errors import GptforgeError
+    from gptforge.inference.chat import ChatSession
+
+    if (args.max_new_tokens is not None and args.max_new_tokens < 1) or args.temperature < 0:
+        raise GptforgeError("--max-new-tokens must be >= 1 and --temperature >= 0")
+    generator = gptforge.load(args.checkpoint, device=args.device)
+    session = ChatSession(generator, system=args.system, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          repetition_penalty=args.repetition_penalty, seed=args.seed)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting with {args.checkpoint} ({generator.model.config.block_size}-token "
+              "context); /help for commands, /exit to quit")
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: leave quietly
+            print()
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not run_command(session, line):
+                break
+            continue
+        try:
+            print_reply(session, line)
+        except GptforgeError as err:  # e.g. a character the tokenizer cannot encode
+            print(f"error: {err}", file=sys.stderr)
+    return 0
+
+
+def print_reply(session, text: str) -> None:
+    pieces = session.reply(text)  # raises here, before any output, if text cannot be encoded
+    sys.stdout.write("assistant> ")
+    try:
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:  # Ctrl-C while answering: stop this reply, keep chatting
+        sys.stdout.write(" [interrupted]")
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def run_command(session, line: str) -> bool:
+    """Carry out a /command; False means quit."""
+    command, _, rest = line.partition(" ")
+    rest = rest.strip()
+    if command in ("/exit", "/quit"):
+        return False
+    if command == "/reset":
+        session.reset()
+        print("(conversation cleared)")
+    elif command == "/history":
+        print_history(session)
+    elif command == "/system":
+        session.system = rest or None
+        print("(system message set)" if rest else "(system message removed)")
+    elif command == "/help":
+        print(HELP)
+    else:
+        print(f"unknown command {command}\n{HELP}")
+    return True
+
+
+def print_history(session) -> None:
+    messages = session.messages()
+    for message in messages:
+        print(f"[{message['role']}] {message['content']}")
+    if not session.history:
+        print("(no turns yet)")

@@ -1,0 +1,171 @@
+"""Chatting with a fine-tuned model: turns rendered by the chat template, replies streamed.
+
+A reply is generated from the conversation so far followed by the opening of an assistant turn
+(:func:`~gptforge.tokenizer.chat_template.render_prompt`) and ends at ``<|end|>`` or
+``<|endoftext|>``. The other chat markers (``<|system|>``, ``<|user|>``, ``<|assistant|>``) and
+``<|pad|>`` are never sampled: only the template writes them, so a reply cannot start a fake turn.
+
+The model sees at most ``block_size`` tokens, and the reply needs ``max_new_tokens`` of them, so
+before each reply the conversation is fitted into ``block_size - max_new_tokens`` tokens: the
+oldest user/assistant turns are dropped first (the system message always stays); if the newest
+message alone is still too long, its beginning is cut off, with a warning.
+
+:class:`ChatSession` keeps the history for ``gptforge chat``; ``TextGenerator.chat(messages)``
+(:func:`complete_chat`) answers one message list and keeps nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from gptforge.errors import GptforgeError
+from gptforge.inference.engine import SamplingSettings
+from gptforge.tokenizer.chat_template import check_messages, render_prompt, stop_ids
+
+if TYPE_CHECKING:
+    from gptforge.inference.textgen import TextGenerator
+
+log = logging.getLogger(__name__)
+
+MAX_NEW_TOKENS = 256
+
+
+def default_max_new_tokens(block_size: int) -> int:
+    """256, or half the context window if that is smaller, so the conversation keeps room."""
+    return max(1, min(MAX_NEW_TOKENS, block_size // 2))
+
+
+def prompt_budget(block_size: int, max_new_tokens: int) -> int:
+    """Tokens left for the prompt once the reply's ``max_new_tokens`` are reserved."""
+    if not 0 < max_new_tokens < block_size:
+        raise GptforgeError(f"max_new_tokens ({max_new_tokens}) must be between 1 and the "
+                            f"context window ({block_size} tokens) minus the prompt; try "
+                            f"{default_max_new_tokens(block_size)}")
+    return block_size - max_new_tokens
+
+
+def fit_conversation(tokenizer, messages: list[dict], budget: int) -> tuple[list[dict], list[int]]:
+    """``messages`` shortened so that their prompt has at most ``budget`` tokens, and that prompt.
+
+    Drops the oldest turns after a leading system message (a user message together with the
+    assistant reply that follows it), never the last message; then, if needed, cuts the last
+    message's content from the left.
+    """
+    check_messages(messages)
+    if not messages:
+        raise GptforgeError("no messages to reply to")
+    head = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = list(messages[len(head):])
+    prompt = render_prompt(tokenizer, head + turns)
+    while len(prompt) > budget and len(turns) > 1:
+        turns.pop(0)
+        while len(turns) > 1 and turns[0]["role"] == "assistant":  # start with a user turn
+            turns.pop(0)
+        prompt = render_prompt(tokenizer, head + turns)
+    if len(prompt) > budget:
+        turns[-1] = _cut_left(tokenizer, head, turns[-1], budget)
+        prompt = render_prompt(tokenizer, head + turns)
+    return head + turns, prompt
+
+
+def _cut_left(tokenizer, head: list[dict], message: dict, budget: int) -> dict:
+    """``message`` keeping the longest end of its content whose prompt fits ``budget`` tokens."""
+    text = message["content"]
+
+    def fits(n_chars: int) -> bool:
+        kept = {**message, "content": text[len(text) - n_chars:]}
+        return len(render_prompt(tokenizer, head + [kept])) <= budget
+
+    if not fits(0):
+        raise GptforgeError(f"the system message and the chat markers alone exceed the "
+                            f"{budget} tokens left for the prompt; shorten the system message "
+                            "or lower max_new_tokens")
+    lo, hi = 0, len(text)  # fits(lo) holds; find the largest such n (binary search)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    log.warning("the %s message is too long for the context window: only its last %d of %d "
+                "characters are used", message["role"], lo, len(text))
+    return {**message, "content": text[len(text) - lo:]}
+
+
+def stream_reply(generator: TextGenerator, prompt: list[int],
+                 settings: SamplingSettings) -> Iterator[str]:
+    """Text pieces of the assistant's reply to the rendered ``prompt``, until its turn ends."""
+    tokenizer = generator.tokenizer
+    stops = stop_ids(tokenizer)
+    banned = sorted(set(tokenizer.special_tokens.values()) - set(stops))
+    steps = generator.engine.generate(prompt, settings, stop_ids=stops, banned_ids=banned)
+    yield from generator.decode_stream(steps, stops)
+
+
+def complete_chat(generator: TextGenerator, messages: list[dict], *,
+                  max_new_tokens: int | None = None, **sampling) -> str:
+    """The assistant's reply to ``messages`` (fitted to the context window first)."""
+    block_size = generator.model.config.block_size
+    max_new_tokens = max_new_tokens or default_max_new_tokens(block_size)
+    budget = prompt_budget(block_size, max_new_tokens)
+    _, prompt = fit_conversation(generator.tokenizer, list(messages), budget)
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, **sampling)
+    return "".join(stream_reply(generator, prompt, settings))
+
+
+class ChatSession:
+    """A conversation with a model: ``reply(text)`` streams an answer and records both turns.
+
+    ``history`` holds the user and assistant turns (``{"role", "content"}``), oldest first, as the
+    model last saw them: turns dropped to fit the context are gone from it too. ``system`` is kept
+    apart and sent first with every reply. ``sampling`` are :class:`SamplingSettings` fields; with
+    a ``seed``, the n-th reply uses ``seed + n``, so a session is reproducible but replies differ.
+    """
+
+    def __init__(self, generator: TextGenerator, system: str | None = None,
+                 max_new_tokens: int | None = None, **sampling):
+        self.generator = generator
+        self.system = system or None
+        block_size = generator.model.config.block_size
+        self.max_new_tokens = max_new_tokens or default_max_new_tokens(block_size)
+        self.budget = prompt_budget(block_size, self.max_new_tokens)
+        self.seed = sampling.pop("seed", None)
+        self.settings = SamplingSettings(max_new_tokens=self.max_new_tokens, **sampling)
+        self.history: list[dict] = []
+        self.replies = 0
+
+    def messages(self) -> list[dict]:
+        """The system message (if any) followed by the history."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.history
+
+    def reset(self) -> None:
+        """Forget the turns; the system message stays."""
+        self.history = []
+
+    def reply(self, user_text: str) -> Iterator[str]:
+        """Stream the assistant's answer to ``user_text``; then both turns are in ``history``.
+
+        The prompt is built here, so a message the tokenizer cannot encode raises at once, with
+        the history untouched. If the caller stops reading early (an interrupt), the partial
+        answer is what gets recorded.
+        """
+        messages = self.messages() + [{"role": "user", "content": user_text}]
+        fitted, prompt = fit_conversation(self.generator.tokenizer, messages, self.budget)
+        seed = None if self.seed is None else self.seed + self.replies
+        return self._stream(fitted, prompt, dataclasses.replace(self.settings, seed=seed))
+
+    def _stream(self, fitted: list[dict], prompt: list[int],
+                settings: SamplingSettings) -> Iterator[str]:
+        pieces: list[str] = []
+        try:
+            for piece in stream_reply(self.generator, prompt, settings):
+                pieces.append(piece)
+                yield piece
+        finally:
+            self.history = fitted[1:] if self.system else fitted
+            self.history.append({"role": "assistant", "content": "".join(pieces)})
+            self.replies += 1

@@ -1,0 +1,273 @@
+"""A compiled, static-shape decode step: the fast path for generating one token at a time.
+
+At batch size 1 a decoding step multiplies every weight matrix by one vector, so its cost is
+reading the weights once (memory-bound) plus the overhead of ~150 small operations. Eager PyTorch
+does both poorly on a CPU: a one-row ``addmm`` reaches a fraction of the memory bandwidth, and
+every operation costs microseconds of dispatch. This module compiles one decoding step with
+``torch.compile`` into a single generated C++ function (docs/benchmarks.md has the measurements):
+
+- **One graph, compiled once.** Shapes never change: the step attends over the whole preallocated
+  KV cache with a mask of the filled positions, and the position is a tensor, not a Python int,
+  so no step recompiles (``dynamic=False``, ``fullgraph=True``).
+- **Matrix-vector products as reductions.** ``(W * x).sum(-1)`` becomes one vectorised loop that
+  streams ``W`` at memory speed. Its input vector is materialised first (:func:`_materialize`),
+  or Inductor would recompute the whole norm/residual expression for every output row.
+- **Few inputs.** The weights are packed into two flat tensors (matrices; everything else) and
+  the step takes views of them, so each call checks and passes ~16 tensors, not ~100 (per-tensor
+  guard and wrapper costs were a third of the step).
+- **Optional bf16 weights.** The matrices can be streamed as bfloat16 (half the bytes) while
+  activations and sums stay float32. It changes the numerics slightly, so it is opt-in.
+
+The prompt (prefill) is not compiled: it runs once through the model's own forward, which fills the
+same :class:`KVCache`. The step restates the model's forward for one token; its tensors are looked
+up by the model's parameter names and shapes (:func:`layout`), so a model it does not know fails
+loudly at packing time, and the engine's tests compare it with the model token for token.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptforge.inference.kv_cache import KVCache
+from gptforge.model.layers import apply_rope
+
+
+class StepShape(NamedTuple):
+    """The static facts of an architecture; the compiled step is specialised on them."""
+
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    hidden: int
+    padded_vocab: int
+    block_size: int
+    norm: str
+    norm_eps: float
+    mlp: str
+    bias: bool
+    qk_norm: bool
+    rope: bool
+    logit_softcap: float
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "StepShape":
+        c = model.config
+        return cls(c.n_layer, c.n_embd, c.n_head, c.kv_heads, c.head_dim, c.hidden_dim,
+                   c.padded_vocab_size, c.block_size, c.norm, c.norm_eps, c.mlp, c.bias,
+                   c.qk_norm, c.pos_emb == "rope", c.logit_softcap)
+
+
+def layout(s: StepShape) -> tuple[list[tuple[str, tuple]], list[tuple[str, tuple]]]:
+    """(name, shape) of the matrices and of the float32 tensors, in packing order.
+
+    The names are the model's parameter/buffer names; the lm_head is listed among the matrices
+    even when it is tied to the token embedding (which stays float32, for the lookup).
+    """
+    C, hs = s.n_embd, s.head_dim
+    up_width = 2 * s.hidden if s.mlp == "swiglu" else s.hidden
+    mats, vecs = [], [("tok_emb.weight", (s.padded_vocab, C))]
+    if s.rope:
+        vecs += [("rope_cos", (s.block_size, hs // 2)), ("rope_sin", (s.block_size, hs // 2))]
+    else:
+        vecs.append(("pos_emb.weight", (s.block_size, C)))
+    norm_bias = s.norm == "layernorm" and s.bias
+    for i in range(s.n_layer):
+        b = f"blocks.{i}."
+        mats += [(b + "attn.qkv.weight", ((s.n_head + 2 * s.n_kv_head) * hs, C)),
+                 (b + "attn.proj.weight", (C, C)), (b + "mlp.up.weight", (up_width, C)),
+                 (b + "mlp.down.weight", (C, s.hidden))]
+        vecs += [(b + "norm1.weight", (C,)), (b + "norm2.weight", (C,))]
+        if norm_bias:
+            vecs += [(b + "norm1.bias", (C,)), (b + "norm2.bias", (C,))]
+        if s.qk_norm:
+            vecs += [(b + "attn.q_norm.weight", (hs,)), (b + "attn.k_norm.weight", (hs,))]
+        if s.bias:
+            vecs += [(b + "attn.qkv.bias", ((s.n_head + 2 * s.n_kv_head) * hs,)),
+                     (b + "attn.proj.bias", (C,)), (b + "mlp.up.bias", (up_width,)),
+                     (b + "mlp.down.bias", (C,))]
+    mats.append(("lm_head.weight", (s.padded_vocab, C)))
+    vecs.append(("norm_f.weight", (C,)))
+    if norm_bias:
+        vecs.append(("norm_f.bias", (C,)))
+    return mats, vecs
+
+
+def pack(model: nn.Module, s: StepShape,
+         weight_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of the model's tensors: (matrices in ``weight_dtype``, the rest in float32), flat.
+
+    Raises ValueError if the model's tensors do not match :func:`layout` (an unknown model).
+    """
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers())
+    mats, vecs = layout(s)
+    for name, shape in mats + vecs:
+        if name not in tensors or tuple(tensors[name].shape) != shape:
+            raise ValueError(f"the decode step expects {name} of shape {shape}")
+    expected = {name for name, _ in mats + vecs}
+    unknown = [n for n in tensors if n not in expected]
+    if unknown:
+        raise ValueError(f"the decode step does not know the model's {unknown[0]}")
+    dtype = weight_dtype or tensors["lm_head.weight"].dtype
+    flat_mats = torch.cat([tensors[n].detach().reshape(-1).to(dtype) for n, _ in mats])
+    flat_vecs = torch.cat([tensors[n].detach().reshape(-1).float() for n, _ in vecs])
+    return flat_mats, flat_vecs
+
+
+def unpack(s: StepShape, mats: torch.Tensor, vecs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Views of the packed tensors by name (free: offsets are constants when traced)."""
+    out = {}
+    for flat, specs in zip((mats, vecs), layout(s)):
+        offset = 0
+        for name, shape in specs:
+            n = math.prod(shape)
+            out[name] = flat[offset:offset + n].view(shape)
+            offset += n
+    return out
+
+
+# ---- the step ----------------------------------------------------------------------------------
+
+def _materialize(x: torch.Tensor) -> torch.Tensor:
+    """The same tensor; under Inductor, forces it into a buffer (as_strided realises its input)."""
+    return x.as_strided(x.shape, x.stride())
+
+
+def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` in float32, for one row as a reduction that Inductor turns into one loop."""
+    if x.numel() != x.size(-1):  # several rows: a real matrix product reads W only once
+        y = F.linear(x, weight.float())
+    else:
+        y = (weight.float() * _materialize(x).unsqueeze(-2)).sum(-1)  # (.., out, in) -> (.., out)
+    return y if bias is None else y + bias
+
+
+def attend_one(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               visible: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per head (B, nh, hs) over the cache (B, nkv, L, hs) -> (B, nh, hs).
+
+    Written as reductions rather than SDPA, whose CPU kernel is slow for a single query, so that
+    Inductor fuses scores, masked softmax and weighted sum into a few loops.
+    Query head h reads key/value head h // (nh / nkv), as SDPA's ``enable_gqa`` does.
+    """
+    B, nh, hs = q.shape
+    nkv = k_cache.size(1)
+    qg = q.view(B, nkv, nh // nkv, 1, hs)
+    scores = (qg * k_cache.float().unsqueeze(2)).sum(-1) / math.sqrt(hs)  # (B, nkv, g, L)
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+    y = (probs.unsqueeze(-1) * v_cache.float().unsqueeze(2)).sum(-2)  # (B, nkv, g, hs)
+    return y.reshape(B, nh, hs)
+
+
+def _norm(s: StepShape, x: torch.Tensor, p: dict, name: str) -> torch.Tensor:
+    if s.norm == "rmsnorm":
+        return F.rms_norm(x, (s.n_embd,), p[name + ".weight"], s.norm_eps)
+    return F.layer_norm(x, (s.n_embd,), p[name + ".weight"], p.get(name + ".bias"), s.norm_eps)
+
+
+def _attention(s: StepShape, p: dict, b: str, x: torch.Tensor, rope, pos: torch.Tensor,
+               visible: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
+    B, T, C = x.shape  # T == 1
+    nh, nkv, hs = s.n_head, s.n_kv_head, s.head_dim
+    qkv = matvec(x, p[b + "attn.qkv.weight"], p.get(b + "attn.qkv.bias"))
+    q, k, v = qkv.split([nh * hs, nkv * hs, nkv * hs], dim=-1)
+    q = q.view(B, nh, 1, hs)  # with T == 1, (B, 1, nh, hs) -> (B, nh, 1, hs) is a plain view
+    k = k.view(B, nkv, 1, hs)
+    v = v.view(B, nkv, 1, hs)
+    if s.qk_norm:
+        q = F.rms_norm(q, (hs,), p[b + "attn.q_norm.weight"], s.norm_eps)
+        k = F.rms_norm(k, (hs,), p[b + "attn.k_norm.weight"], s.norm_eps)
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    k_cache[:, :, pos] = k.to(k_cache.dtype)  # in place: the caches are inputs of the graph
+    v_cache[:, :, pos] = v.to(v_cache.dtype)
+    y = attend_one(q.view(B, nh, hs), k_cache, v_cache, visible)
+    return matvec(y.view(B, T, C), p[b + "attn.proj.weight"], p.get(b + "attn.proj.bias"))
+
+
+def _mlp(s: StepShape, p: dict, b: str, x: torch.Tensor) -> torch.Tensor:
+    h = matvec(x, p[b + "mlp.up.weight"], p.get(b + "mlp.up.bias"))
+    if s.mlp == "swiglu":
+        gate, value = h.chunk(2, dim=-1)
+        h = F.silu(gate) * value
+    elif s.mlp == "relu2":
+        h = F.relu(h).square()
+    else:
+        h = F.gelu(h, approximate="tanh")
+    return matvec(h, p[b + "mlp.down.weight"], p.get(b + "mlp.down.bias"))
+
+
+def decode_step(s: StepShape, mats: torch.Tensor, vecs: torch.Tensor, idx: torch.Tensor,
+                pos: torch.Tensor, k_caches: list[torch.Tensor],
+                v_caches: list[torch.Tensor]) -> torch.Tensor:
+    """Float32 logits (B, padded_vocab) for tokens ``idx`` (B, 1) at position ``pos`` ((1,) long).
+
+    Writes this position's keys and values into the per-layer caches (B, nkv, max_len, hs);
+    positions after ``pos`` are masked out, whatever they hold.
+    """
+    p = unpack(s, mats, vecs)
+    x = F.embedding(idx, p["tok_emb.weight"])  # (B, 1, C)
+    rope = None
+    if s.rope:
+        rope = (p["rope_cos"][pos], p["rope_sin"][pos])  # (1, hs/2) each
+    else:
+        x = x + F.embedding(pos, p["pos_emb.weight"])
+    max_len = k_caches[0].size(2)
+    visible = (torch.arange(max_len, device=idx.device) <= pos).view(1, max_len)
+    for i in range(s.n_layer):
+        b = f"blocks.{i}."
+        x = x + _attention(s, p, b, _norm(s, x, p, b + "norm1"), rope, pos, visible,
+                           k_caches[i], v_caches[i])
+        x = x + _mlp(s, p, b, _norm(s, x, p, b + "norm2"))
+    logits = matvec(_norm(s, x, p, "norm_f"), p["lm_head.weight"], None)[:, -1]
+    if s.logit_softcap > 0:
+        logits = s.logit_softcap * torch.tanh(logits / s.logit_softcap)
+    return logits
+
+
+_compiled_step = None
+
+
+def compiled_step():
+    """``torch.compile(decode_step)``, made once per process so compiled graphs are shared."""
+    global _compiled_step
+    if _compiled_step is None:
+        _compiled_step = torch.compile(decode_step, dynamic=False, fullgraph=True)
+    return _compiled_step
+
+
+class CompiledDecoder:
+    """Decodes one token per call with the compiled step.
+
+    The weights are copied (packed) when the decoder is built, so later changes to the model are
+    not seen: build a new decoder (a new ``Engine``) after training further. Errors from
+    ``torch.compile`` surface on the first call; the engine falls back to the model on them.
+    """
+
+    def __init__(self, model: nn.Module, weight_dtype: torch.dtype | None = None,
+                 compile: bool = True):
+        self.shape = StepShape.of(model)
+        self.mats, self.vecs = pack(model, self.shape, weight_dtype)
+        self.fn = compiled_step() if compile else decode_step
+        self.first_call_seconds: float | None = None
+
+    def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Float32 logits (B, padded_vocab) for ``idx`` (B, 1) after the cache; advances it."""
+        # A fresh contiguous idx: a strided view of a history buffer would fail the compiled
+        # graph's stride guards and recompile it.
+        idx = idx.clone(memory_format=torch.contiguous_format)
+        pos = torch.tensor([cache.pos], device=idx.device)
+        t0 = time.perf_counter()
+        logits = self.fn(self.shape, self.mats, self.vecs, idx, pos, cache.k, cache.v)
+        if self.first_call_seconds is None:  # includes compilation unless cached on disk
+            self.first_call_seconds = time.perf_counter() - t0
+        cache.advance(1)
+        return logits
