@@ -149,3 +149,72 @@ def test_module_entry_point_error_has_no_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith(f"error: {tmp_path / 'bad.jsonl'}:2: invalid JSON")
     assert "Traceback" not in proc.stderr
+
+
+KILL_AFTER_SHARDS = """
+import os, signal, sys
+from gptforge.data import prepare
+complete = prepare.SplitWriter._complete_shard
+done = 0
+def complete_then_die(self, *args):
+    global done
+    complete(self, *args)
+    done += 1
+    if done == int(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup of any kind runs
+prepare.SplitWriter._complete_shard = complete_then_die
+from gptforge.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_prepare_killed_with_sigkill_resumes_to_the_same_output(tmp_path, capfd, caplog):
+    (tmp_path / "c.jsonl").write_text("".join(
+        json.dumps({"text": f"Entry {i}: {'the fox ran far away. ' * (1 + i % 4)}\n"}) + "\n"
+        for i in range(200)))
+    args = ["prepare", "--input", tmp_path / "c.jsonl", "--tokenizer", "char", "--workers", 2,
+            "--shard-tokens", 2000, "--val-fraction", 0.2, "--no-progress"]
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_SHARDS, "4", *map(str, args),
+                             "--out", str(tmp_path / "out")], capture_output=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    assert (tmp_path / "out.partial" / "progress.json").exists()
+    assert not (tmp_path / "out").exists()
+    caplog.set_level("INFO")
+    code, out, err = cli([*args, "--workers", 1, "--out", tmp_path / "out"], capfd)
+    assert code == 0, err
+    assert f"resuming {tmp_path / 'out.partial'}: train " in caplog.text
+    assert cli([*args, "--out", tmp_path / "ref"], capfd)[0] == 0
+    shards = sorted(p.relative_to(tmp_path / "ref") for p in (tmp_path / "ref").rglob("*.bin"))
+    assert len(shards) > 5
+    assert shards == sorted(p.relative_to(tmp_path / "out")
+                            for p in (tmp_path / "out").rglob("*.bin"))
+    for rel in shards:
+        assert (tmp_path / "out" / rel).read_bytes() == (tmp_path / "ref" / rel).read_bytes()
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_prepare_reads_a_hf_dataset_of_local_files(tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    lines = [f"Row {i} says hello." for i in range(30)]
+    pq.write_table(pa.table({"content": lines + lines[:4]}), tmp_path / "rows.parquet")
+    base = ["prepare", "--input", "hf:parquet@train", "--hf-data-files", tmp_path / "*.parquet",
+            "--text-field", "content", "--tokenizer", "char", "--workers", 1, "--no-progress"]
+    code, out, err = cli([*base, "--out", tmp_path / "data"], capfd)
+    assert code == 0, err
+    assert "4 duplicate documents removed" in out
+    manifest = read_manifest(tmp_path / "data")
+    assert manifest["dedup"] == {"duplicates_removed": 4}
+    assert manifest["sources"][0]["files"][0]["path"] == str(tmp_path / "rows.parquet")
+    code, out, err = cli([*base, "--no-dedup", "--restart", "--out", tmp_path / "data"], capfd)
+    assert code == 0, err
+    manifest = read_manifest(tmp_path / "data")
+    assert manifest["dedup"] == {"duplicates_removed": None}
+    assert sum(s["documents"] for s in manifest["splits"].values()) == 34
+    code, out, err = cli([*base[:5], "--text-field", "body", *base[7:], "--out",
+                          tmp_path / "bad"], capfd)
+    assert code == 1 and err == ["error: hf:parquet@train: no column 'body' (columns: content); "
+                                 "use --text-field"]

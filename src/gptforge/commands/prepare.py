@@ -1,7 +1,8 @@
 """``gptforge prepare``: tokenize a corpus into a data directory that ``gptforge train`` reads.
 
 A thin shell over :func:`gptforge.data.prepare.prepare`; the options map one to one onto its
-arguments. Imports of the data pipeline happen in :func:`run` so ``gptforge --help`` stays fast.
+arguments (``--restart`` is ``resume=False``). Imports of the data pipeline happen in :func:`run`
+so ``gptforge --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "shards plus manifest.json into --out. See docs/data.md.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", metavar="PATH",
-                        help="files, directories or globs: .txt .md .jsonl .json .parquet")
+                        help="files, directories or globs (.txt .md .jsonl .json .parquet), or "
+                             "Hugging Face datasets: hf:NAME[:CONFIG][@SPLIT]")
     source.add_argument("--corpus", choices=sorted(CORPORA),
                         help="a built-in corpus, downloaded on first use")
     parser.add_argument("--tokenizer", required=True, metavar="{char,bpe,sentencepiece,PATH}",
@@ -41,6 +43,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="id width in the shards (default: uint16 if the vocab fits)")
     parser.add_argument("--sp-model-type", choices=("bpe", "unigram"), default="bpe",
                         help="SentencePiece model type (default: bpe)")
+    parser.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True,
+                        help="drop documents identical to an earlier one (default: on)")
+    parser.add_argument("--restart", action="store_true",
+                        help="discard the work an interrupted run left in OUT.partial instead "
+                             "of continuing it")
+    parser.add_argument("--hf-data-files", nargs="+", metavar="PATH",
+                        help="local files for an hf: file loader, e.g. --input hf:json "
+                             "--hf-data-files 'data/*.jsonl'")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=run)
 
@@ -55,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         inputs, out, args.tokenizer, args.vocab_size, text_field=args.text_field,
         val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
         shard_tokens=args.shard_tokens, token_dtype=args.token_dtype,
-        sp_model_type=args.sp_model_type, progress=not args.no_progress, corpus=args.corpus)
+        sp_model_type=args.sp_model_type, progress=not args.no_progress, corpus=args.corpus,
+        dedup=args.dedup, resume=not args.restart, hf_data_files=args.hf_data_files)
     print_summary(manifest, out)
     return 0
 
@@ -68,6 +79,9 @@ def print_summary(manifest: dict, out: Path) -> None:
         shards = f"{split['shards']} shard{'' if split['shards'] == 1 else 's'}"
         print(f"  {name:<5} {split['tokens']:>14,} tokens  {split['documents']:>9,} documents  "
               f"{shards}")
+    removed = manifest.get("dedup", {}).get("duplicates_removed")
+    if removed is not None:
+        print(f"  {removed:,} duplicate document{'' if removed == 1 else 's'} removed")
     print(f"  {stats['bytes_per_token']:.2f} bytes/token; tokenizer {stats['tokenizer_s']:.1f} s, "
           f"encoding {stats['encode_s']:.1f} s ({stats['tokens_per_s']:,} tokens/s); "
           f"total {manifest['duration_s']:.1f} s")

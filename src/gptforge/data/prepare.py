@@ -11,8 +11,10 @@ of worker processes. The output directory::
     OUT/train/shard_000000.bin ... every document's tokens followed by <|endoftext|>
     OUT/val/shard_000000.bin ...
 
-It is built in a hidden directory beside OUT and renamed into place at the end, so an interrupted
-run leaves OUT as it was, and a directory with a manifest is always complete.
+It is built in ``OUT.partial/`` beside OUT and renamed into place at the end, so an interrupted
+run leaves OUT as it was, and a directory with a manifest is always complete. A journal there
+(:mod:`~gptforge.data.journal`) lets a run that was interrupted continue where it stopped, and
+exact duplicate documents are dropped before the split (:mod:`~gptforge.data.dedup`).
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from fractions import Fraction
 from pathlib import Path
@@ -38,13 +41,25 @@ import numpy as np
 
 from gptforge import atomic
 from gptforge.data.corpora import fetch_corpus, get_corpus
+from gptforge.data.dedup import DuplicateFilter
+from gptforge.data.journal import (
+    JOURNAL_NAME,
+    JOURNAL_VERSION,
+    LOCK_NAME,
+    Position,
+    SplitProgress,
+    WorkDir,
+    open_work_dir,
+    partial_dir,
+)
 from gptforge.data.shards import FORMAT_VERSION as SHARD_FORMAT_VERSION
 from gptforge.data.shards import ShardWriter, shard_name, split_shard_paths, token_dtype
-from gptforge.data.sources import iter_documents, resolve_inputs
+from gptforge.data.sources import describe_file, iter_source_documents, resolve_sources
 from gptforge.errors import GptforgeError
 from gptforge.tokenizer.base import (
     KINDS,
     Tokenizer,
+    find_tokenizer_file,
     load_tokenizer,
     train_tokenizer,
 )
@@ -65,12 +80,20 @@ _SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
 
 
 class Piece(NamedTuple):
-    """Text bound for one split; ``eos`` marks the end of a document (or document part)."""
+    """Text bound for one split; ``eos`` marks the end of a document (or document part).
+
+    Once numbered for encoding, ``index`` is the piece's place in the split plan's stream and
+    ``chunk`` the chunk of it this is; ``skip_tokens`` of its tokens are already in completed
+    shards of an interrupted run (see :mod:`~gptforge.data.journal`).
+    """
 
     split: str
     label: str
     text: str
     eos: bool = True
+    index: int = 0
+    chunk: int = 0
+    skip_tokens: int = 0
 
 
 # --------------------------------------------------------------------------- the split
@@ -175,16 +198,33 @@ def _chunks(piece: Piece) -> Iterator[Piece]:
     yield Piece(piece.split, piece.label, text[start:], piece.eos)
 
 
-def _batches(pieces: Iterable[Piece]) -> Iterator[list[Piece]]:
+def _numbered_chunks(pieces: Iterable[Piece],
+                     starts: dict[str, Position]) -> Iterator[Piece]:
+    """The chunks of every piece, numbered, from each split's start position on.
+
+    A resumed run passes where each split's completed shards end: pieces and chunks before that
+    are not cut or encoded at all, and the chunk at it says how many of its tokens to skip.
+    """
+    for index, piece in enumerate(pieces):
+        start = starts.get(piece.split, Position())
+        if index < start.piece:
+            continue
+        for number, chunk in enumerate(_chunks(piece)):
+            if (index, number) < (start.piece, start.chunk):
+                continue
+            skip = start.skip_tokens if (index, number) == (start.piece, start.chunk) else 0
+            yield chunk._replace(index=index, chunk=number, skip_tokens=skip)
+
+
+def _batches(chunks: Iterable[Piece]) -> Iterator[list[Piece]]:
     batch: list[Piece] = []
     size = 0
-    for piece in pieces:
-        for chunk in _chunks(piece):
-            batch.append(chunk)
-            size += len(chunk.text)
-            if size >= BATCH_CHARS:
-                yield batch
-                batch, size = [], 0
+    for chunk in chunks:
+        batch.append(chunk)
+        size += len(chunk.text)
+        if size >= BATCH_CHARS:
+            yield batch
+            batch, size = [], 0
     if batch:
         yield batch
 
@@ -194,6 +234,9 @@ class Encoded(NamedTuple):
     tokens: np.ndarray  # with eos appended when the piece ends a document
     nbytes: int  # UTF-8 bytes of the text
     eos: bool
+    index: int = 0  # the Piece's numbers: where these tokens are in the stream
+    chunk: int = 0
+    skip_tokens: int = 0  # leading tokens already written by an interrupted run
 
 
 def encode_pieces(tokenizer: Tokenizer, batch: list[Piece], dtype: str,
@@ -216,7 +259,7 @@ def encode_pieces(tokenizer: Tokenizer, batch: list[Piece], dtype: str,
         if piece.eos:
             ids.append(tokenizer.eos_id)
         out.append(Encoded(piece.split, np.array(ids, dtype=dtype), len(piece.text.encode()),
-                           piece.eos))
+                           piece.eos, piece.index, piece.chunk, piece.skip_tokens))
     return out
 
 
@@ -226,6 +269,9 @@ _worker_dtype = "uint16"
 
 def _init_worker(tokenizer_file: str, dtype: str) -> None:
     global _worker_tokenizer, _worker_dtype
+    # Ctrl-C reaches the whole process group; the main process handles it and stops the pool,
+    # so a worker ignores it rather than print a traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # One process of many: native thread pools in it would only oversubscribe the CPUs.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_tokenizer = load_tokenizer(tokenizer_file)
@@ -282,35 +328,60 @@ def _start_pool(workers: int, tokenizer_file: Path, dtype: str):
 
 class SplitWriter:
     """Tokens of one split into ``shard_000000.bin``, ... of exactly ``shard_tokens`` each (the
-    last one shorter); documents run on across shard boundaries."""
+    last one shorter); documents run on across shard boundaries.
 
-    def __init__(self, directory: Path, dtype: str, shard_tokens: int):
+    ``start`` is the progress of an interrupted run to continue from. After each completed shard,
+    :attr:`done` says what the completed shards hold and where the next one starts, and
+    ``on_shard`` is called (to write the journal).
+    """
+
+    def __init__(self, directory: Path, dtype: str, shard_tokens: int,
+                 start: SplitProgress | None = None,
+                 on_shard: Callable[[], None] | None = None):
         self.directory, self.dtype, self.shard_tokens = directory, dtype, shard_tokens
-        self.tokens = self.documents = self.bytes = 0
-        self.shards: list[str] = []
+        self.done = start or SplitProgress()
+        self.tokens, self.documents, self.bytes = (self.done.tokens, self.done.documents,
+                                                   self.done.bytes)
+        self.shards = [f"{directory.name}/{shard_name(i)}" for i in range(self.done.shards)]
+        self.on_shard = on_shard
         self._writer: ShardWriter | None = None
 
     def write(self, item: Encoded) -> None:
-        self.tokens += len(item.tokens)
+        documents, nbytes = self.documents, self.bytes  # what shards ending in this item hold
         self.documents += item.eos
         self.bytes += item.nbytes
-        tokens = item.tokens
-        while len(tokens):
+        offset = item.skip_tokens
+        while offset < len(item.tokens):
             if self._writer is None:
                 self.directory.mkdir(exist_ok=True)
                 path = self.directory / shard_name(len(self.shards))
                 self._writer = ShardWriter(path, self.dtype)
                 self.shards.append(f"{self.directory.name}/{self._writer.path.name}")
-            room = self.shard_tokens - self._writer.count
-            self._writer.write(tokens[:room])
-            tokens = tokens[room:]
+            count = min(self.shard_tokens - self._writer.count, len(item.tokens) - offset)
+            self._writer.write(item.tokens[offset:offset + count])
+            offset += count
+            self.tokens += count
             if self._writer.count >= self.shard_tokens:
-                self._writer.close()
-                self._writer = None
+                self._complete_shard(Position(item.index, item.chunk, offset), documents, nbytes)
+
+    def _complete_shard(self, next_start: Position, documents: int, nbytes: int) -> None:
+        assert self._writer is not None
+        self._writer.close()
+        self._writer = None
+        atomic.fsync_directory(self.directory)  # the shard is durable before the journal says so
+        self.done = SplitProgress(len(self.shards), self.tokens, documents, nbytes, next_start)
+        if self.on_shard is not None:
+            self.on_shard()
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+            self._writer = None
+
+    def abort(self) -> None:
+        """Drop the shard being written (it is redone by the next run)."""
+        if self._writer is not None:
+            self._writer.abort()
             self._writer = None
 
     def summary(self) -> dict:
@@ -326,75 +397,120 @@ def prepare(inputs: list[str], out_dir: Path, tokenizer: str = "char",
             val_fraction: float = 0.1, seed: int = 1337, workers: int | None = None,
             shard_tokens: int = 100_000_000, token_dtype: str = "auto",
             sp_model_type: str = "bpe", progress: bool = True,
-            corpus: str | None = None) -> dict:
+            corpus: str | None = None, dedup: bool = True, resume: bool = True,
+            hf_data_files: list[str] | None = None) -> dict:
     """Tokenize ``inputs`` into the data directory ``out_dir``; returns the manifest.
 
-    ``tokenizer`` is a kind to train on the corpus (``char`` on all of it, so val has no unknown
-    characters; ``bpe``/``sentencepiece`` on the train split only) or the path of a saved
-    tokenizer. ``corpus`` only records which built-in corpus the inputs are.
+    ``inputs`` are files, directories, globs and ``hf:NAME[:CONFIG][@SPLIT]`` datasets (which
+    read ``hf_data_files`` with a file loader such as ``hf:json``). ``tokenizer`` is a kind to
+    train on the corpus (``char`` on all of it, so val has no unknown characters;
+    ``bpe``/``sentencepiece`` on the train split only) or the path of a saved tokenizer.
+    ``dedup`` drops documents identical to an earlier one. ``resume`` continues the work an
+    interrupted run with the same settings left in ``OUT.partial``; False starts over. ``corpus``
+    only records which built-in corpus the inputs are.
     """
     started = time.perf_counter()
     settings = {"inputs": [str(i) for i in inputs], "corpus": corpus, "tokenizer": str(tokenizer),
                 "vocab_size": vocab_size or None, "text_field": text_field,
                 "val_fraction": val_fraction, "seed": seed, "workers": workers,
                 "shard_tokens": shard_tokens, "token_dtype": token_dtype,
-                "sp_model_type": sp_model_type}
+                "sp_model_type": sp_model_type, "dedup": bool(dedup),
+                "hf_data_files": [str(f) for f in hf_data_files] if hf_data_files else None}
     _check_settings(settings)
     out_dir = Path(out_dir).expanduser().absolute()
-    files = resolve_inputs(settings["inputs"])
-    _check_output_dir(out_dir, files)
-    sources = [_describe_source(p) for p in files]
-    work = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}")
+    sources = resolve_sources(settings["inputs"], settings["hf_data_files"])
+    _check_output_dir(out_dir, _local_files(sources))
+    described = [_describe(source, text_field) for source in sources]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work.mkdir()
+    work = open_work_dir(out_dir, _identity(settings, described), restart=not resume)
     try:
-        manifest = _prepare_into(work, files, settings, sources, progress, started)
-        _move_into_place(work, out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        manifest = _prepare_into(work, sources, settings, described, progress, started)
+        _move_into_place(work.path, out_dir)
+    except BaseException as err:
+        work.discard_unless_worth_keeping(quiet=isinstance(err, GptforgeError))
         raise
+    for name in (JOURNAL_NAME, LOCK_NAME):  # the work directory's, not the data directory's
+        (out_dir / name).unlink(missing_ok=True)
+    work.release()
     _log_summary(manifest, out_dir)
     return manifest
 
 
-def _prepare_into(work: Path, files: list[Path], settings: dict, sources: list[dict],
+def _prepare_into(work: WorkDir, sources: list, settings: dict, described: list[dict],
                   progress: bool, started: float) -> dict:
-    def documents() -> Iterator[tuple[str, str]]:
-        return iter_documents([str(p) for p in files], settings["text_field"])
+    journal = work.journal
+    before = dict(journal.timings)  # time spent by earlier, interrupted runs
 
-    def pieces() -> tuple[str, Iterator[Piece]]:
-        return plan_split(documents(), settings["val_fraction"], settings["seed"])
+    def documents() -> Iterator[tuple[str, str]]:
+        return iter_source_documents(sources, settings["text_field"])
+
+    def pieces(duplicates: DuplicateFilter | None) -> tuple[str, Iterator[Piece]]:
+        docs = duplicates(documents()) if duplicates is not None else documents()
+        return plan_split(docs, settings["val_fraction"], settings["seed"])
+
+    def new_filter() -> DuplicateFilter | None:
+        return DuplicateFilter() if settings["dedup"] else None
+
+    def checkpoint() -> None:
+        journal.splits = {name: w.done for name, w in writers.items()}
+        journal.timings.update(
+            encode_s=before.get("encode_s", 0.0) + time.perf_counter() - encode_started,
+            duration_s=before.get("duration_s", 0.0) + time.perf_counter() - started)
+        work.save()
 
     tokenizer_started = time.perf_counter()
-    tok = _get_tokenizer(settings, documents, pieces, progress)
-    timings = {"tokenizer_s": time.perf_counter() - tokenizer_started}
+    tok, tokenizer_file = _work_tokenizer(work, settings, documents,
+                                          lambda: pieces(new_filter()), progress)
+    journal.timings["tokenizer_s"] = (before.get("tokenizer_s", 0.0)
+                                      + time.perf_counter() - tokenizer_started)
+    work.save()
     dtype = token_dtype(tok.vocab_size, settings["token_dtype"])
-    tokenizer_file = tok.save(work / "tokenizer")[0]
-    method, stream = pieces()
-    writers = {split: SplitWriter(work / split, dtype, settings["shard_tokens"])
+    duplicates = new_filter()
+    method, stream = pieces(duplicates)
+    writers = {split: SplitWriter(work.path / split, dtype, settings["shard_tokens"],
+                                  journal.splits[split], checkpoint)
                for split in ("train", "val")}
-    workers = _worker_count(settings["workers"], sum(s["bytes"] for s in sources))
+    workers = _worker_count(settings["workers"], _input_bytes(described))
     log.debug("encoding with %d worker%s", workers, "" if workers == 1 else "s")
-    encoded = _encode_stream(_batches(stream), tok, tokenizer_file, dtype, workers)
+    starts = {name: p.next for name, p in journal.splits.items()}
+    chunks = _numbered_chunks(stream, starts)
+    encoded = _encode_stream(_batches(chunks), tok, tokenizer_file, dtype, workers)
     encode_started = time.perf_counter()
     _write_splits(encoded, writers, progress)
-    timings["encode_s"] = time.perf_counter() - encode_started
+    checkpoint()
     splits = {name: w.summary() for name, w in writers.items()}
     _check_splits(splits, settings["val_fraction"])
     if settings["val_fraction"] == 0:
         del splits["val"]
-    timings["duration_s"] = time.perf_counter() - started
-    manifest = _manifest(tok, tokenizer_file.relative_to(work), dtype, method, splits, sources,
-                         settings, timings)
-    atomic.write_bytes(work / MANIFEST_NAME,
+    manifest = _manifest(tok, tokenizer_file.relative_to(work.path), dtype, method, splits,
+                         described, settings, journal.timings)
+    manifest["dedup"] = {"duplicates_removed": duplicates.duplicates_removed
+                         if duplicates is not None else None}
+    atomic.write_bytes(work.path / MANIFEST_NAME,
                        (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode())
     return manifest
+
+
+def _work_tokenizer(work: WorkDir, settings: dict, documents, pieces,
+                    progress: bool) -> tuple[Tokenizer, Path]:
+    """The tokenizer an interrupted run saved in the work directory, or a new one saved there."""
+    journal = work.journal
+    if journal.tokenizer is not None:
+        file = work.path / journal.tokenizer["file"]
+        return load_tokenizer(file), file
+    tok = _get_tokenizer(settings, documents, pieces, progress)
+    file = tok.save(work.path / "tokenizer")[0]
+    journal.tokenizer = {"file": file.relative_to(work.path).as_posix(),
+                         "sha256": tok.fingerprint(), "kind": tok.kind,
+                         "trained": settings["tokenizer"] in KINDS}
+    return tok, file
 
 
 def _get_tokenizer(settings: dict, documents, pieces, progress: bool) -> Tokenizer:
     spec, vocab_size = settings["tokenizer"], settings["vocab_size"]
     if spec in KINDS:
         if spec == "char":
+            # Every document, duplicates included: they hold no character the others lack.
             texts: Iterable[str] = (text for _, text in documents())
             where = "all documents"
         else:
@@ -403,27 +519,52 @@ def _get_tokenizer(settings: dict, documents, pieces, progress: bool) -> Tokeniz
         log.debug("training a %s tokenizer on %s", spec, where)
         return train_tokenizer(spec, texts, vocab_size, sp_model_type=settings["sp_model_type"],
                                progress=progress and sys.stderr.isatty())
-    if vocab_size:
+    return load_tokenizer(spec)
+
+
+def _check_tokenizer_spec(settings: dict) -> None:
+    spec = settings["tokenizer"]
+    if spec in KINDS:
+        return
+    if settings["vocab_size"]:
         raise GptforgeError("--vocab-size applies only when training a tokenizer (--tokenizer "
                             "char, bpe or sentencepiece), not with a saved tokenizer")
     if not Path(spec).exists() and os.sep not in spec and "." not in spec:
         raise GptforgeError(f"unknown tokenizer '{spec}': choose {', '.join(KINDS)}, or give the "
                             "path of a saved tokenizer")
-    return load_tokenizer(spec)
+
+
+def _identity(settings: dict, described: list[dict]) -> dict:
+    """What the output depends on, for the journal's fingerprint (see gptforge.data.journal)."""
+    saved = None
+    if settings["tokenizer"] not in KINDS:
+        try:
+            saved = describe_file(find_tokenizer_file(settings["tokenizer"]))["sha256"]
+        except GptforgeError:
+            pass  # reported when the tokenizer is loaded
+    return {"version": _version(), "journal_version": JOURNAL_VERSION,
+            "shard_format_version": SHARD_FORMAT_VERSION,
+            "settings": {k: v for k, v in settings.items() if k != "workers"},
+            "sources": described, "saved_tokenizer_sha256": saved}
 
 
 def _write_splits(encoded: Iterable[list[Encoded]], writers: dict[str, SplitWriter],
                   progress: bool) -> None:
     from tqdm import tqdm
 
-    bar = tqdm(desc="encoding", unit="tok", unit_scale=True, file=sys.stderr,
+    done = sum(w.tokens for w in writers.values())  # by an interrupted run
+    bar = tqdm(desc="encoding", unit="tok", unit_scale=True, file=sys.stderr, initial=done,
                disable=None if progress else True)  # None: only on a terminal
     try:
         with bar:
             for results in encoded:
                 for item in results:
                     writers[item.split].write(item)
-                    bar.update(len(item.tokens))
+                    bar.update(len(item.tokens) - item.skip_tokens)
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
     finally:
         close = getattr(encoded, "close", None)
         if close is not None:
@@ -452,17 +593,31 @@ def _check_settings(s: dict) -> None:
     if s["workers"] is not None and s["workers"] < 1:
         raise GptforgeError(f"--workers must be at least 1, got {s['workers']}")
     token_dtype(0, s["token_dtype"])  # rejects unknown names now rather than after training
+    _check_tokenizer_spec(s)
 
 
-def _worker_count(requested: int | None, input_bytes: int) -> int:
+def _worker_count(requested: int | None, input_bytes: int | None) -> int:
+    """``requested``, or one per CPU but at most one per ``AUTO_WORKER_BYTES`` of input (all
+    CPUs when the size is unknown: a streamed Hub dataset)."""
     if requested is not None:
         return requested
     try:
         cpus = len(os.sched_getaffinity(0))  # the CPUs this process may use, e.g. in a container
     except AttributeError:
         cpus = os.cpu_count() or 1
+    if input_bytes is None:
+        return cpus
     # Starting a worker costs about a second; not worth it for small inputs.
     return max(1, min(cpus, input_bytes // AUTO_WORKER_BYTES + 1))
+
+
+def _input_bytes(described: list[dict]) -> int | None:
+    total = 0
+    for source in described:
+        if "hf" in source and not source["files"]:
+            return None  # a Hub dataset: size unknown
+        total += source["bytes"] if "path" in source else sum(f["bytes"] for f in source["files"])
+    return total
 
 
 # --------------------------------------------------------------------------- output directory
@@ -472,12 +627,27 @@ def _check_output_dir(out_dir: Path, files: list[Path]) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise GptforgeError(f"--out {out_dir} is a file, not a directory")
     for path in files:
-        if path.is_relative_to(out_dir.resolve()):
-            raise GptforgeError(f"input {path} is inside the output directory {out_dir}, which "
-                                "prepare replaces; move it or choose another --out")
+        for directory in (out_dir, partial_dir(out_dir)):
+            if path.is_relative_to(directory.resolve()):
+                raise GptforgeError(f"input {path} is inside the output directory {directory}, "
+                                    "which prepare replaces; move it or choose another --out")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).exists():
         raise GptforgeError(f"--out {out_dir} exists and is not a gptforge data directory (no "
                             f"{MANIFEST_NAME}); choose another --out or empty it")
+
+
+def _local_files(sources: list) -> list[Path]:
+    files: list[Path] = []
+    for source in sources:
+        files.extend([source] if isinstance(source, Path) else source.local_files())
+    return files
+
+
+def _describe(source, text_field: str) -> dict:
+    if isinstance(source, Path):
+        return describe_file(source)
+    source.check(text_field)
+    return source.describe()
 
 
 def _move_into_place(work: Path, out_dir: Path) -> None:
@@ -487,18 +657,9 @@ def _move_into_place(work: Path, out_dir: Path) -> None:
         old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:12]}")
         os.replace(out_dir, old)
     os.replace(work, out_dir)
+    atomic.fsync_directory(out_dir.parent)  # the rename survives a power cut
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _describe_source(path: Path) -> dict:
-    digest = hashlib.sha256()
-    size = 0
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-            size += len(block)
-    return {"path": str(path), "bytes": size, "sha256": digest.hexdigest()}
 
 
 # --------------------------------------------------------------------------- manifest
@@ -545,10 +706,17 @@ def _log_summary(manifest: dict, out_dir: Path) -> None:
     parts = [f"{name} {s['tokens']:,} tokens ({s['documents']:,} docs, {s['shards']} shard"
              f"{'' if s['shards'] == 1 else 's'})" for name, s in manifest["splits"].items()]
     stats = manifest["stats"]
-    log.info("prepared %s: %s; %.2f bytes/token; tokenizer %.1f s, encoding %.1f s (%s tokens/s), "
-             "total %.1f s", out_dir, ", ".join(parts), stats["bytes_per_token"],
-             stats["tokenizer_s"], stats["encode_s"], f"{stats['tokens_per_s']:,}",
-             manifest["duration_s"])
+    log.info("prepared %s: %s%s; %.2f bytes/token; tokenizer %.1f s, encoding %.1f s (%s "
+             "tokens/s), total %.1f s", out_dir, ", ".join(parts), _dedup_note(manifest),
+             stats["bytes_per_token"], stats["tokenizer_s"], stats["encode_s"],
+             f"{stats['tokens_per_s']:,}", manifest["duration_s"])
+
+
+def _dedup_note(manifest: dict) -> str:
+    removed = manifest.get("dedup", {}).get("duplicates_removed")
+    if removed is None:
+        return ""
+    return f"; {removed:,} duplicate document{'' if removed == 1 else 's'} removed"
 
 
 REQUIRED_KEYS = {"format_version": int, "tokenizer": dict, "token_dtype": str, "splits": dict}

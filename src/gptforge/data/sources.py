@@ -7,11 +7,15 @@ A *document* is a unit of text that ends with an end-of-text token in the token 
 Every problem with the input is reported as a one-line :class:`GptforgeError` naming the file and,
 where there is one, the line or row, because a bad line in a 10 GB file is otherwise hopeless to
 find.
+
+An input may also name a Hugging Face dataset, ``hf:NAME[:CONFIG][@SPLIT]``
+(:mod:`~gptforge.data.huggingface`); its rows are documents like a Parquet file's.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -89,23 +93,70 @@ def _check_suffix(path: Path) -> None:
                             f"(supported: {', '.join(SUFFIXES)})")
 
 
-def iter_documents(inputs: list[str], text_field: str = "text") -> Iterator[tuple[str, str]]:
+def resolve_sources(inputs: list[str], hf_data_files: list[str] | None = None) -> list:
+    """Like :func:`resolve_inputs`, but ``hf:`` inputs become :class:`HFSource` objects.
+
+    The result keeps the order of ``inputs``: file paths and Hugging Face datasets, mixed.
+    ``hf_data_files`` are the local files that ``hf:`` builders such as ``hf:json`` read.
+    """
+    from gptforge.data.huggingface import is_hf_spec, parse_hf_spec
+
+    if not inputs:
+        raise GptforgeError("no input given; pass files, directories or globs with --input")
+    if hf_data_files and not any(is_hf_spec(str(item)) for item in inputs):
+        raise GptforgeError("--hf-data-files applies only to an hf: input, e.g. --input hf:json")
+    sources: list = []
+    files: list[str] = []
+    for item in map(str, inputs):
+        if is_hf_spec(item):
+            sources.extend(resolve_inputs(files) if files else [])
+            files = []
+            sources.append(parse_hf_spec(item, hf_data_files or []))
+        else:
+            files.append(item)
+    sources.extend(resolve_inputs(files) if files else [])
+    return list(dict.fromkeys(sources))
+
+
+def iter_documents(inputs: list[str], text_field: str = "text",
+                   hf_data_files: list[str] | None = None) -> Iterator[tuple[str, str]]:
     """Yield ``(label, text)`` for every non-empty document of ``inputs``, in order.
 
     ``label`` says where the document came from (``path``, ``path:line``, ``path[index]``,
     ``path:row N``) for error messages. Documents that are empty or only whitespace, and null
     values in JSON and Parquet, are skipped; finding no document at all is an error.
     """
-    files = resolve_inputs(inputs)
+    yield from iter_source_documents(resolve_sources(inputs, hf_data_files), text_field)
+
+
+def iter_source_documents(sources: list, text_field: str = "text") -> Iterator[tuple[str, str]]:
+    """:func:`iter_documents` over what :func:`resolve_sources` returned."""
     count = 0
-    for path in files:
-        for label, text in read_file(path, text_field):
+    for source in sources:
+        documents = read_file(source, text_field) if isinstance(source, Path) \
+            else source.documents(text_field)
+        for label, text in documents:
             if text and not text.isspace():
                 count += 1
                 yield label, text
     if count == 0:
-        raise GptforgeError(f"no text in the inputs: the {len(files)} file(s) hold only empty "
+        kind = "file" if all(isinstance(s, Path) for s in sources) else "input"
+        raise GptforgeError(f"no text in the inputs: the {len(sources)} {kind}(s) hold only empty "
                             "documents")
+
+
+def describe_file(path: Path) -> dict:
+    """``{"path", "bytes", "sha256"}`` of one input file: what a manifest records about it."""
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+                size += len(block)
+    except OSError as err:
+        raise GptforgeError(f"{path}: cannot read ({err.strerror})") from None
+    return {"path": str(path), "bytes": size, "sha256": digest.hexdigest()}
 
 
 def read_file(path: Path, text_field: str = "text") -> Iterator[tuple[str, str]]:
