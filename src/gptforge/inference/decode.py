@@ -6,17 +6,19 @@ does both poorly on a CPU: a one-row ``addmm`` reaches a fraction of the memory 
 every operation costs microseconds of dispatch. This module compiles one decoding step with
 ``torch.compile`` into a single generated C++ function (docs/benchmarks.md has the measurements):
 
-- **One graph, compiled once.** Shapes never change: the step attends over the whole preallocated
-  KV cache with a mask of the filled positions, and the position is a tensor, not a Python int,
-  so no step recompiles (``dynamic=False``, ``fullgraph=True``).
+- **One graph, compiled once.** The position is a tensor, not a Python int, and the step attends
+  over the preallocated KV cache up to the next multiple of 64 positions with a mask of the filled
+  ones; that length is the graph's only dynamic dimension, so no step recompiles.
 - **Matrix-vector products as reductions.** ``(W * x).sum(-1)`` becomes one vectorised loop that
   streams ``W`` at memory speed. Its input vector is materialised first (:func:`_materialize`),
   or Inductor would recompute the whole norm/residual expression for every output row.
-- **Few inputs.** The weights are packed into two flat tensors (matrices; everything else) and
-  the step takes views of them, so each call checks and passes ~16 tensors, not ~100 (per-tensor
-  guard and wrapper costs were a third of the step).
-- **Optional bf16 weights.** The matrices can be streamed as bfloat16 (half the bytes) while
-  activations and sums stay float32. It changes the numerics slightly, so it is opt-in.
+- **Few inputs, no modules.** The weights are packed into two flat tensors (matrices; everything
+  else) and the step takes views of them: each call checks ~16 tensors and a tuple of ints. Traced
+  through the ``nn.Module`` tree with ~100 parameters, Dynamo's guards cost ~0.3-0.5 ms per call;
+  now the call overhead is ~30 us.
+- **Optional bf16 weights.** The matrices (and the KV cache) can be kept in bfloat16, half the
+  bytes to stream, while activations and sums stay float32. Greedy output can then differ from
+  the float32 model after some tokens (near-ties), so it is opt-in.
 
 The prompt (prefill) is not compiled: it runs once through the model's own forward, which fills the
 same :class:`KVCache`. The step restates the model's forward for one token; its tensors are looked
@@ -58,7 +60,7 @@ class StepShape(NamedTuple):
     logit_softcap: float
 
     @classmethod
-    def of(cls, model: nn.Module) -> "StepShape":
+    def of(cls, model: nn.Module) -> StepShape:
         c = model.config
         return cls(c.n_layer, c.n_embd, c.n_head, c.kv_heads, c.head_dim, c.hidden_dim,
                    c.padded_vocab_size, c.block_size, c.norm, c.norm_eps, c.mlp, c.bias,
@@ -252,12 +254,17 @@ class CompiledDecoder:
     ``torch.compile`` surface on the first call; the engine falls back to the model on them.
     """
 
+    attend_multiple = 64
+    """The step attends over the cache up to the next multiple of this many positions, not over
+    all of it: the length is a dynamic dimension of the one compiled graph."""
+
     def __init__(self, model: nn.Module, weight_dtype: torch.dtype | None = None,
                  compile: bool = True):
         self.shape = StepShape.of(model)
         self.mats, self.vecs = pack(model, self.shape, weight_dtype)
         self.fn = compiled_step() if compile else decode_step
         self.first_call_seconds: float | None = None
+        self._views: tuple | None = None  # (cache, length, k views, v views)
 
     def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Float32 logits (B, padded_vocab) for ``idx`` (B, 1) after the cache; advances it."""
@@ -265,9 +272,22 @@ class CompiledDecoder:
         # graph's stride guards and recompile it.
         idx = idx.clone(memory_format=torch.contiguous_format)
         pos = torch.tensor([cache.pos], device=idx.device)
+        k_caches, v_caches = self._cache_views(cache)
         t0 = time.perf_counter()
-        logits = self.fn(self.shape, self.mats, self.vecs, idx, pos, cache.k, cache.v)
+        logits = self.fn(self.shape, self.mats, self.vecs, idx, pos, k_caches, v_caches)
         if self.first_call_seconds is None:  # includes compilation unless cached on disk
             self.first_call_seconds = time.perf_counter() - t0
         cache.advance(1)
         return logits
+
+    def _cache_views(self, cache: KVCache) -> tuple[list, list]:
+        """The caches cut to the attended length (views, rebuilt when the length grows)."""
+        m = self.attend_multiple
+        length = min(cache.max_len, (cache.pos + m) // m * m)  # covers position cache.pos
+        if self._views is None or self._views[0] is not cache or self._views[1] != length:
+            k = [t[:, :, :length] for t in cache.k]
+            v = [t[:, :, :length] for t in cache.v]
+            for t in k + v:  # one graph for every length, not one compilation each
+                torch._dynamo.mark_dynamic(t, 2)
+            self._views = (cache, length, k, v)
+        return self._views[2], self._views[3]

@@ -6,9 +6,11 @@ step then feeds only the newest token. When the context window is full, the cach
 the most recent half of the window (a sliding window, amortised over many steps).
 
 Decode steps run through the model's forward by default. ``Engine(..., compile=True)`` runs them
-through a compiled static-shape step instead (``decode.py``): several times faster at batch size 1
-on a CPU once compiled, but the first call compiles for 5-30 s, so it pays off only for long or
-repeated generation. If compilation fails (no C compiler, unsupported platform) the engine warns
+through a compiled step instead (``decode.py``): 2-3x faster at batch size 1 on a 2-core CPU, 3-5x
+with ``weight_dtype=torch.bfloat16`` (docs/benchmarks.md). The first step compiles, ~30 s cold and
+~5 s with Inductor's on-disk cache warm, so it pays off for long or repeated generation (a server,
+a chat session), not for one short sample. If compilation fails (no C compiler, unsupported
+platform) or the model has parts the step does not cover (mixture of experts), the engine warns
 once and decodes through the model.
 
 ``generate`` is a Python generator yielding one tensor of B new ids per step, so callers can
@@ -43,8 +45,8 @@ class SamplingSettings:
 class Engine:
     def __init__(self, model: torch.nn.Module, vocab_size: int | None = None, *,
                  compile: bool = False, weight_dtype: torch.dtype | None = None):
-        """``compile``: decode through the compiled step; ``weight_dtype`` (with ``compile``):
-        stream its matrices in this dtype, e.g. ``torch.bfloat16`` (a copy of the weights)."""
+        """``compile``: decode through the compiled step. ``weight_dtype`` (with ``compile``): keep
+        its weight matrices and the KV cache in this dtype, e.g. ``torch.bfloat16``."""
         self.model = model.eval()
         self.block_size = model.config.block_size
         self.vocab_size = vocab_size or model.config.vocab_size
@@ -71,7 +73,10 @@ class Engine:
         tokens = torch.empty(num_samples, n + settings.max_new_tokens, dtype=torch.long,
                              device=self.device)
         tokens[:, :n] = torch.tensor(list(prompt), dtype=torch.long, device=self.device)
-        cache = KVCache.for_model(self.model, num_samples) if use_cache else None
+        cache = None
+        if use_cache:  # the compiled step with bf16 weights also keeps keys/values in bf16
+            dtype = self.weight_dtype if self.compile else None
+            cache = KVCache.for_model(self.model, num_samples, dtype=dtype)
         logits = self._forward_window(tokens[:, :n], cache)
         done = torch.zeros(num_samples, dtype=torch.bool, device=self.device)
         stops = torch.tensor(list(stop_ids), dtype=torch.long, device=self.device)
@@ -112,22 +117,28 @@ class Engine:
     def _compiled_step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
         """Logits from the compiled step, or None if it cannot be used here (then never again)."""
         global _compile_failed
-        if self.decoder is None:
-            from gptforge.inference.decode import CompiledDecoder
+        if self.decoder is not None:
+            return self.decoder(idx, cache)
+        from gptforge.inference.decode import CompiledDecoder
+        try:
+            decoder = CompiledDecoder(self.model, self.weight_dtype)
+        except ValueError as err:  # an architecture the step does not cover (e.g. MoE)
+            log.warning("compiled decoding does not support this model (%s); decoding through "
+                        "the model", err)
+            self.compile = False
+            return None
+        if not _compile_failed:
             try:
-                if _compile_failed:
-                    raise RuntimeError("it failed earlier in this process")
-                self.decoder = CompiledDecoder(self.model, self.weight_dtype)
-                return self.decoder(idx, cache)
-            except Exception as err:  # no C compiler, unsupported model, ...: only slower
-                if not _compile_failed:
-                    first_line = (str(err).strip().splitlines() or [""])[0][:200]
-                    log.warning("compiled decoding unavailable (%s: %s); decoding through the "
-                                "model", type(err).__name__, first_line)
+                logits = decoder(idx, cache)  # compiles on first use
+                self.decoder = decoder
+                return logits
+            except Exception as err:  # no C compiler, unsupported platform, ...: only slower
+                first_line = (str(err).strip().splitlines() or [""])[0][:200]
+                log.warning("compiled decoding unavailable (%s: %s); decoding through the model",
+                            type(err).__name__, first_line)
                 _compile_failed = True
-                self.compile, self.decoder = False, None
-                return None
-        return self.decoder(idx, cache)
+        self.compile = False
+        return None
 
     def _forward_window(self, tokens: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         """Logits after the last ``block_size`` tokens (half of them when refilling a cache)."""

@@ -25,6 +25,10 @@ from gptforge.model.layers import RMSNorm, apply_rope
 
 
 class CausalSelfAttention(nn.Module):
+    float32_sdpa = False
+    """Compute the attention product in float32 even under bf16 autocast. A runtime choice, set
+    from outside (``runtime.device.use_float32_attention``) where bf16 attention is the slower."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -62,13 +66,14 @@ class CausalSelfAttention(nn.Module):
             is_causal = start == 0 and T > 1
         else:
             is_causal = False  # the given mask is already causal
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=attn_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal,
-            enable_gqa=self.n_kv_head != self.n_head,
-        )  # (B, nh, T, hs)
+        options = dict(attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
+                       is_causal=is_causal, enable_gqa=self.n_kv_head != self.n_head)
+        if self.float32_sdpa and q.dtype != torch.float32:
+            with torch.autocast(x.device.type, enabled=False):  # autocast would cast back
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **options)
+            y = y.to(q.dtype)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, **options)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.proj(y))
 

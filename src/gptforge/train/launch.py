@@ -29,6 +29,7 @@ from gptforge.runtime.device import (
     resolve_device,
     resolve_precision,
     seed_everything,
+    use_float32_attention,
 )
 from gptforge.train.loop import Trainer
 from gptforge.train.objectives import LanguageModeling
@@ -151,6 +152,7 @@ def _train(cfg: Config, stage, precision, dist_info, *, resume: bool, overwrite:
         seed_everything(cfg.train.seed + dist_info.rank)
     if cfg.runtime.activation_checkpointing:  # before sharding and compiling, as torchtitan does
         apply_activation_checkpointing(model)
+    use_float32_attention(model, precision)  # where bf16 attention is slower (CPUs without AMX)
     train_model = distributed.wrap_model(model, cfg.runtime.parallel, dist_info, precision)
     if cfg.runtime.compile:
         train_model = torch.compile(train_model)

@@ -1,0 +1,132 @@
+"""The generation engine: the compiled decode step must agree with the model token for token.
+
+Most tests run the step *uncompiled* (``compiled_step`` patched to the plain function), which
+checks the engine logic and the step's math in well under a second; one test compiles for real.
+"""
+
+import logging
+
+import pytest
+import torch
+
+from gptforge.inference import decode, engine
+from gptforge.inference.decode import CompiledDecoder, StepShape, decode_step, pack
+from gptforge.inference.engine import Engine, SamplingSettings
+from gptforge.inference.kv_cache import KVCache
+from gptforge.model import GPT, ModelConfig
+
+GPT2 = dict(n_kv_head=0)
+LLAMA = dict(norm="rmsnorm", pos_emb="rope", mlp="swiglu", n_kv_head=2, bias=False,
+             tie_embeddings=False)
+OTHER = dict(qk_norm=True, mlp="relu2", logit_softcap=15.0, n_kv_head=1)
+GREEDY = SamplingSettings(max_new_tokens=40, temperature=0)
+
+
+def tiny(block_size=24, **arch) -> GPT:
+    torch.manual_seed(0)
+    # A large init spread gives random models varied (not constant) greedy continuations.
+    cfg = ModelConfig(vocab_size=50, n_layer=2, n_head=4, n_embd=32, block_size=block_size,
+                      init_std=0.3, **arch)
+    return GPT(cfg).eval()
+
+
+@pytest.fixture
+def eager_step(monkeypatch):
+    """Run the compiled path's step function without compiling it."""
+    monkeypatch.setattr(decode, "compiled_step", lambda: decode_step)
+
+
+def run(eng: Engine, prompt=(1, 2, 3), settings=GREEDY, **kw) -> list[list[int]]:
+    return [step.tolist() for step in eng.generate(list(prompt), settings, **kw)]
+
+
+@pytest.mark.parametrize("arch", [GPT2, LLAMA, OTHER], ids=["gpt2", "llama", "other"])
+def test_fast_path_matches_uncached_reference(arch, eager_step):
+    model = tiny(block_size=64, **arch)
+    reference = run(Engine(model), use_cache=False)
+    fast = Engine(model, compile=True)
+    assert run(fast) == reference
+    assert fast.decoder is not None  # the step was really used
+    assert len({tuple(r) for r in reference}) > 3  # a varied continuation, not one token
+
+
+@pytest.mark.parametrize("arch", [GPT2, LLAMA], ids=["gpt2", "llama"])
+def test_fast_path_slides_its_window_like_the_model_path(arch, eager_step):
+    model = tiny(block_size=16, **arch)
+    settings = SamplingSettings(max_new_tokens=50, temperature=0)  # 3 + 50 > 3 windows
+    assert run(Engine(model, compile=True), settings=settings) == run(Engine(model),
+                                                                      settings=settings)
+
+
+def test_stops_when_every_sample_has_produced_a_stop_id(eager_step):
+    model = tiny(block_size=64, **LLAMA)
+    tokens = [t[0] for t in run(Engine(model))]
+    stop = tokens[5]
+    out = run(Engine(model, compile=True), stop_ids=[stop])
+    assert [t[0] for t in out] == tokens[:tokens.index(stop) + 1]
+
+
+def test_several_samples_decode_like_one(eager_step):
+    model = tiny(block_size=64, **GPT2)
+    single = [t[0] for t in run(Engine(model))]
+    rows = run(Engine(model, compile=True), num_samples=3)
+    assert all(r == [t] * 3 for r, t in zip(rows, single))
+
+
+def test_sampling_is_reproducible_with_a_seed(eager_step):
+    model = tiny(block_size=64, **LLAMA)
+    settings = SamplingSettings(max_new_tokens=20, temperature=1.0, top_k=10, seed=7)
+    first = run(Engine(model, compile=True), settings=settings, num_samples=2)
+    assert first == run(Engine(model, compile=True), settings=settings, num_samples=2)
+    assert first == run(Engine(model), settings=settings, num_samples=2)
+
+
+def test_bf16_weights_stay_close_to_float32():
+    model = tiny(block_size=32, **LLAMA)
+    s = StepShape.of(model)
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        cache = KVCache.for_model(model, 1, dtype=dtype)
+        model(torch.tensor([[1, 2, 3]]), kv_cache=cache)  # prefill through the model
+        with torch.inference_mode():
+            logits[dtype] = decode_step(s, *pack(model, s, dtype), torch.tensor([[4]]),
+                                        torch.tensor([cache.pos]), cache.k, cache.v)
+    torch.testing.assert_close(logits[torch.bfloat16], logits[torch.float32], atol=0.1, rtol=0.05)
+
+
+def test_an_unknown_model_is_refused():
+    model = tiny(**GPT2)
+    model.extra = torch.nn.Linear(4, 4)  # a parameter the step would silently ignore
+    with pytest.raises(ValueError, match="extra"):
+        CompiledDecoder(model, compile=False)
+
+
+def test_falls_back_to_the_model_when_compilation_fails(monkeypatch, caplog):
+    def broken(*args):
+        raise RuntimeError("no C compiler")
+
+    monkeypatch.setattr(decode, "compiled_step", lambda: broken)
+    monkeypatch.setattr(engine, "_compile_failed", False)
+    model = tiny(block_size=64, **GPT2)
+    with caplog.at_level(logging.WARNING, logger="gptforge.inference.engine"):
+        out = run(Engine(model, compile=True))
+    assert out == run(Engine(model))
+    assert "compiled decoding unavailable" in caplog.text
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_the_model():
+    pytest.importorskip("torch._inductor")
+    model = tiny(block_size=64, **LLAMA)
+    fast = Engine(model, compile=True)
+    assert run(fast, settings=SamplingSettings(max_new_tokens=12, temperature=0)) == \
+        run(Engine(model), settings=SamplingSettings(max_new_tokens=12, temperature=0))
+    assert fast.decoder is not None, "torch.compile failed on this machine"
+
+
+def test_a_model_the_step_does_not_cover_decodes_through_the_model(caplog):
+    model = tiny(block_size=64, n_experts=4)  # mixture of experts: not in the compiled step
+    with caplog.at_level(logging.WARNING, logger="gptforge.inference.engine"):
+        out = run(Engine(model, compile=True))
+    assert out == run(Engine(model))
+    assert "does not support this model" in caplog.text
