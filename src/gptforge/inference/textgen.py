@@ -17,7 +17,7 @@ from gptforge import checkpoint
 from gptforge.inference.engine import Engine, SamplingSettings
 from gptforge.model.gpt import GPT
 from gptforge.model_loading import build_model
-from gptforge.runtime.device import resolve_device
+from gptforge.runtime.device import cpu_has_native_bf16, resolve_device
 
 
 def load_model(ckpt: Path, device: torch.device) -> GPT:
@@ -31,17 +31,24 @@ def load_model(ckpt: Path, device: torch.device) -> GPT:
 
 
 class TextGenerator:
-    def __init__(self, model: GPT, tokenizer):
+    def __init__(self, model: GPT, tokenizer, compile: bool = False):
         self.model, self.tokenizer = model, tokenizer
-        self.engine = Engine(model, vocab_size=tokenizer.vocab_size)
+        # compile: a compiled static-shape decode step (2-4.5x faster at batch 1 on CPU, after a
+        # 20-30 s cold compile; docs/benchmarks.md), with bf16 weights where the CPU has them.
+        weight_dtype = None
+        if compile and model.lm_head.weight.device.type == "cpu" and cpu_has_native_bf16():
+            weight_dtype = torch.bfloat16
+        self.engine = Engine(model, vocab_size=tokenizer.vocab_size, compile=compile,
+                             weight_dtype=weight_dtype)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> TextGenerator:
+    def from_checkpoint(cls, path: str | Path, device: str = "auto",
+                        compile: bool = False) -> TextGenerator:
         from gptforge.tokenizer import load_tokenizer
 
         ckpt = checkpoint.resolve_checkpoint(path)
         model = load_model(ckpt, resolve_device(device))
-        return cls(model, load_tokenizer(ckpt / "tokenizer"))
+        return cls(model, load_tokenizer(ckpt / "tokenizer"), compile=compile)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         # An empty prompt starts a new document, which is what the separator token means.
