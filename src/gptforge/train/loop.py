@@ -275,7 +275,9 @@ class Trainer:
 
     def _log_train(self, writer, bar, loss: float, grad_norm: float, tok_s: float) -> None:
         step = self.state.step
-        mfu = self.flops_per_token * tok_s / self.peak_flops if self.peak_flops else 0.0
+        # tok_s counts every rank's tokens, so the peak is every rank's too.
+        peak = self.peak_flops * self.world_size
+        mfu = self.flops_per_token * tok_s / peak if peak else 0.0
         lr = self.optimizer.param_groups[0]["lr"]
         writer.log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                     "tokens_per_sec": tok_s, "mfu": mfu, "tokens": self.state.tokens_seen,
