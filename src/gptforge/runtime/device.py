@@ -66,13 +66,9 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-@functools.cache
 def cpu_has_native_bf16() -> bool:
     """True if /proc/cpuinfo lists AMX-BF16 or AVX512-BF16 (Linux; False elsewhere)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    flags = _cpu_flags()
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
@@ -96,6 +92,7 @@ def use_float32_attention(model: torch.nn.Module, precision: Precision) -> bool:
 
 @functools.cache
 def _cpu_flags() -> str:
+    """The text of /proc/cpuinfo, read once ("" where there is none)."""
     try:
         return Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -111,15 +111,6 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
-def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
-    """True if ``flag`` is true on any rank (every rank gets the same answer)."""
-    if not info.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def gather_objects(obj, info: DistInfo) -> list:
     """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` in one process)."""
     if not info.enabled:

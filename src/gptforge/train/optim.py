@@ -122,7 +122,3 @@ class OptimizerChain:
     def load_state_dict(self, state: dict) -> None:
         for opt, saved in zip(self.optimizers, state["optimizers"], strict=True):
             opt.load_state_dict(saved)
-
-
-def optimizers_of(optimizer) -> list[torch.optim.Optimizer]:
-    return optimizer.optimizers if isinstance(optimizer, OptimizerChain) else [optimizer]
