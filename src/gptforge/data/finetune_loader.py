@@ -18,9 +18,10 @@ Rows of a batch always have ``block_size`` positions, so shapes never change (no
   it to keep attention inside each example and to restart positions, so packing changes speed,
   not results.
 
-Order and resume work as in ``data/loader.py``: each epoch visits every row once in a random order
-that is a pure function of ``(seed, epoch)``; the state is ``(epoch, position)`` counted in global
-rows; rank r takes rows r, r + N, ... of each global batch of ``batch_size * world_size`` rows.
+Order and resume come from ``EpochOrder`` in ``data/loader.py``: each epoch visits every row once
+in a random order that is a pure function of ``(seed, epoch)``; the state is ``(epoch, position)``
+counted in global rows; rank r takes rows r, r + N, ... of each global batch of
+``batch_size * world_size`` rows.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import logging
 import numpy as np
 import torch
 
+from gptforge.data.loader import EpochOrder
 from gptforge.errors import GptforgeError
 from gptforge.tokenizer.base import Tokenizer
 from gptforge.tokenizer.chat_template import check_messages, encode_contents, render_encoded
@@ -145,48 +147,19 @@ def fill_rows(rows: list[list[int]], examples: list[tuple[np.ndarray, np.ndarray
 
 # ---- order -----------------------------------------------------------------------------------
 
-class RowOrder:
-    """The epoch-by-epoch random order of ``n_rows`` rows; state = (epoch, position)."""
-
-    def __init__(self, n_rows: int, seed: int):
-        self.n_rows, self.seed = n_rows, seed
-        self.epoch, self.position = 0, 0
-        self._perm = self._epoch_order(0)
-
-    def _epoch_order(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n_rows, generator=g).tolist()
-
-    def take(self, n: int) -> list[int]:
-        """The next ``n`` rows. A new epoch begins rather than split a batch, unless the epoch
-        holds fewer than ``n`` rows: then the batch runs on into the next epochs."""
-        if self.position + n > self.n_rows >= n:
-            self.seek(self.epoch + 1, 0)  # drop the ragged tail so every batch is whole
-        rows = []
-        while len(rows) < n:
-            if self.position == self.n_rows:
-                self.seek(self.epoch + 1, 0)
-            rows.append(self._perm[self.position])
-            self.position += 1
-        return rows
-
-    def seek(self, epoch: int, position: int) -> None:
-        if epoch != self.epoch:
-            self._perm = self._epoch_order(epoch)
-        self.epoch, self.position = epoch, position
+class RowOrder(EpochOrder):
+    """The epoch order of ``n_items`` fine-tuning rows; the state also records ``n_items``."""
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "rows": self.n_rows}
+        return {**super().state_dict(), "rows": self.n_items}
 
     def load_state_dict(self, state: dict) -> None:
-        if int(state.get("rows", self.n_rows)) != self.n_rows:
+        if int(state.get("rows", self.n_items)) != self.n_items:
             log.warning("the fine-tuning data changed since the checkpoint (%s rows per epoch, "
                         "now %d): resuming at the saved position of a different order",
-                        state["rows"], self.n_rows)
-        self.seed = int(state["seed"])
-        self._perm = self._epoch_order(int(state["epoch"]))
-        self.epoch, self.position = int(state["epoch"]), min(int(state["position"]), self.n_rows)
+                        state["rows"], self.n_items)
+        super().load_state_dict(state)
+        self.position = min(self.position, self.n_items)
 
 
 class _RowLoader:
@@ -213,7 +186,7 @@ class _RowLoader:
 
     @property
     def windows_per_epoch(self) -> int:
-        return self.order.n_rows
+        return self.order.n_items
 
     def _my_rows(self) -> list[int]:
         """This rank's share of the next global batch (rows r, r + N, ... of it)."""

@@ -7,7 +7,8 @@ always see the same boundaries.
 
 The order is a pure function of ``(seed, epoch)``, so a stream's whole state is two integers,
 ``epoch`` and ``position`` (windows consumed so far, counted over all processes). Saving them in a
-checkpoint and loading them back continues the exact same sequence of batches. With several
+checkpoint and loading them back continues the exact same sequence of batches (``EpochOrder``
+does this for any items; ``data/finetune_loader.py`` uses it for its rows). With several
 processes, each global batch is drawn once and rank r takes rows r, r + N, r + 2N, ... of it, so
 ranks never overlap and need not talk to each other.
 
@@ -47,46 +48,55 @@ class TokenStream:
         return np.concatenate(parts)
 
 
-class WindowOrder:
-    """The epoch-by-epoch random order of one stream's windows; state = (epoch, position)."""
+class EpochOrder:
+    """Indices ``0 .. n_items - 1``, every epoch in a fresh random order; state = (epoch, position).
 
-    def __init__(self, stream: TokenStream, block_size: int, seed: int, shuffle_offset: bool):
-        self.stream, self.block_size = stream, block_size
-        self.seed, self.shuffle_offset = seed, shuffle_offset
+    An epoch's order is a pure function of ``(seed, epoch)``, so two integers locate any point of
+    the sequence: ``epoch`` and ``position`` (indices taken so far in that epoch). Fine-tuning
+    rows use it nearly as is (``RowOrder``); ``WindowOrder`` below changes what an epoch holds
+    (``_begin_epoch``) and what is handed out for an index (``_items_of``).
+    """
+
+    def __init__(self, n_items: int, seed: int):
+        self.n_items, self.seed = n_items, seed
         self.epoch, self.position = 0, 0
-        self._offset, self._perm = self._epoch_order(0)
-
-    def _epoch_order(self, epoch: int) -> tuple[int, torch.Tensor]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        offset = 0
-        if self.shuffle_offset:
-            offset = int(torch.randint(0, self.block_size, (1,), generator=g))
-        n_windows = (self.stream.n_tokens - 1 - offset) // self.block_size
-        if n_windows < 1:  # tiny split: fall back to the unshifted grid
-            offset, n_windows = 0, (self.stream.n_tokens - 1) // self.block_size
-        return offset, torch.randperm(n_windows, generator=g)
+        self._perm = self._epoch_order(0)
 
     @property
-    def windows_per_epoch(self) -> int:
+    def items_per_epoch(self) -> int:
+        """Items in the current epoch: ``n_items`` unless a subclass decides per epoch."""
         return len(self._perm)
 
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self._begin_epoch(g), generator=g)
+
+    def _begin_epoch(self, g: torch.Generator) -> int:
+        """How many items the new epoch holds. A subclass may first draw choices of its own from
+        ``g``: drawn before the permutation, they too follow from ``(seed, epoch)``."""
+        return self.n_items
+
+    def _items_of(self, indices: torch.Tensor) -> list[int]:
+        """What ``take`` hands out for these indices of the current epoch: the indices."""
+        return indices.tolist()
+
     def take(self, n: int) -> list[int]:
-        """Start offsets of the next ``n`` windows (a new epoch begins rather than split them)."""
-        if self.position + n > len(self._perm) and len(self._perm) >= n:
+        """The next ``n`` items. A new epoch begins rather than split them, unless an epoch holds
+        fewer than ``n``: then they run on into the next epochs."""
+        if self.position + n > len(self._perm) >= n:
             self.seek(self.epoch + 1, 0)  # drop the ragged tail so every batch is whole
-        starts: list[int] = []
-        while len(starts) < n:  # more than one epoch only when a batch outnumbers the windows
-            if self.position >= len(self._perm):
+        items: list[int] = []
+        while len(items) < n:
+            if self.position >= len(self._perm):  # (past it only if the data shrank since a save)
                 self.seek(self.epoch + 1, 0)
-            k = min(n - len(starts), len(self._perm) - self.position)
-            starts += [self._offset + int(i) * self.block_size
-                       for i in self._perm[self.position:self.position + k]]
+            k = min(n - len(items), len(self._perm) - self.position)
+            items += self._items_of(self._perm[self.position:self.position + k])
             self.position += k
-        return starts
+        return items
 
     def seek(self, epoch: int, position: int) -> None:
         if epoch != self.epoch:
-            self._offset, self._perm = self._epoch_order(epoch)
+            self._perm = self._epoch_order(epoch)
         self.epoch, self.position = epoch, position
 
     def state_dict(self) -> dict:
@@ -94,8 +104,33 @@ class WindowOrder:
 
     def load_state_dict(self, state: dict) -> None:
         self.seed = int(state["seed"])
-        self._offset, self._perm = self._epoch_order(int(state["epoch"]))
+        self._perm = self._epoch_order(int(state["epoch"]))
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class WindowOrder(EpochOrder):
+    """The epoch order of one stream's windows, handed out as their start offsets.
+
+    Each epoch draws a grid offset in ``[0, block_size)`` (when ``shuffle_offset``) before its
+    permutation; the shifted grid may hold one window fewer than the unshifted one.
+    """
+
+    def __init__(self, stream: TokenStream, block_size: int, seed: int, shuffle_offset: bool):
+        self.stream, self.block_size, self.shuffle_offset = stream, block_size, shuffle_offset
+        self._offset = 0
+        super().__init__((stream.n_tokens - 1) // block_size, seed)  # windows of the plain grid
+
+    def _begin_epoch(self, g: torch.Generator) -> int:
+        self._offset = 0
+        if self.shuffle_offset:
+            self._offset = int(torch.randint(0, self.block_size, (1,), generator=g))
+        n_windows = (self.stream.n_tokens - 1 - self._offset) // self.block_size
+        if n_windows < 1:  # tiny split: fall back to the unshifted grid
+            self._offset, n_windows = 0, self.n_items
+        return n_windows
+
+    def _items_of(self, indices: torch.Tensor) -> list[int]:
+        return (self._offset + indices * self.block_size).tolist()
 
 
 def _check_length(stream: TokenStream, block_size: int, split: str) -> None:
@@ -125,7 +160,7 @@ class BatchLoader:
 
     @property
     def windows_per_epoch(self) -> int:
-        return self.order.windows_per_epoch
+        return self.order.items_per_epoch
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next (x, y) int64 batch of shape (batch_size, block_size) for this rank."""
@@ -163,7 +198,7 @@ class MixtureLoader:
 
     @property
     def windows_per_epoch(self) -> int:
-        return sum(o.windows_per_epoch for o in self.orders)
+        return sum(o.items_per_epoch for o in self.orders)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.batch_size * self.world_size
