@@ -7,6 +7,7 @@ import torch
 
 from gptforge.data.finetune_loader import (
     PreferenceLoader,
+    RowOrder,
     SFTLoader,
     encode_preference_examples,
     encode_sft_examples,
@@ -124,6 +125,29 @@ def test_tiny_dataset_runs_into_the_next_epoch():
     loader = SFTLoader(EXAMPLES[:3], block_size=16, batch_size=5, seed=0, pad_id=PAD)
     firsts = [owner(int(t)) for t in loader.next_batch()[0][:, 0]]
     assert sorted(firsts[:3]) == [1, 2, 3] and loader.state_dict()["epoch"] == 1
+
+
+def test_row_order_is_a_permutation_each_epoch_and_resumes_exactly():
+    order = RowOrder(11, seed=4)
+    for epoch in range(3):
+        assert sorted(order.take(11)) == list(range(11)) and order.epoch == epoch
+    a = RowOrder(11, seed=4)
+    for _ in range(3):  # the third take does not fit in epoch 0: starts epoch 1
+        a.take(4)
+    state = a.state_dict()
+    assert state == {"epoch": 1, "position": 4, "seed": 4, "rows": 11}  # what checkpoints hold
+    want = [a.take(3) for _ in range(20)]  # crosses more epoch boundaries
+    b = RowOrder(11, seed=0)
+    b.take(2)
+    b.load_state_dict(state)  # the seed comes from the state too
+    assert [b.take(3) for _ in range(20)] == want
+
+
+def test_row_order_never_changes():
+    """Checkpoints hold only (seed, epoch, position): a new order would resume to other rows."""
+    order = RowOrder(10, seed=0)
+    assert order.take(10) == [4, 1, 7, 5, 3, 9, 0, 8, 6, 2]
+    assert order.take(10) == [5, 6, 1, 2, 0, 8, 9, 3, 7, 4]
 
 
 def test_preference_loader_pairs_chosen_with_rejected():

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from gptforge.data.loader import BatchLoader, TokenStream
+from gptforge.data.loader import BatchLoader, TokenStream, WindowOrder
 from gptforge.errors import GptforgeError
 
 
@@ -44,6 +44,39 @@ def test_an_epoch_visits_each_window_once_and_ranks_are_disjoint():
             seen[r].update(int(row[0]) for row in loader.next_batch()[0])
     assert not seen[0] & seen[1]
     assert len(seen[0] | seen[1]) == ranks[0].windows_per_epoch // 6 * 6
+
+
+def test_window_order_is_a_permutation_each_epoch_and_resumes_exactly():
+    stream = TokenStream(shards(1003))
+    order = WindowOrder(stream, block_size=16, seed=7, shuffle_offset=True)
+    offsets = set()
+    for epoch in range(4):
+        n = order.items_per_epoch
+        starts = order.take(n)
+        offset = min(starts)
+        assert order.epoch == epoch and offset < 16 and offset + 16 * n + 1 <= stream.n_tokens
+        assert sorted(starts) == [offset + 16 * k for k in range(n)]  # every window once
+        offsets.add(offset)
+    assert len(offsets) > 1  # the grid moves between epochs
+
+    a = WindowOrder(stream, block_size=16, seed=7, shuffle_offset=True)
+    a.take(50)
+    a.take(20)  # does not fit in epoch 0: starts epoch 1
+    state = a.state_dict()
+    assert state == {"epoch": 1, "position": 20, "seed": 7}  # what checkpoints hold
+    want = [a.take(9) for _ in range(30)]  # crosses more epoch boundaries
+    b = WindowOrder(stream, block_size=16, seed=0, shuffle_offset=True)
+    b.take(5)
+    b.load_state_dict(state)  # the seed comes from the state too
+    assert [b.take(9) for _ in range(30)] == want
+
+
+def test_window_order_never_changes():
+    """Checkpoints hold only (seed, epoch, position): a new order would resume to other data."""
+    order = WindowOrder(TokenStream(shards()), block_size=16, seed=3, shuffle_offset=True)
+    assert order.take(6) == [848, 32, 288, 432, 240, 144]
+    order.seek(1, 0)
+    assert order.take(6) == [99, 371, 691, 883, 819, 35]
 
 
 def test_split_shorter_than_block_is_a_clear_error():
