@@ -33,7 +33,8 @@ def train(model, optimizer, steps=60):
 @pytest.mark.parametrize("name, lr", [("adamw", 3e-3), ("muon", 3e-3), ("adafactor", 3e-2)])
 def test_each_optimizer_learns(name, lr):
     model = tiny_model()
-    losses = train(model, build_optimizer(model, OptimConfig(name=name, lr=lr), torch.device("cpu")))
+    optimizer = build_optimizer(model, OptimConfig(name=name, lr=lr), torch.device("cpu"))
+    losses = train(model, optimizer)
     assert losses[-1] < 0.5 * losses[0], (name, losses[0], losses[-1])
 
 

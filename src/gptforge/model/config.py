@@ -21,11 +21,13 @@ class ModelConfig:
     n_head: int = 6
     """Attention heads (query heads) per block; must divide ``n_embd``."""
     n_kv_head: int = 0
-    """Key/value heads for grouped-query attention; 0 means equal to ``n_head`` (plain multi-head)."""
+    """Key/value heads for grouped-query attention; 0 means equal to ``n_head`` (plain
+    multi-head)."""
     n_embd: int = 384
     """Width of the residual stream."""
     block_size: int = 256
-    """Context length in tokens: the longest sequence the model is trained on and can attend over."""
+    """Context length in tokens: the longest sequence the model is trained on and can attend
+    over."""
     norm: str = "layernorm"
     """``layernorm`` (GPT-2) or ``rmsnorm`` (Llama)."""
     norm_eps: float = 1e-5
@@ -45,9 +47,11 @@ class ModelConfig:
     tie_embeddings: bool = True
     """Share the token-embedding matrix with the output layer."""
     dropout: float = 0.0
-    """Dropout on embeddings, attention weights and residual branches (0 for large-data pretraining)."""
+    """Dropout on embeddings, attention weights and residual branches (0 for large-data
+    pretraining)."""
     logit_softcap: float = 0.0
-    """If > 0, squash logits with ``cap * tanh(logits / cap)`` (Gemma-2, modded-nanogpt); 0 = off."""
+    """If > 0, squash logits with ``cap * tanh(logits / cap)`` (Gemma-2, modded-nanogpt);
+    0 = off."""
     init_std: float = 0.02
     """Standard deviation of the normal weight initialisation."""
     n_experts: int = 0
@@ -69,11 +73,13 @@ class ModelConfig:
             (self.n_head > 0 and self.n_embd % self.n_head == 0,
              f"model.n_embd ({self.n_embd}) must be a multiple of model.n_head ({self.n_head})"),
             (self.kv_heads > 0 and self.n_head % self.kv_heads == 0,
-             f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({self.kv_heads})"),
+             f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head "
+             f"({self.kv_heads})"),
             (self.block_size > 0, "model.block_size must be positive"),
             (self.norm in ("layernorm", "rmsnorm"), "model.norm must be 'layernorm' or 'rmsnorm'"),
             (self.pos_emb in ("learned", "rope"), "model.pos_emb must be 'learned' or 'rope'"),
-            (self.mlp in ("gelu", "swiglu", "relu2"), "model.mlp must be 'gelu', 'swiglu' or 'relu2'"),
+            (self.mlp in ("gelu", "swiglu", "relu2"),
+             "model.mlp must be 'gelu', 'swiglu' or 'relu2'"),
             (0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)"),
             (self.pos_emb != "rope" or self.head_dim % 2 == 0, "rope needs an even head size"),
             (self.n_experts >= 0, "model.n_experts must be >= 0 (0 = dense MLP)"),

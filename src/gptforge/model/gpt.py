@@ -76,7 +76,8 @@ class GPT(nn.Module):
             raise ValueError("model.vocab_size must be set (it normally comes from the data)")
         self.config = cfg
         self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
-        self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_emb == "learned" else None
+        self.pos_emb = (nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_emb == "learned"
+                        else None)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm_f = build_norm(cfg)
