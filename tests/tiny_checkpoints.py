@@ -9,7 +9,6 @@ import torch
 from gptforge import checkpoint
 from gptforge.model import GPT, ModelConfig
 from gptforge.model.lora import apply_lora, lora_config_of, lora_state_dict
-from gptforge.model_loading import file_sha256
 from gptforge.tokenizer import train_tokenizer
 
 # Letters, digits, punctuation and the characters of the chat markers ("<|user|>" typed as text).
@@ -63,6 +62,6 @@ def make_lora_checkpoint(tmp_path: Path, base: Path, model: GPT, tokenizer,
     apply_lora(model, rank=4, alpha=8.0, dropout=0.0, targets=list(targets))
     randomize_adapters(model)
     lora = {**lora_config_of(model), "base": str(base),
-            "base_sha256": file_sha256(base / "model.safetensors")}
+            "base_sha256": checkpoint.weights_sha256(base)}
     return save_model(tmp_path / "sft", model, tokenizer, base / "tokenizer",
                       weights=lora_state_dict(model), extra_meta={"lora": lora})

@@ -61,15 +61,20 @@ def fsync_directory(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def directory(path: Path) -> Iterator[Path]:
+def directory(path: Path, staged: Path | None = None) -> Iterator[Path]:
     """Yield a temporary directory that is renamed to ``path`` when the block succeeds.
 
     An existing ``path`` is replaced only after the new one is complete; on any error the
-    temporary directory is removed and ``path`` is left as it was.
+    temporary directory is removed and ``path`` is left as it was. ``staged`` is an existing
+    directory beside ``path`` to finish and rename instead of a new one (several processes may
+    have written into it already).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    if staged is not None and Path(staged).parent.resolve() != path.parent.resolve():
+        raise ValueError(f"{staged} must be beside {path} to be renamed onto it atomically")
+    tmp = Path(staged) if staged is not None else \
+        Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
     try:
         yield tmp
         if path.exists():

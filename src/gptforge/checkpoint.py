@@ -10,6 +10,13 @@ A checkpoint ``RUN_DIR/ckpt/step-000500/`` holds everything needed to use or res
 - ``trainer_state.pt``: optimizer, step, tokens seen, data-loader position and RNG states,
   loaded with ``torch.load(weights_only=True)`` (plain tensors and containers only).
 
+A *sharded* checkpoint (``train.ckpt_format=sharded``, for models too large to gather on one
+process) has, in place of ``model.safetensors`` and the optimizer inside ``trainer_state.pt``, two
+``torch.distributed.checkpoint`` directories written by all ranks in parallel: ``model/`` and
+``optimizer/`` (one ``__<rank>_0.distcp`` file per rank and a ``.metadata`` index). ``model.json``
+says ``"weights": "sharded"``. It resumes on any world size and loads for generation in one
+process like a full one; ``gptforge export`` turns it into a full one.
+
 The directory is assembled under a temporary name and renamed into place; only then is the
 ``RUN_DIR/latest`` pointer (a one-line text file, portable where symlinks are not) replaced. A crash
 at any moment therefore leaves ``latest`` naming a complete checkpoint.
@@ -34,19 +41,30 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CKPT_DIR = "ckpt"
+SHARDED_MODEL, SHARDED_OPTIMIZER = "model", "optimizer"  # DCP directories of a sharded checkpoint
 
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def save_checkpoint(run_dir: Path, *, step: int, weights: dict[str, torch.Tensor],
+def staging_dir(run_dir: Path, step: int) -> Path:
+    """Where every rank writes its shards of checkpoint ``step`` before it is renamed into place.
+
+    The name is a function of the step alone, so all ranks agree on it without talking.
+    """
+    return Path(run_dir) / CKPT_DIR / f".tmp-{checkpoint_name(step)}-sharded"
+
+
+def save_checkpoint(run_dir: Path, *, step: int, weights: dict[str, torch.Tensor] | None,
                     model_config: ModelConfig, tokenizer_dir: Path, tokenizer_info: dict,
                     trainer_state: dict, val_loss: float | None,
-                    extra_meta: dict | None = None) -> Path:
+                    extra_meta: dict | None = None, staged: Path | None = None) -> Path:
     """Write checkpoint ``step`` atomically and point ``RUN_DIR/latest`` at it.
 
-    ``weights`` is a full state dict without tied aliases (see :func:`weights_to_save`).
+    ``weights`` is a full state dict without tied aliases (see :func:`weights_to_save`), or None
+    for a sharded checkpoint, whose DCP directories the ranks have already written into
+    ``staged`` (see :func:`staging_dir`); the rest is added there and it is renamed into place.
     """
     from safetensors.torch import save_file
 
@@ -54,10 +72,13 @@ def save_checkpoint(run_dir: Path, *, step: int, weights: dict[str, torch.Tensor
     target = run_dir / CKPT_DIR / checkpoint_name(step)
     meta = {"format_version": FORMAT_VERSION, "step": step, "val_loss": val_loss,
             "model": model_config.to_dict(), "tokenizer": tokenizer_info, **(extra_meta or {})}
+    if weights is None:
+        meta["weights"] = "sharded"
     try:
-        with atomic.directory(target) as tmp:
-            contiguous = {k: v.contiguous() for k, v in weights.items()}
-            save_file(contiguous, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        with atomic.directory(target, staged=staged) as tmp:
+            if weights is not None:
+                contiguous = {k: v.contiguous() for k, v in weights.items()}
+                save_file(contiguous, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             (tmp / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
             shutil.copytree(tokenizer_dir, tmp / "tokenizer")
             torch.save(trainer_state, tmp / "trainer_state.pt")
@@ -78,6 +99,37 @@ def weights_to_save(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[st
             aliases.add(name)
         seen.add(id(param))
     return {k: v for k, v in state.items() if k not in aliases}
+
+
+def is_sharded(ckpt: Path) -> bool:
+    """Whether ``ckpt`` holds DCP shards (``model/``, ``optimizer/``) rather than safetensors."""
+    return (Path(ckpt) / SHARDED_MODEL / ".metadata").is_file()
+
+
+def weights_sha256(ckpt: Path) -> str:
+    """A fingerprint of the checkpoint's weights: sha256 of ``model.safetensors`` (the same as
+    ``sha256sum``), or for a sharded checkpoint of its DCP files' names and bytes in name order."""
+    import hashlib
+
+    ckpt = Path(ckpt)
+    if not is_sharded(ckpt):
+        return _file_digest(ckpt / "model.safetensors", hashlib.sha256()).hexdigest()
+    digest = hashlib.sha256()
+    for path in sorted((ckpt / SHARDED_MODEL).iterdir()):
+        digest.update(path.name.encode() + b"\0")
+        _file_digest(path, digest)
+    return digest.hexdigest()
+
+
+def _file_digest(path: Path, digest):
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest
+
+
+def has_weights(ckpt: Path) -> bool:
+    return (Path(ckpt) / "model.safetensors").is_file() or is_sharded(ckpt)
 
 
 def read_weights(ckpt: Path, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -140,9 +192,17 @@ def model_config_of(meta: dict, ckpt: Path) -> ModelConfig:
 
 
 def load_weights(model: nn.Module, ckpt: Path) -> None:
-    """Load weights strictly: every tensor must match the model's names and shapes."""
+    """Load weights strictly: every tensor must match the model's names and shapes.
+
+    From a sharded checkpoint, in one process or (as a collective) in all ranks of a run.
+    """
     from safetensors.torch import load_model
 
+    if is_sharded(ckpt):
+        from gptforge.runtime.distributed import load_sharded_model
+
+        load_sharded_model(model, Path(ckpt) / SHARDED_MODEL)
+        return
     try:
         load_model(model, str(Path(ckpt) / "model.safetensors"), strict=True)
     except (RuntimeError, OSError) as err:
@@ -159,7 +219,8 @@ def load_trainer_state(ckpt: Path) -> dict:
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int, keep_best: int) -> list[Path]:
-    """Delete checkpoints that are neither among the newest ``keep_last`` nor the best ``keep_best``."""
+    """Delete checkpoints that are neither among the newest ``keep_last`` nor the best
+    ``keep_best``."""
     root = Path(run_dir) / CKPT_DIR
     ckpts = sorted((p for p in root.glob("step-*") if (p / "model.json").is_file()),
                    key=lambda p: int(p.name.split("-")[1]))

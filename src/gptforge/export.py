@@ -34,7 +34,7 @@ def write_native(model: GPT, meta: dict, source: Path, out: Path) -> None:
     weights = checkpoint.weights_to_save(model, model.state_dict())
     save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
-    exported = {k: v for k, v in meta.items() if k != "lora"}
+    exported = {k: v for k, v in meta.items() if k not in ("lora", "weights")}
     exported["model"] = model.config.to_dict()  # an adapter on a tied lm_head unties it
     exported["exported_from"] = str(source.resolve())
     if "lora" in meta:

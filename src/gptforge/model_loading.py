@@ -2,7 +2,8 @@
 
 A full checkpoint's ``model.safetensors`` holds every weight. A LoRA checkpoint (written by
 ``gptforge sft``/``dpo`` with ``lora.rank > 0``) holds only the adapters; its ``model.json`` has a
-``lora`` entry naming the base checkpoint and the sha256 of the base's ``model.safetensors``::
+``lora`` entry naming the base checkpoint and the sha256 of the base's weights
+(:func:`gptforge.checkpoint.weights_sha256`: of ``model.safetensors``, for a full base)::
 
     "lora": {"rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": ["qkv", "proj", "up", "down"],
              "base": "/runs/pretrain/ckpt/step-005000", "base_sha256": "9f2c..."}
@@ -16,7 +17,6 @@ that adapters are never silently applied to weights they were not trained on, th
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from pathlib import Path
 
@@ -29,15 +29,6 @@ LORA_KEYS = ("rank", "alpha", "dropout", "targets", "base", "base_sha256")
 # Model-config fields that do not change which weights fit the network or what it computes at
 # inference, so a fine-tuning run may change them without breaking its adapters' base.
 _TRAINING_ONLY_FIELDS = ("dropout",)
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 (hex) of a file's bytes, read in 1 MiB blocks; equal to ``sha256sum``'s."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def build_model(ckpt: str | Path, *, merge: bool = True) -> GPT:
@@ -84,9 +75,9 @@ def base_checkpoint(ckpt: Path, lora: dict) -> Path:
     base = Path(lora["base"]).expanduser()
     if not base.is_absolute():
         base = Path(os.path.normpath(Path(ckpt) / base))
-    if not (base / "model.safetensors").is_file():
+    if not checkpoint.has_weights(base):
         raise GptforgeError(f"{ckpt} holds LoRA adapters for the base checkpoint {base}, which "
-                            "is missing (no model.safetensors there); put the base back or set "
+                            "is missing (no weights there); put the base back or set "
                             f"lora.base in {ckpt}/model.json to where it is now")
     return base
 
@@ -94,9 +85,9 @@ def base_checkpoint(ckpt: Path, lora: dict) -> Path:
 def load_base_weights(model: GPT, ckpt: Path, lora: dict) -> Path:
     """Load the verified base weights of LoRA checkpoint ``ckpt``; return the base's path."""
     base = base_checkpoint(ckpt, lora)
-    actual = file_sha256(base / "model.safetensors")
+    actual = checkpoint.weights_sha256(base)
     if actual != lora["base_sha256"]:
-        raise GptforgeError(f"{base}/model.safetensors has changed since the adapters in {ckpt} "
+        raise GptforgeError(f"the weights of {base} have changed since the adapters in {ckpt} "
                             f"were trained on it (sha256 {actual[:12]}..., expected "
                             f"{str(lora['base_sha256'])[:12]}...); point lora.base at the "
                             "original base checkpoint")

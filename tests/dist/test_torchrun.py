@@ -47,10 +47,12 @@ def runs(tmp_path_factory):
     for strategy in ("ddp", "fsdp"):
         torchrun("train", *COMMON, data, f"train.out_dir={root / strategy}",
                  "train.batch_size=2", f"runtime.parallel={strategy}")
+    torchrun("train", *COMMON, data, f"train.out_dir={root / 'fsdp_sharded'}",
+             "train.batch_size=2", "runtime.parallel=fsdp", "train.ckpt_format=sharded")
     return root
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp_sharded"])
 def test_two_processes_match_one(runs, strategy):
     assert losses(runs / strategy) == pytest.approx(losses(runs / "single"), rel=1e-4)
     evals = [r["val_loss"] for r in read_metrics(runs / strategy / "metrics.jsonl")
@@ -84,3 +86,38 @@ def test_fsdp_checkpoint_loads_for_single_process_generation(runs):
     import gptforge
 
     assert gptforge.load(runs / "fsdp").generate("RO", max_new_tokens=5, temperature=0)
+
+
+def test_sharded_checkpoint_is_written_by_every_rank(runs):
+    ckpt = runs / "fsdp_sharded" / "ckpt" / "step-000010"
+    assert not (ckpt / "model.safetensors").exists()
+    for part in ("model", "optimizer"):
+        assert sorted(p.name for p in (ckpt / part).glob("*.distcp")) == \
+            ["__0_0.distcp", "__1_0.distcp"]
+    assert not list((runs / "fsdp_sharded" / "ckpt").glob(".tmp-*"))  # staging renamed away
+
+
+def test_sharded_checkpoint_holds_the_same_weights_as_a_full_one(runs):
+    import torch
+
+    from gptforge.model_loading import build_model
+
+    full = build_model(runs / "fsdp" / "ckpt" / "step-000020").state_dict()
+    sharded = build_model(runs / "fsdp_sharded" / "ckpt" / "step-000020").state_dict()
+    assert full.keys() == sharded.keys()
+    for name in full:
+        torch.testing.assert_close(sharded[name], full[name], rtol=1e-4, atol=1e-5)
+
+
+def test_sharded_resume_two_to_two(runs, tmp_path):
+    run = rewind(runs / "fsdp_sharded", tmp_path / "sharded", 10)
+    torchrun("train", "--resume", str(run), "runtime.progress=false")
+    assert losses(run, 11) == pytest.approx(losses(runs / "single", 11), rel=1e-4)
+
+
+def test_sharded_resume_two_to_one(runs, tmp_path):
+    """Shards of two FSDP2 ranks, read back whole by one plain process."""
+    run = rewind(runs / "fsdp_sharded", tmp_path / "sharded", 10)
+    assert main(["train", "--resume", str(run), "train.batch_size=4", "runtime.threads=1",
+                 "runtime.progress=false"]) == 0
+    assert losses(run, 11) == pytest.approx(losses(runs / "single", 11), rel=1e-4)

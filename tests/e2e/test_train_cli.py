@@ -86,7 +86,8 @@ def test_rerun_refuses_to_overwrite_then_resume_extends(data_dir, tmp_path, caps
     [],
     ["optim.name=muon", "train.grad_accum=2", "schedule.batch_ramp_steps=16",
      "schedule.weight_decay=follow_lr"],
-], ids=["adamw", "muon-ramp"])
+    ["optim.name=muon", "train.ckpt_format=sharded"],
+], ids=["adamw", "muon-ramp", "muon-sharded"])
 def test_resume_after_crash_is_exact(data_dir, tmp_path, monkeypatch, extra):
     """A run that crashes and resumes from its last checkpoint logs the same losses, step for
     step, as one that never stopped (CPU, fp32, dropout on: RNG state is restored too)."""
@@ -225,7 +226,7 @@ def test_data_without_val_split_trains_without_evaluation(tmp_path, capsys):
     assert (run / "latest").read_text().strip() == "ckpt/step-000006"
 
 
-@pytest.mark.parametrize("policy", ["rollback", "skip"])
+@pytest.mark.parametrize("policy", ["rollback", "skip", "rollback-sharded"])
 def test_injected_nan_is_survived(data_dir, tmp_path, monkeypatch, policy):
     """One NaN loss at step 13: rollback reloads step 10 with half the learning rate; skip drops
     the batch. Either way the run finishes and logs the event."""
@@ -243,8 +244,10 @@ def test_injected_nan_is_survived(data_dir, tmp_path, monkeypatch, policy):
 
     monkeypatch.setattr(LanguageModeling, "__call__", one_nan)
     run = tmp_path / "run"
+    policy, _, ckpt_format = policy.partition("-")
     assert main(train_args(data_dir, run, f"train.on_anomaly={policy}", "train.max_steps=20",
-                           "train.ckpt_interval=5", "train.eval_interval=100")) == 0
+                           "train.ckpt_interval=5", "train.eval_interval=100",
+                           f"train.ckpt_format={ckpt_format or 'full'}")) == 0
     records = read_metrics(run / "metrics.jsonl")
     events = [r for r in records if "event" in r]
     assert [(e["event"], e["step"]) for e in events] == [(policy, 13)]

@@ -81,3 +81,55 @@ def test_incompatible_checkpoints_are_refused(setup):
         checkpoint.read_meta(path)
     with pytest.raises(GptforgeError, match="no such checkpoint"):
         checkpoint.resolve_checkpoint(run / "nope")
+
+
+def save_sharded(run, model, cfg, tok, step):
+    """A sharded checkpoint as training writes it in one process: DCP shards, then the rest."""
+    from gptforge.runtime import distributed
+
+    staged = checkpoint.staging_dir(run, step)
+    distributed.save_sharded_model(model, staged / checkpoint.SHARDED_MODEL)
+    optimizer = torch.optim.AdamW(model.parameters())
+    distributed.save_sharded_optimizer(model, optimizer, staged / checkpoint.SHARDED_OPTIMIZER)
+    return checkpoint.save_checkpoint(run, step=step, weights=None, model_config=cfg,
+                                      tokenizer_dir=tok, tokenizer_info={"kind": "char"},
+                                      trainer_state={"step": step}, val_loss=None, staged=staged)
+
+
+def test_sharded_checkpoint_round_trip_and_fit_checks(setup):
+    cfg, _, tok, run = setup
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    ckpt = save_sharded(run, model, cfg, tok, 3)
+    assert checkpoint.is_sharded(ckpt) and not (ckpt / "model.safetensors").exists()
+    assert json.loads((ckpt / "model.json").read_text())["weights"] == "sharded"
+    assert checkpoint.latest_checkpoint(run) == ckpt
+    assert not list((run / "ckpt").glob(".tmp-*"))
+
+    other = GPT(cfg)
+    checkpoint.load_weights(other, ckpt)
+    for name, value in model.state_dict().items():
+        assert torch.equal(other.state_dict()[name], value), name
+
+    wider = GPT(ModelConfig(**{**cfg.to_dict(), "n_embd": cfg.n_embd * 2}))
+    with pytest.raises(GptforgeError, match="wrong shape"):
+        checkpoint.load_weights(wider, ckpt)
+    deeper = GPT(ModelConfig(**{**cfg.to_dict(), "n_layer": cfg.n_layer + 1}))
+    with pytest.raises(GptforgeError, match="missing"):
+        checkpoint.load_weights(deeper, ckpt)
+
+
+def test_weights_fingerprint(setup):
+    import hashlib
+
+    cfg, _, tok, run = setup
+    model = GPT(cfg)
+    full = save(run, model, cfg, tok, 1)
+    expected = hashlib.sha256((full / "model.safetensors").read_bytes()).hexdigest()
+    assert checkpoint.weights_sha256(full) == expected  # what `sha256sum` prints
+    sharded = save_sharded(run, model, cfg, tok, 2)
+    first = checkpoint.weights_sha256(sharded)
+    with torch.no_grad():
+        model.tok_emb.weight[0, 0] += 1.0
+    changed = save_sharded(run, model, cfg, tok, 3)
+    assert first != checkpoint.weights_sha256(changed)

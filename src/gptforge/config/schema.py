@@ -16,7 +16,8 @@ from gptforge.model.config import ModelConfig
 @dataclass(frozen=True)
 class DataConfig:
     dir: str = "data/shakespeare_char"
-    """Prepared data directory (``gptforge prepare --out``): manifest.json, tokenizer/, train/, val/."""
+    """Prepared data directory (``gptforge prepare --out``): manifest.json, tokenizer/, train/,
+    val/."""
     corpus: str = ""
     """Built-in corpus to prepare into ``data.dir`` when it does not exist yet (``shakespeare``)."""
     tokenizer: str = "char"
@@ -53,6 +54,11 @@ class TrainConfig:
     """Keep the newest this-many checkpoints (the best ones are kept in addition)."""
     keep_best: int = 1
     """Keep the this-many checkpoints with the lowest val loss."""
+    ckpt_format: str = "full"
+    """``full``: rank 0 gathers every tensor and writes ``model.safetensors`` and the optimizer
+    alone; ``sharded``: every rank writes its own part with torch.distributed.checkpoint, nothing
+    is gathered (for models too large for one process; needs a filesystem all nodes share).
+    Either resumes on any number of processes. LoRA runs always save their adapters in full."""
     early_stop_patience: int = 0
     """Stop after this many evaluations without a new best val loss (0 = never stop early)."""
     seed: int = 1337
@@ -109,7 +115,8 @@ class OptimConfig:
 @dataclass(frozen=True)
 class ScheduleConfig:
     name: str = "cosine"
-    """Learning-rate schedule: ``cosine``, ``wsd`` (warmup-stable-decay), ``linear`` or ``constant``."""
+    """Learning-rate schedule: ``cosine``, ``wsd`` (warmup-stable-decay), ``linear`` or
+    ``constant``."""
     warmup_steps: int = 100
     """Steps of linear warm-up up to ``optim.lr`` (from lr/(warmup+1) at the first step)."""
     min_lr_ratio: float = 0.1
@@ -131,8 +138,9 @@ class RuntimeConfig:
     device: str = "auto"
     """``auto`` (cuda, then mps, then cpu), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
     dtype: str = "auto"
-    """Compute dtype: ``auto``, ``float32``, ``bfloat16`` (autocast) or ``float16`` (autocast + loss scaling).
-    ``auto`` picks bfloat16 on CUDA GPUs that support it and on CPUs with native bf16 (AMX/AVX512-BF16)."""
+    """Compute dtype: ``auto``, ``float32``, ``bfloat16`` (autocast) or ``float16`` (autocast +
+    loss scaling). ``auto`` picks bfloat16 on CUDA GPUs that support it and on CPUs with native
+    bf16 (AMX/AVX512-BF16)."""
     parallel: str = "ddp"
     """With several processes (torchrun): ``ddp`` (replicate the model) or ``fsdp`` (FSDP2: shard
     parameters, gradients and optimizer state per block)."""

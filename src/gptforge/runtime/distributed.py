@@ -8,8 +8,13 @@ the process group (NCCL on CUDA, gloo on CPU) and wraps the model:
 - **FSDP2** (``fully_shard``) shards parameters, gradients and optimizer state across ranks, one
   block at a time, gathering a block's weights just before it runs; memory per rank falls with N.
 
-Checkpoints hold *full* (unsharded) state keyed by parameter name, so a run saved on N processes
-resumes on M, and loads for generation in a single process.
+Checkpoints are keyed by parameter name, so a run saved on N processes resumes on M, and loads
+for generation in a single process. They come in two forms (``train.ckpt_format``):
+
+- *full*: every tensor gathered, unsharded, to rank 0, which writes the files alone;
+- *sharded*: every rank writes its own part with ``torch.distributed.checkpoint`` (DCP), in
+  parallel, and nothing is gathered; the ``.metadata`` file records where each piece of each
+  tensor lies, so a reader with another world size (or none) takes the pieces it needs.
 """
 
 from __future__ import annotations
@@ -221,3 +226,96 @@ def _param_names(model: nn.Module) -> dict[nn.Parameter, str]:
     for name, param in model.named_parameters():
         names.setdefault(param, name)
     return names
+
+
+# ---- sharded state: each rank reads and writes its own part (DCP) --------------------------------
+#
+# Under FSDP2 the state dicts below hold DTensors: each rank's slice of every parameter and of its
+# optimizer moments. ``dcp.save`` writes each rank's slices to its own file; replicated tensors
+# (DDP, or one process) are written once, spread over the ranks. ``dcp.load`` fills the tensors it
+# is given in place, reading whichever slices of the saved tensors they cover, so the world size
+# and the sharding may differ between saving and loading.
+
+def _flat_optimizer_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # One flat dict "state.<param>.<moment>" / "param_groups.<param>.<key>": several optimizers
+    # (Muon + AdamW) over disjoint parameters merge into one without clashes.
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _dcp(action: str, state: dict, path) -> None:
+    """``dcp.save`` or ``dcp.load`` of ``state`` at ``path``, quiet about running in one process
+    (which is intended: DCP then reads or writes every piece itself)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        getattr(dcp, action)(state, checkpoint_id=str(path))
+
+
+def _saved_names(path) -> dict:
+    """Name -> metadata (``.size`` for tensors) of everything in the DCP checkpoint ``path``."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return FileSystemReader(str(path)).read_metadata().state_dict_metadata
+
+
+def save_sharded_model(model: nn.Module, path) -> None:
+    """Write the model's weights as a DCP checkpoint at ``path`` (a collective)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    _dcp("save", get_model_state_dict(model), path)
+
+
+def save_sharded_optimizer(model: nn.Module, optimizer, path) -> None:
+    """Write the optimizer state (one optimizer or a chain) as a DCP checkpoint at ``path``."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    parts = getattr(optimizer, "optimizers", [optimizer])
+    _dcp("save", get_optimizer_state_dict(model, parts, options=_flat_optimizer_options()), path)
+
+
+def load_sharded_model(model: nn.Module, path) -> None:
+    """Fill the model's weights (plain or FSDP2-sharded) from the DCP checkpoint at ``path``.
+
+    Every name of the model must be in the checkpoint with the same shape, and vice versa.
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    state = get_model_state_dict(model)
+    saved = _saved_names(path)
+    missing, unexpected = sorted(set(state) - set(saved)), sorted(set(saved) - set(state))
+    wrong_shape = sorted(k for k in set(state) & set(saved)
+                         if tuple(getattr(saved[k], "size", ())) != tuple(state[k].shape))
+    if missing or unexpected or wrong_shape:
+        detail = "; ".join(f"{what}: {names[:3]}" for what, names in
+                           (("missing", missing), ("unexpected", unexpected),
+                            ("wrong shape", wrong_shape)) if names)
+        raise GptforgeError(f"{path}: weights do not fit the model ({detail})")
+    _dcp("load", state, path)
+    set_model_state_dict(model, state)
+
+
+def load_sharded_optimizer(model: nn.Module, optimizer, path) -> None:
+    """Restore the optimizer state written by :func:`save_sharded_optimizer` (a collective).
+
+    The optimizer's state is first created (one step with zero gradients and learning rate 0,
+    which changes no weight), so that there are tensors of the right shapes to load into.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    parts = getattr(optimizer, "optimizers", [optimizer])
+    options = _flat_optimizer_options()
+    state = get_optimizer_state_dict(model, parts, options=options)
+    if set(state) != set(_saved_names(path)):
+        raise GptforgeError(f"{path}: the checkpoint's optimizer state does not match this run's "
+                            "(different optim.name or trainable parameters); resume with the "
+                            "settings the run was started with")
+    _dcp("load", state, path)
+    set_optimizer_state_dict(model, parts, state, options=options)

@@ -26,7 +26,7 @@ from gptforge import checkpoint
 from gptforge.config.schema import Config
 from gptforge.errors import GptforgeError
 from gptforge.model.gpt import GPT
-from gptforge.runtime import distributed
+from gptforge.train.loop import load_full_weights
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +88,9 @@ class Finetuning:
         if cfg.lora.rank <= 0:
             return None, {}
         from gptforge.model.lora import lora_config_of
-        from gptforge.model_loading import file_sha256
 
         lora = {**lora_config_of(model), "base": str(self.base),
-                "base_sha256": file_sha256(self.base / "model.safetensors")}
+                "base_sha256": checkpoint.weights_sha256(self.base)}
         return (lambda weights: {k: v for k, v in weights.items() if ".lora_" in k}), \
             {"lora": lora}
 
@@ -99,7 +98,7 @@ class Finetuning:
         """Resume: full weights, or for LoRA runs the adapters on top of the base weights."""
         meta = checkpoint.read_meta(ckpt)
         if "lora" not in meta:
-            distributed.load_full_model_state(model, checkpoint.read_weights(ckpt, model))
+            load_full_weights(model, ckpt)
             return
         from gptforge.model_loading import load_adapters
 

@@ -109,9 +109,6 @@ class Pretraining:
         """The objective; called once the initial weights are in place."""
         return LanguageModeling()
 
-    def load_run_weights(self, model: GPT, ckpt: Path) -> None:
-        distributed.load_full_model_state(model, checkpoint.read_weights(ckpt, model))
-
     def checkpoint_extras(self, cfg: Config, model: GPT):
         """(filter applied to the weights before saving, extra model.json entries)."""
         return None, {}
@@ -168,10 +165,10 @@ def _train(cfg: Config, stage, precision, dist_info, *, resume: bool, overwrite:
         tokenizer_info=tokenizer_info, flops_per_token=model.flops_per_token(),
         peak_flops=peak_flops(precision), dist_info=dist_info,
         sampler=_sampler(model, tokenizer_dir, cfg, precision),
-        weights_filter=weights_filter, extra_meta=extra_meta)
+        weights_filter=weights_filter, extra_meta=extra_meta,
+        load_weights=getattr(stage, "load_run_weights", None))
     if ckpt is not None:
-        stage.load_run_weights(model, ckpt)
-        trainer.load_state_dict(checkpoint.load_trainer_state(ckpt))
+        trainer.restore(ckpt)
         if dist_info.is_main:
             truncate_after(run_dir / "metrics.jsonl", trainer.state.step)
         log.info("resuming from %s (step %d)", ckpt, trainer.state.step)

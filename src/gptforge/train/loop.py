@@ -5,14 +5,16 @@ divided by ``grad_accum`` so the sum is a mean), gradient clipping, the learning
 step, the optimizer update. Around it: logging, evaluation, checkpoints, early stopping, and
 clean stops on SIGINT/SIGTERM or a non-finite loss.
 
-Everything that must survive a crash is in ``state_dict()``: step, tokens seen, best val loss,
-optimizer, data loader position and RNG states. Restoring it continues the run exactly.
+Everything that must survive a crash is saved in each checkpoint: the weights, and in
+``state_dict()`` step, tokens seen, best val loss, optimizer, data loader position and RNG states.
+Restoring them (``restore``) continues the run exactly.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import signal
 import sys
 import time
@@ -34,6 +36,13 @@ from gptforge.train.schedule import grad_accum_at, lr_at, weight_decay_factor
 
 log = logging.getLogger(__name__)
 
+CKPT_FORMATS = ("full", "sharded")
+
+
+def load_full_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    """All weights of a full checkpoint into ``model``, plain or sharded (on every rank)."""
+    distributed.load_full_model_state(model, checkpoint.read_weights(ckpt, model))
+
 
 @dataclass
 class LoopState:
@@ -54,11 +63,18 @@ class Trainer:
                  flops_per_token: int, peak_flops: float,
                  sampler: Callable[[int], str] | None = None, dist_info: DistInfo = DistInfo(),
                  weights_filter: Callable[[dict], dict] | None = None,
-                 extra_meta: dict | None = None):
+                 extra_meta: dict | None = None,
+                 load_weights: Callable[[torch.nn.Module, Path], None] | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.dist = dist_info
-        # LoRA runs save only their adapters (weights_filter) and say so in model.json.
+        # LoRA runs save only their adapters (weights_filter) and say so in model.json;
+        # ``load_weights`` reads back what was saved (by default all weights, in full).
         self.weights_filter, self.extra_meta = weights_filter, extra_meta or {}
+        self.load_weights = load_weights or load_full_weights
+        if cfg.train.ckpt_format not in CKPT_FORMATS:
+            raise GptforgeError(f"train.ckpt_format must be one of {', '.join(CKPT_FORMATS)}, "
+                                f"not '{cfg.train.ckpt_format}'")
+        self.sharded = cfg.train.ckpt_format == "sharded" and weights_filter is None
         # ``model`` has the plain parameter names that checkpoints use (under FSDP2 it is itself
         # sharded, in place); ``train_model`` is what runs: possibly DDP-wrapped or compiled.
         self.model = model
@@ -83,20 +99,27 @@ class Trainer:
                                 f"not '{cfg.train.on_anomaly}'")
 
     # ---- resumable state -------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """Everything but the weights, in a form any world size can load (a collective)."""
+    def state_dict(self, optimizer: bool = True) -> dict:
+        """Everything but the weights, in a form any world size can load (a collective).
+
+        ``optimizer=False`` leaves out the optimizer (a sharded checkpoint saves it apart).
+        """
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {"loop": asdict(self.state), "guard": self.guard.state_dict(),
-                "optimizer": distributed.full_optimizer_state(self.model, self.optimizer),
-                "scaler": self.scaler.state_dict(), "train_loader": self.train_loader.state_dict(),
-                "rng": distributed.gather_objects(rng, self.dist)}
+        state = {"loop": asdict(self.state), "guard": self.guard.state_dict(),
+                 "scaler": self.scaler.state_dict(),
+                 "train_loader": self.train_loader.state_dict(),
+                 "rng": distributed.gather_objects(rng, self.dist)}
+        if optimizer:
+            state["optimizer"] = distributed.full_optimizer_state(self.model, self.optimizer)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.state = LoopState(**state["loop"])
         self.guard.load_state_dict(state["guard"])
-        distributed.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        if "optimizer" in state:
+            distributed.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.train_loader.load_state_dict(state["train_loader"])
         ranks = state["rng"]
@@ -107,6 +130,20 @@ class Trainer:
                 torch.cuda.set_rng_state_all(rng["cuda"])
         else:  # another world size: fresh, distinct, reproducible streams
             torch.manual_seed(self.cfg.train.seed + 7919 * self.state.step + self.dist.rank)
+
+    def restore(self, ckpt: Path) -> None:
+        """Continue from checkpoint ``ckpt``: weights, optimizer and the rest (on every rank)."""
+        state = checkpoint.load_trainer_state(ckpt)
+        if checkpoint.is_sharded(ckpt):
+            distributed.load_sharded_model(self.model, ckpt / checkpoint.SHARDED_MODEL)
+            distributed.load_sharded_optimizer(self.model, self.optimizer,
+                                               ckpt / checkpoint.SHARDED_OPTIMIZER)
+        else:
+            self.load_weights(self.model, ckpt)
+            if "optimizer" not in state:
+                raise GptforgeError(f"{ckpt}/trainer_state.pt holds no optimizer state; the "
+                                    "checkpoint is damaged")
+        self.load_state_dict(state)
 
     # ---- one optimizer step ----------------------------------------------------------
     def train_step(self) -> tuple[float, float]:
@@ -189,9 +226,7 @@ class Trainer:
     def _roll_back(self, ckpt: Path) -> None:
         """Restore the last checkpoint (weights, optimizer, data, RNG) with a lower lr scale."""
         anomalies, lr_scale = self.state.anomalies, self.state.lr_scale
-        weights = checkpoint.read_weights(ckpt, self.model)
-        distributed.load_full_model_state(self.model, weights)
-        self.load_state_dict(checkpoint.load_trainer_state(ckpt))
+        self.restore(ckpt)
         self.state.anomalies = anomalies
         self.state.lr_scale = lr_scale * self.cfg.train.rollback_lr_scale
         if self.dist.is_main:
@@ -325,15 +360,30 @@ class Trainer:
         log.info("sample at step %d:\n%s\n", step, text)
 
     def save(self) -> None:
-        """Gather full state on every rank (collectives), then rank 0 writes the checkpoint."""
-        weights = distributed.full_model_state(self.model)
-        if self.weights_filter is not None:
-            weights = self.weights_filter(weights)
-        trainer_state = self.state_dict()
+        """Save a checkpoint: collectives on every rank, then rank 0 finishes it.
+
+        Full: every rank takes part in gathering the weights and optimizer state to rank 0,
+        which writes them. Sharded: every rank writes its own part into the staging directory,
+        then rank 0 adds the small files and renames the directory into place.
+        """
+        weights, staged = None, None
+        if self.sharded:
+            staged = checkpoint.staging_dir(self.run_dir, self.state.step)
+            if self.dist.is_main:  # left over from a crash in the middle of this same save
+                shutil.rmtree(staged, ignore_errors=True)
+            distributed.barrier(self.dist)
+            distributed.save_sharded_model(self.model, staged / checkpoint.SHARDED_MODEL)
+            distributed.save_sharded_optimizer(self.model, self.optimizer,
+                                               staged / checkpoint.SHARDED_OPTIMIZER)
+        else:
+            weights = distributed.full_model_state(self.model)
+            if self.weights_filter is not None:
+                weights = self.weights_filter(weights)
+            weights = checkpoint.weights_to_save(self.model, weights)
+        trainer_state = self.state_dict(optimizer=not self.sharded)
         if self.dist.is_main:
             checkpoint.save_checkpoint(
-                self.run_dir, step=self.state.step,
-                weights=checkpoint.weights_to_save(self.model, weights),
+                self.run_dir, step=self.state.step, weights=weights, staged=staged,
                 model_config=self.model.config, tokenizer_dir=self.tokenizer_dir,
                 tokenizer_info=self.tokenizer_info, trainer_state=trainer_state,
                 extra_meta=self.extra_meta,

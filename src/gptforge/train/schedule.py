@@ -5,7 +5,8 @@ the step counter is enough. All schedules warm up linearly over ``warmup_steps``
 warm-up uses ``lr * (s + 1) / (warmup + 1)``; Adam's
 second-moment estimates are poor at first, and large early updates can destabilise training).
 
-- ``cosine``: cosine decay from the peak to ``min_lr_ratio * lr`` at ``max_steps`` (GPT-3, Chinchilla).
+- ``cosine``: cosine decay from the peak to ``min_lr_ratio * lr`` at ``max_steps`` (GPT-3,
+  Chinchilla).
 - ``wsd``: warmup-stable-decay: hold the peak, then decay linearly to the floor over the last
   ``decay_fraction`` of the steps (Hu et al., 2024, MiniCPM). A long cooldown is what helped most
   in nanochat's and modded-nanogpt's speed records.
