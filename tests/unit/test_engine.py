@@ -130,3 +130,57 @@ def test_a_model_the_step_does_not_cover_decodes_through_the_model(caplog):
         out = run(Engine(model, compile=True))
     assert out == run(Engine(model))
     assert "does not support this model" in caplog.text
+
+
+def record_prefills(model) -> list[tuple[int, int]]:
+    """(cached positions, new tokens) of each prefill the model runs from now on."""
+    prefills = []
+
+    def hook(module, args, kwargs):
+        if kwargs.get("logits_to_keep"):  # prefill and window refills ask for the last logits
+            cache = kwargs.get("kv_cache")
+            prefills.append((cache.pos if cache is not None else 0, args[0].size(1)))
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return prefills
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["model", "step"])
+def test_a_kept_cache_prefills_only_new_tokens_and_changes_nothing(compile, eager_step):
+    model = tiny(block_size=64, **LLAMA)
+    fresh = Engine(model)
+    kept = Engine(model, compile=compile)
+    cache = kept.new_cache()
+    prefills = record_prefills(model)
+    settings = SamplingSettings(max_new_tokens=8, temperature=0)
+    first = [1, 2, 3, 4, 5]
+    out = [t[0] for t in run(kept, first, settings, cache=cache)]
+    assert out == [t[0] for t in run(fresh, first, settings)]
+    # The cache holds the prompt and the tokens fed back: all replies but the last.
+    assert cache.pos == 5 + 7 and cache.ids[0, :cache.pos].tolist() == first + out[:-1]
+    growing = first + out + [6, 7]  # the next prompt appends to the whole exchange
+    diverging = growing[:3] + [9, 9, 9]  # differs from position 3 on
+    for prompt, shared in ((growing, len(first) + 7), (diverging, 3)):
+        prefills.clear()
+        assert run(kept, prompt, settings, cache=cache) == run(fresh, prompt, settings)
+        assert prefills[0] == (shared, len(prompt) - shared)
+    assert kept.compile == compile and (kept.decoder is not None) == compile
+    prefills.clear()
+    run(kept, diverging, settings, cache=cache)  # the same prompt again: only its last token runs
+    assert prefills == [(len(diverging) - 1, 1)]
+
+
+def test_a_kept_cache_with_a_prompt_longer_than_the_window_starts_over(eager_step):
+    model = tiny(block_size=16, **GPT2)
+    kept = Engine(model, compile=True)
+    cache = kept.new_cache()
+    settings = SamplingSettings(max_new_tokens=30, temperature=0)
+    short, long = [1, 2, 3], list(range(1, 21))
+    for prompt in (short, long, short):  # the window slides within and across calls
+        assert run(kept, prompt, settings, cache=cache) == run(Engine(model), prompt, settings)
+
+
+def test_a_kept_cache_must_have_one_row_per_sample():
+    eng = Engine(tiny(**GPT2))
+    with pytest.raises(ValueError, match="cache holds 1 rows"):
+        run(eng, num_samples=2, cache=eng.new_cache(1))

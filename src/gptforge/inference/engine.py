@@ -15,6 +15,12 @@ once and decodes through the model.
 
 ``generate`` is a Python generator yielding one tensor of B new ids per step, so callers can
 stream output as it is produced.
+
+By default each call starts from an empty cache. A caller that sends prompts growing by appending
+(a chat: every turn re-sends the conversation so far) can keep one cache across calls
+(``cache=engine.new_cache()``): the positions whose token ids the new prompt shares with the cache
+keep their keys and values, and only the rest of the prompt is prefilled. The output is the same
+as from an empty cache, since a position's keys and values depend only on the tokens up to it.
 """
 
 from __future__ import annotations
@@ -54,17 +60,28 @@ class Engine:
         self.compile, self.weight_dtype = compile, weight_dtype
         self.decoder = None  # the compiled step, built on first use
 
+    def new_cache(self, batch_size: int = 1) -> KVCache:
+        """An empty cache for ``generate(..., cache=)`` (the compiled step with bf16 weights also
+        keeps keys/values in bf16)."""
+        return KVCache.for_model(self.model, batch_size,
+                                 dtype=self.weight_dtype if self.compile else None)
+
     @torch.inference_mode()
     def generate(self, prompt: Sequence[int], settings: SamplingSettings, *,
                  num_samples: int = 1, stop_ids: Sequence[int] = (),
-                 banned_ids: Sequence[int] = (),
-                 use_cache: bool = True) -> Iterator[torch.Tensor]:
+                 banned_ids: Sequence[int] = (), use_cache: bool = True,
+                 cache: KVCache | None = None) -> Iterator[torch.Tensor]:
         """Yield (num_samples,) new token ids per step until max_new_tokens or all rows stop.
 
         ``banned_ids`` are never sampled (their logits are set to -inf), e.g. the chat markers
-        that only the template may write."""
+        that only the template may write. ``cache`` (from :meth:`new_cache`, ``num_samples``
+        rows): start from what it holds instead of an empty cache, and leave in it the prompt and
+        the tokens fed back, for the next call. One generation at a time may use a cache."""
         if not prompt:
             raise ValueError("the prompt must contain at least one token")
+        if cache is not None and cache.batch_size != num_samples:
+            raise ValueError(f"the cache holds {cache.batch_size} rows, not num_samples "
+                             f"({num_samples})")
         gen = None
         if settings.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(settings.seed)
@@ -73,11 +90,11 @@ class Engine:
         tokens = torch.empty(num_samples, n + settings.max_new_tokens, dtype=torch.long,
                              device=self.device)
         tokens[:, :n] = torch.tensor(list(prompt), dtype=torch.long, device=self.device)
-        cache = None
-        if use_cache:  # the compiled step with bf16 weights also keeps keys/values in bf16
-            dtype = self.weight_dtype if self.compile else None
-            cache = KVCache.for_model(self.model, num_samples, dtype=dtype)
-        logits = self._forward_window(tokens[:, :n], cache)
+        if not use_cache:
+            cache = None
+        elif cache is None:
+            cache = self.new_cache(num_samples)
+        logits = self._prefill(tokens[:, :n], cache)
         done = torch.zeros(num_samples, dtype=torch.bool, device=self.device)
         stops = torch.tensor(list(stop_ids), dtype=torch.long, device=self.device)
         banned = torch.tensor(list(banned_ids), dtype=torch.long, device=self.device)
@@ -108,6 +125,7 @@ class Engine:
             return self._logits(self.model(tokens[:, -self.block_size:], logits_to_keep=1))
         if cache.pos >= self.block_size:  # window full: keep the newest half and refill
             return self._forward_window(tokens, cache)
+        cache.record(tokens[:, -1:])
         if self.compile:
             logits = self._compiled_step(tokens[:, -1:], cache)
             if logits is not None:
@@ -140,10 +158,22 @@ class Engine:
         self.compile = False
         return None
 
+    def _prefill(self, tokens: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """Logits after the prompt ``tokens``, running only the part ``cache`` does not hold."""
+        n = tokens.size(1)
+        if cache is None or n >= self.block_size:  # positions will shift: nothing to reuse
+            return self._forward_window(tokens, cache)
+        # Keep at least the last prompt token to run: its forward pass gives the next logits.
+        start = cache.shared_prefix(tokens[:, :n - 1])
+        cache.rewind(start)
+        cache.record(tokens[:, start:])
+        return self._logits(self.model(tokens[:, start:], kv_cache=cache, logits_to_keep=1))
+
     def _forward_window(self, tokens: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         """Logits after the last ``block_size`` tokens (half of them when refilling a cache)."""
         keep = self.block_size if cache is None or tokens.size(1) < self.block_size \
             else self.block_size // 2
         if cache is not None:
             cache.reset()
+            cache.record(tokens[:, -keep:])
         return self._logits(self.model(tokens[:, -keep:], kv_cache=cache, logits_to_keep=1))
