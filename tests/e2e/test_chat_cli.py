@@ -50,3 +50,34 @@ def test_end_of_input_quits_and_bad_input_is_reported(tmp_path, monkeypatch, cap
     out, err = capsys.readouterr()
     assert "error:" in err and "'\u00e9'" in err and "unknown command /nonsense" in out
     assert out.count("assistant> ") == 1  # only hello got a reply
+
+
+def test_replies_are_those_of_a_fresh_prefill_every_turn(tmp_path, monkeypatch, capsys):
+    """The REPL keeps its KV cache between turns; /reset and /system change the prompt's start."""
+    import gptforge
+    from gptforge.inference.chat import fit_conversation, stream_reply
+    from gptforge.inference.engine import SamplingSettings
+
+    base, _, _ = make_base(tmp_path, init_std=0.3)  # a wide init: varied replies
+    lines = ["hello", "how are you?", "/reset", "fine.", "/system Be brief.", "ok", "and?"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+    assert main(["chat", str(base), "--device", "cpu", "--temperature", "0",
+                 "--max-new-tokens", "8", "--system", "You are kind."]) == 0
+    out = capsys.readouterr().out
+
+    generator = gptforge.load(base, device="cpu")  # every prompt prefilled from an empty cache
+    settings = SamplingSettings(max_new_tokens=8, temperature=0)
+    system, history, expected = "You are kind.", [], ""
+    for line in lines:
+        if line == "/reset":
+            history, expected = [], expected + "(conversation cleared)\n"
+        elif line.startswith("/system "):
+            system, expected = line.removeprefix("/system "), expected + "(system message set)\n"
+        else:
+            head = [{"role": "system", "content": system}]
+            fitted, prompt = fit_conversation(generator.tokenizer, head + history + [
+                {"role": "user", "content": line}], 64 - 8)
+            reply = "".join(stream_reply(generator, prompt, settings))
+            history = fitted[1:] + [{"role": "assistant", "content": reply}]
+            expected += f"assistant> {reply}\n"
+    assert out == expected

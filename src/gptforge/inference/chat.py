@@ -11,7 +11,16 @@ oldest user/assistant turns are dropped first (the system message always stays);
 message alone is still too long, its beginning is cut off, with a warning.
 
 :class:`ChatSession` keeps the history for ``gptforge chat``; ``TextGenerator.chat(messages)``
-(:func:`complete_chat`) answers one message list and keeps nothing.
+(:func:`complete_chat`) answers one message list and keeps no history.
+
+Each reply is generated from the whole rendered conversation, but not computed from scratch: a
+session keeps its KV cache (and the token ids it holds) from one reply to the next, and the engine
+prefills only the tokens of the new prompt beyond the longest prefix it shares with the cache
+(see ``engine.py``). After a reply the cache holds the previous prompt and the reply's tokens, so
+the new prompt usually differs only by ``<|end|>`` and the new user turn. Wherever the rendering
+changes earlier (old turns dropped to fit, a new system message, a reset, or a reply whose text
+re-encodes to other ids than were sampled, as byte-level BPE may), the cache is kept up to the
+first differing token and the rest is recomputed, so replies are those of a fresh prefill.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from gptforge.errors import GptforgeError
 from gptforge.inference.engine import SamplingSettings
+from gptforge.inference.kv_cache import KVCache
 from gptforge.tokenizer.chat_template import check_messages, render_prompt, stop_ids
 
 if TYPE_CHECKING:
@@ -95,25 +105,31 @@ def _cut_left(tokenizer, head: list[dict], message: dict, budget: int) -> dict:
     return {**message, "content": text[len(text) - lo:]}
 
 
-def stream_reply(generator: TextGenerator, prompt: list[int],
-                 settings: SamplingSettings) -> Iterator[str]:
-    """Text pieces of the assistant's reply to the rendered ``prompt``, until its turn ends."""
+def stream_reply(generator: TextGenerator, prompt: list[int], settings: SamplingSettings,
+                 cache: KVCache | None = None) -> Iterator[str]:
+    """Text pieces of the assistant's reply to the rendered ``prompt``, until its turn ends.
+
+    With a ``cache`` (``generator.engine.new_cache()``) kept from the previous reply, only the
+    part of ``prompt`` it does not hold is prefilled."""
     tokenizer = generator.tokenizer
     stops = stop_ids(tokenizer)
     banned = sorted(set(tokenizer.special_tokens.values()) - set(stops))
-    steps = generator.engine.generate(prompt, settings, stop_ids=stops, banned_ids=banned)
+    steps = generator.engine.generate(prompt, settings, stop_ids=stops, banned_ids=banned,
+                                      cache=cache)
     yield from generator.decode_stream(steps, stops)
 
 
 def complete_chat(generator: TextGenerator, messages: list[dict], *,
-                  max_new_tokens: int | None = None, **sampling) -> str:
-    """The assistant's reply to ``messages`` (fitted to the context window first)."""
+                  max_new_tokens: int | None = None, cache: KVCache | None = None,
+                  **sampling) -> str:
+    """The assistant's reply to ``messages`` (fitted to the context window first); ``cache``:
+    see :func:`stream_reply`."""
     block_size = generator.model.config.block_size
     max_new_tokens = max_new_tokens or default_max_new_tokens(block_size)
     budget = prompt_budget(block_size, max_new_tokens)
     _, prompt = fit_conversation(generator.tokenizer, list(messages), budget)
     settings = SamplingSettings(max_new_tokens=max_new_tokens, **sampling)
-    return "".join(stream_reply(generator, prompt, settings))
+    return "".join(stream_reply(generator, prompt, settings, cache))
 
 
 class ChatSession:
@@ -123,6 +139,8 @@ class ChatSession:
     model last saw them: turns dropped to fit the context are gone from it too. ``system`` is kept
     apart and sent first with every reply. ``sampling`` are :class:`SamplingSettings` fields; with
     a ``seed``, the n-th reply uses ``seed + n``, so a session is reproducible but replies differ.
+    ``cache`` is the KV cache kept between replies (see the module docstring); read one reply to
+    its end (or close it) before asking for the next.
     """
 
     def __init__(self, generator: TextGenerator, system: str | None = None,
@@ -136,6 +154,7 @@ class ChatSession:
         self.settings = SamplingSettings(max_new_tokens=self.max_new_tokens, **sampling)
         self.history: list[dict] = []
         self.replies = 0
+        self.cache = generator.engine.new_cache()
 
     def messages(self) -> list[dict]:
         """The system message (if any) followed by the history."""
@@ -143,7 +162,8 @@ class ChatSession:
         return head + self.history
 
     def reset(self) -> None:
-        """Forget the turns; the system message stays."""
+        """Forget the turns; the system message stays (and so do its keys/values in the cache:
+        the next prompt starts with it, and everything after it is recomputed)."""
         self.history = []
 
     def reply(self, user_text: str) -> Iterator[str]:
@@ -162,7 +182,7 @@ class ChatSession:
                 settings: SamplingSettings) -> Iterator[str]:
         pieces: list[str] = []
         try:
-            for piece in stream_reply(self.generator, prompt, settings):
+            for piece in stream_reply(self.generator, prompt, settings, self.cache):
                 pieces.append(piece)
                 yield piece
         finally:

@@ -8,6 +8,7 @@ the new suffix, which is correct for tokenizers whose tokens are partial UTF-8 c
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,6 +41,8 @@ class TextGenerator:
             weight_dtype = torch.bfloat16
         self.engine = Engine(model, vocab_size=tokenizer.vocab_size, compile=compile,
                              weight_dtype=weight_dtype)
+        self._chat_cache = None  # the KV cache .chat() keeps from one call to the next
+        self._chat_cache_lock = threading.Lock()
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto",
@@ -92,11 +95,22 @@ class TextGenerator:
         return texts[0] if num_samples == 1 else texts
 
     def chat(self, messages: list[dict], **kwargs) -> str:
-        """The assistant's reply to a conversation ``[{"role", "content"}, ...]``; no state kept.
+        """The assistant's reply to a conversation ``[{"role", "content"}, ...]``.
 
         ``kwargs`` are sampling settings (``max_new_tokens``, ``temperature``, ...); the oldest
-        turns are left out if the conversation does not fit the context (see ``chat.py``).
+        turns are left out if the conversation does not fit the context (see ``chat.py``). No
+        history is kept, only the KV cache of the last call: a conversation passed again with
+        one more turn prefills just the new tokens. The reply does not depend on it.
         """
         from gptforge.inference.chat import complete_chat
 
-        return complete_chat(self, messages, **kwargs)
+        # Calls from several threads at once: the one holding the kept cache uses it, the others
+        # start from an empty one.
+        if not self._chat_cache_lock.acquire(blocking=False):
+            return complete_chat(self, messages, **kwargs)
+        try:
+            if self._chat_cache is None:
+                self._chat_cache = self.engine.new_cache()
+            return complete_chat(self, messages, cache=self._chat_cache, **kwargs)
+        finally:
+            self._chat_cache_lock.release()
