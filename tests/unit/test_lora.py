@@ -212,7 +212,7 @@ def test_missing_or_changed_base_is_an_error(lora_ckpt, tmp_path):
     shutil.move(moved, base)
     meta["lora"]["base_sha256"] = "0" * 64
     meta_file.write_text(json.dumps(meta))
-    with pytest.raises(GptforgeError, match="has changed since the adapters"):
+    with pytest.raises(GptforgeError, match="have changed since the adapters"):
         gptforge.load(ckpt, device="cpu")
 
 
