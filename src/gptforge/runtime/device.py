@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,10 @@ def resolve_precision(device: torch.device, name: str) -> Precision:
     if name == "float16" and device.type == "cpu":
         raise GptforgeError("runtime.dtype=float16 is not supported on CPU; "
                             "use bfloat16 or float32")
+    if name == "bfloat16" and device.type == "cuda" \
+            and not torch.cuda.is_bf16_supported(including_emulation=False):
+        log.warning("runtime.dtype=bfloat16: this GPU has no native bf16 (it predates Ampere), "
+                    "so it is emulated and slow; runtime.dtype=auto picks float16 here")
     return Precision(device, DTYPES[name])
 
 
@@ -123,24 +128,72 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# Dense 16-bit (bf16, or fp16 where a GPU has no bf16) peak FLOP/s from vendor datasheets, for MFU.
-GPU_PEAK_16BIT = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12,
-                 "L40S": 362e12, "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12}
+# Dense (not 2:4-sparse) bf16/fp16 tensor-core peak FLOP/s with float32 accumulation, from the
+# vendor datasheets (which quote sparse figures: these are half of them), for MFU. Patterns are
+# tried in order against torch.cuda.get_device_name(), so specific variants come first:
+# "NVIDIA H100 80GB HBM3" is the SXM part, "NVIDIA H100 PCIe" and "NVIDIA H100 NVL" are not.
+GPU_PEAK_16BIT: tuple[tuple[str, float], ...] = (
+    (r"\bGB200\b", 2.5e15),
+    (r"\bB200\b", 2.25e15),  # HGX B200 (1000 W)
+    (r"\bH[12]00\b.*\bNVL\b", 835e12),
+    (r"\bH[18]00\b.*\bPCIe\b", 756e12),
+    (r"\b(GH200|H200|H100|H800)\b", 989e12),  # SXM: H200 has H100's compute, more memory
+    (r"\bH20\b", 148e12),
+    (r"\b(A100|A800)\b", 312e12),  # SXM and PCIe alike
+    (r"\bA30\b", 165e12),
+    (r"\bA40\b", 149.7e12),
+    (r"\bA10\b", 125e12),  # not the A10G (AWS), whose tensor rate is lower: measured instead
+    (r"\bL40S\b", 362e12),
+    (r"\bL40\b", 181e12),
+    (r"\bL4\b", 121e12),
+    (r"\b4090\b", 165e12),  # GeForce: fp32 accumulation runs at half the fp16-accumulate rate
+    (r"\b3090 Ti\b", 80e12),
+    (r"\b3090\b", 71e12),
+    (r"\bV100S\b", 130e12),  # Volta and Turing: fp16 only (no bf16, no TF32)
+    (r"\bV100\b.*\bPCIE\b", 112e12),
+    (r"\bV100\b", 125e12),
+    (r"\bT4\b", 65e12),
+)
+
+
+def gpu_peak_flops(name: str, dtype: torch.dtype, capability: tuple[int, int]) -> float | None:
+    """Datasheet peak FLOP/s of the GPU called ``name`` for ``dtype`` matmuls; None if unknown.
+
+    float32 matmuls run as TF32 (``enable_tf32``), at half the 16-bit rate, on Ampere (compute
+    capability 8.0) and later; older GPUs have no TF32 and a MIG slice only part of the GPU, so
+    those are measured instead.
+    """
+    if "MIG" in name or (dtype == torch.float32 and capability < (8, 0)):
+        return None
+    for pattern, flops in GPU_PEAK_16BIT:
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            return flops / 2 if dtype == torch.float32 else flops
+    return None
 
 
 def peak_flops(precision: Precision) -> float:
     """Peak matmul FLOP/s to divide by for MFU: a datasheet figure on GPUs, measured on CPU."""
     if precision.device.type == "cuda":
-        gpu = torch.cuda.get_device_name(precision.device)
-        for key, flops in GPU_PEAK_16BIT.items():
-            if key in gpu:  # float32 matmuls run as TF32 (enabled by the trainer) at half rate
-                return flops if precision.dtype != torch.float32 else flops / 2
+        name = torch.cuda.get_device_name(precision.device)
+        capability = torch.cuda.get_device_capability(precision.device)
+        flops = gpu_peak_flops(name, precision.dtype, capability)
+        if flops is not None:
+            log.debug("peak %.0f TFLOP/s (%s, %s datasheet)", flops / 1e12, precision.name, name)
+            return flops
+        log.info("%s is not in the peak-FLOP/s table: MFU is relative to a measured matmul", name)
     return measure_matmul_flops(precision)
 
 
-def measure_matmul_flops(precision: Precision, n: int = 1024, seconds: float = 0.3) -> float:
-    """Best observed FLOP/s of an n×n×n matmul in the compute dtype (CPU peak varies by machine)."""
-    dtype = precision.dtype if precision.dtype != torch.float16 else torch.float32
+def measure_matmul_flops(precision: Precision, n: int | None = None,
+                         seconds: float = 0.3) -> float:
+    """Best observed FLOP/s of an n×n×n matmul in the compute dtype (CPU peak varies by machine).
+
+    On a GPU the matrices are 4096 wide: at 1024 an H100 spends more time launching than computing.
+    """
+    n = n or (4096 if precision.device.type == "cuda" else 1024)
+    dtype = precision.dtype
+    if dtype == torch.float16 and precision.device.type == "cpu":
+        dtype = torch.float32
     a = torch.randn(n, n, device=precision.device, dtype=dtype)
     b = torch.randn(n, n, device=precision.device, dtype=dtype)
     best, deadline = 0.0, time.perf_counter() + seconds
@@ -163,7 +216,12 @@ def synchronize(device: torch.device) -> None:
 
 
 def enable_tf32(device: torch.device) -> None:
-    """Let float32 matmuls use TF32 tensor cores on Ampere+ GPUs (10-bit mantissa, ~8x faster)."""
+    """Let float32 matmuls use TF32 tensor cores on Ampere+ GPUs (10-bit mantissa, ~8x faster).
+
+    The ``allow_tf32`` flags, not the per-backend ``fp32_precision = "tf32"`` settings of torch
+    2.9+: once those are written, the legacy getters raise, and Inductor (torch.compile) still
+    reads ``torch.get_float32_matmul_precision()`` for its cache keys (pytorch/pytorch#189955).
+    """
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
