@@ -7,6 +7,7 @@ from gptforge.errors import GptforgeError
 from gptforge.runtime.batch_size import (
     auto_batch_size,
     cuda_probe,
+    eager_module,
     is_out_of_memory,
     largest_fitting,
     reserve_bytes,
@@ -155,6 +156,7 @@ def test_the_eager_module_inside_compile_is_probed():
 
     fits = cuda_probe(Compiled(model), LanguageModeling(), CPU, block_size=8, vocab_size=64)
     assert fits(2)
+    assert eager_module(torch.compile(model)) == (model, False)  # the real wrapper (lazy)
 
 
 def test_reserve_covers_optimizer_state_ddp_buckets_and_margin():
