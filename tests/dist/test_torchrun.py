@@ -121,3 +121,31 @@ def test_sharded_resume_two_to_one(runs, tmp_path):
     assert main(["train", "--resume", str(run), "train.batch_size=4", "runtime.threads=1",
                  "runtime.progress=false"]) == 0
     assert losses(run, 11) == pytest.approx(losses(runs / "single", 11), rel=1e-4)
+
+
+def test_sft_on_two_processes_matches_one(tmp_path):
+    """Ranks hold different numbers of assistant tokens; the step's loss and update are still
+    the mean over every assistant token of the global batch, as in one process."""
+    import json
+
+    from gptforge.data import synthetic
+
+    problems = synthetic.problems(max_operand=99)[::391][:25]  # answers of 1, 2 and 3 digits
+    (tmp_path / "eq.txt").write_text(synthetic.pretraining_text(problems, repeats=4)
+                                     + "0123456789\n")
+    assert main(["prepare", "--input", str(tmp_path / "eq.txt"), "--tokenizer", "char", "--out",
+                 str(tmp_path / "data"), "--workers", "1", "--no-progress"]) == 0
+    quiet = ["runtime.progress=false", "runtime.device=cpu", "runtime.tensorboard=false",
+             "train.sample_tokens=0"]
+    assert main(["train", "-c", "tiny", *quiet, f"data.dir={tmp_path / 'data'}",
+                 f"train.out_dir={tmp_path / 'base'}", "train.max_steps=2", "model.dropout=0",
+                 "train.eval_steps=1"]) == 0
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic.sft_records(problems)))
+    sft = ["sft", f"init_from={tmp_path / 'base'}", f"finetune.data={data}", *quiet,
+           "finetune.val_fraction=0", "train.max_steps=5", "train.log_interval=1",
+           "train.eval_interval=1000", "optim.lr=3e-3"]
+    assert main([*sft, f"train.out_dir={tmp_path / 'one'}", "train.batch_size=4",
+                 "runtime.threads=1"]) == 0
+    torchrun(*sft, f"train.out_dir={tmp_path / 'two'}", "train.batch_size=2")
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)

@@ -82,6 +82,29 @@ def test_lora_sft_saves_adapters_resumes_and_chats(task, tmp_path):
     assert isinstance(reply, str)
 
 
+def test_sft_loss_does_not_depend_on_how_the_batch_is_split(task, tmp_path):
+    """5 conversations per step as 1 x 5 or 5 x 1 micro-batches: the same loss and the same
+    update, because each micro-batch weighs by its share of the step's assistant tokens (which
+    differ: answers of 1 to 3 digits). 25 conversations: no epoch ends inside a step."""
+    base = tmp_path / "base"
+    assert main(["train", *TINY_MODEL, *QUIET, f"data.dir={task['root'] / 'data'}",
+                 f"train.out_dir={base}", "train.max_steps=2", "train.batch_size=4",
+                 "train.eval_steps=1", "model.dropout=0"]) == 0
+    records = synthetic.sft_records(synthetic.problems(max_operand=99)[::391][:25])
+    lengths = {len(r["messages"][1]["content"]) for r in records}
+    assert len(records) == 25 and lengths == {1, 2, 3}, lengths
+    data = write_jsonl(tmp_path / "sft.jsonl", records)
+    runs = []
+    for batch, accum in ((5, 1), (1, 5)):
+        run = tmp_path / f"b{batch}"
+        assert main(sft_args({**task, "base": base, "sft": data}, run, "train.max_steps=6",
+                             f"train.batch_size={batch}", f"train.grad_accum={accum}",
+                             "train.log_interval=1")) == 0
+        runs.append([r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r])
+    assert len(runs[0]) == 6
+    assert runs[1] == pytest.approx(runs[0], rel=1e-5)
+
+
 def test_finetuning_from_a_sharded_checkpoint(task, tmp_path):
     """A base saved as DCP shards: LoRA adapters record its fingerprint (and are saved in full
     although sharded checkpoints were asked for); full SFT saves sharded and resumes."""

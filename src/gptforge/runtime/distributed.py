@@ -108,12 +108,15 @@ def gradient_sync(model: nn.Module, enabled: bool):
     return contextlib.nullcontext()
 
 
-def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= info.world_size
     return value
+
+
+def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    return all_reduce_sum(value, info) / info.world_size
 
 
 def gather_objects(obj, info: DistInfo) -> list:
@@ -123,6 +126,15 @@ def gather_objects(obj, info: DistInfo) -> list:
     out = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def sum_over_ranks(value: int, info: DistInfo, device: torch.device) -> int:
+    """The sum of ``value`` over all ranks (every rank gets it)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], device=device, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return int(t.item())
 
 
 def min_over_ranks(value: int, info: DistInfo, device: torch.device) -> int:

@@ -1,8 +1,9 @@
 """The training loop shared by every stage (pretraining now; SFT and DPO plug in objectives).
 
-One optimizer step = ``grad_accum`` micro-batches forward and backward (gradients summed, each loss
-divided by ``grad_accum`` so the sum is a mean), gradient clipping, the learning rate for this
-step, the optimizer update. Around it: logging, evaluation, checkpoints, early stopping, and
+One optimizer step = ``grad_accum`` micro-batches forward and backward (gradients summed, each
+micro-batch's mean loss weighted by its share of the step's loss terms, so the sum is the mean
+over every term of the step, on every rank), gradient clipping, the learning rate for this step,
+the optimizer update. Around it: logging, evaluation, checkpoints, early stopping, and
 clean stops on SIGINT/SIGTERM or a non-finite loss.
 
 Everything that must survive a crash is saved in each checkpoint: the weights, and in
@@ -152,14 +153,20 @@ class Trainer:
         total = torch.zeros((), device=self.precision.device)
         accum = grad_accum_at(self.state.step, tc.grad_accum, self.cfg.schedule)
         metrics: dict[str, float] = {}
-        for micro in range(accum):
-            batch = tuple(t.to(self.precision.device, non_blocking=True)
-                          for t in self.train_loader.next_batch())
+        # The loss terms (e.g. assistant tokens) of every micro-batch on every rank, counted
+        # first: each micro-batch's mean loss then weighs n_i / terms, and the data-parallel
+        # gradient average (which divides by the world size) is undone by the factor world_size.
+        batches = [self.train_loader.next_batch() for _ in range(accum)]
+        counts = [self.objective.loss_terms(b) for b in batches]
+        terms = max(1, distributed.sum_over_ranks(sum(counts), self.dist, self.precision.device))
+        for micro, (batch, n) in enumerate(zip(batches, counts)):
+            batch = tuple(t.to(self.precision.device, non_blocking=True) for t in batch)
+            weight = n * self.world_size / terms
             with distributed.gradient_sync(self.train_model, micro == accum - 1):
                 with self.precision.autocast():
                     loss, _ = self.objective(self.train_model, batch)
-                self.scaler.scale(loss / accum).backward()
-            total += loss.detach()
+                self.scaler.scale(loss * weight).backward()
+            total += loss.detach() * weight
             for key, value in getattr(self.objective, "metrics", {}).items():
                 metrics[key] = metrics.get(key, 0.0) + float(value) / accum
         self.scaler.unscale_(self.optimizer)
@@ -168,7 +175,7 @@ class Trainer:
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
         # Every rank sees the same loss and norm, so all of them take the same decision.
-        mean_loss = float(distributed.all_reduce_mean(total, self.dist)) / accum
+        mean_loss = float(distributed.all_reduce_mean(total, self.dist))
         self.guard.check(mean_loss, float(grad_norm))  # raises Anomaly before any harm is done
         self.guard.accept(mean_loss)
         self._set_hyperparameters()

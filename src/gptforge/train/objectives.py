@@ -9,6 +9,13 @@ count, and how many tokens those were. ``batch`` is the tuple of tensors the sta
 ``self.metrics`` describing its last call (e.g. DPO's reward margin); the loop averages them over
 the micro-batches of a step and logs them next to the loss (``val_``-prefixed when evaluating).
 
+``loss_terms(batch)`` says, before any forward pass, how many terms the loss of ``batch``
+averages: tokens for language modelling, counted (assistant) tokens for SFT, pairs for DPO. The
+loop weighs each micro-batch by it, so that a step's loss is the mean over all its terms, on all
+ranks: the same as one big batch. Averaging micro-batch means instead would give a token in a
+micro-batch with few assistant tokens more weight than one in a full micro-batch, so the result
+would change with the micro-batch size and the number of processes.
+
 A mixture-of-experts model also has auxiliary router losses (``GPT.aux_loss()``). They are added
 so that they contribute their gradient but not their value: the returned loss (which the loop
 backpropagates, logs and checks for NaN) reads as the plain next-token loss, comparable between
@@ -63,6 +70,9 @@ class LanguageModeling:
             loss = with_aux_gradient(loss, aux_loss())
         return loss, y.numel()
 
+    def loss_terms(self, batch: tuple[torch.Tensor, ...]) -> int:
+        return batch[1].numel()
+
 
 def aux_loss_of(model: nn.Module) -> torch.Tensor | None:
     """The MoE router losses of ``model``'s last forward (None for a dense model)."""
@@ -101,6 +111,9 @@ class MaskedLanguageModeling:
                                ignore_index=IGNORE_INDEX, reduction="sum") / n_tokens.clamp(min=1)
         loss = with_aux_gradient(loss, aux_loss_of(model))
         return loss, int(n_tokens)
+
+    def loss_terms(self, batch: tuple[torch.Tensor, ...]) -> int:
+        return int((batch[1] != IGNORE_INDEX).sum())
 
 
 class DirectPreference:
@@ -155,3 +168,6 @@ class DirectPreference:
                         "chosen_reward": float(rewards[:B].mean()),
                         "rejected_reward": float(rewards[B:].mean())}
         return with_aux_gradient(loss, aux), int((y != IGNORE_INDEX).sum())
+
+    def loss_terms(self, batch: tuple[torch.Tensor, ...]) -> int:
+        return batch[0].size(0)  # the loss is a mean over pairs
