@@ -195,12 +195,13 @@ def test_ddp_is_unwrapped_and_still_trains_afterwards(one_process_group):
 
 
 def test_an_fsdp_sharded_model_is_refused(one_process_group):
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from gptforge.train.objectives import LanguageModeling
 
     model = tiny_gpt()
-    fully_shard(model)
+    fully_shard(model, mesh=init_device_mesh("cpu", (1,)))  # CPU even where CUDA is present
     with pytest.raises(GptforgeError, match="already sharded with FSDP"):
         cuda_probe(model, LanguageModeling(), CPU, block_size=8, vocab_size=64)
 
