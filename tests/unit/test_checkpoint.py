@@ -105,6 +105,10 @@ def test_sharded_checkpoint_round_trip_and_fit_checks(setup):
     assert json.loads((ckpt / "model.json").read_text())["weights"] == "sharded"
     assert checkpoint.latest_checkpoint(run) == ckpt
     assert not list((run / "ckpt").glob(".tmp-*"))
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(str(ckpt / "model")).read_metadata().state_dict_metadata
+    assert "tok_emb.weight" in saved and "lm_head.weight" not in saved  # tied: stored once
 
     other = GPT(cfg)
     checkpoint.load_weights(other, ckpt)

@@ -275,11 +275,18 @@ def _saved_names(path) -> dict:
     return FileSystemReader(str(path)).read_metadata().state_dict_metadata
 
 
-def save_sharded_model(model: nn.Module, path) -> None:
-    """Write the model's weights as a DCP checkpoint at ``path`` (a collective)."""
+def _model_state(model: nn.Module) -> dict:
+    """The model's (possibly sharded) weights by name, a tied weight under its first name only."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    _dcp("save", get_model_state_dict(model), path)
+    from gptforge.checkpoint import weights_to_save
+
+    return weights_to_save(model, get_model_state_dict(model))
+
+
+def save_sharded_model(model: nn.Module, path) -> None:
+    """Write the model's weights as a DCP checkpoint at ``path`` (a collective)."""
+    _dcp("save", _model_state(model), path)
 
 
 def save_sharded_optimizer(model: nn.Module, optimizer, path) -> None:
@@ -295,9 +302,9 @@ def load_sharded_model(model: nn.Module, path) -> None:
 
     Every name of the model must be in the checkpoint with the same shape, and vice versa.
     """
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    state = get_model_state_dict(model)
+    state = _model_state(model)
     saved = _saved_names(path)
     missing, unexpected = sorted(set(state) - set(saved)), sorted(set(saved) - set(state))
     wrong_shape = sorted(k for k in set(state) & set(saved)
@@ -308,7 +315,8 @@ def load_sharded_model(model: nn.Module, path) -> None:
                             ("wrong shape", wrong_shape)) if names)
         raise GptforgeError(f"{path}: weights do not fit the model ({detail})")
     _dcp("load", state, path)
-    set_model_state_dict(model, state)
+    # Tied aliases are absent from ``state``: loading their first name fills them too.
+    set_model_state_dict(model, state, options=StateDictOptions(strict=False))
 
 
 def load_sharded_optimizer(model: nn.Module, optimizer, path) -> None:
