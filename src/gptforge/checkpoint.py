@@ -231,6 +231,9 @@ def prune_checkpoints(run_dir: Path, keep_last: int, keep_best: int) -> list[Pat
     latest = latest_checkpoint(run_dir)
     keep |= {latest} if latest else set()
     removed = [p for p in ckpts if p not in keep]
+    # Also what a crash in the middle of a save left behind (called between saves, so no
+    # temporary directory here is still being written).
+    removed += [p for p in root.glob(".tmp-*") if p.is_dir()]
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     if scored:

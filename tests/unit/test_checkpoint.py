@@ -63,8 +63,11 @@ def test_pruning_keeps_newest_and_best(setup):
     cfg, model, tok, run = setup
     for step, loss in [(1, 3.0), (2, 1.0), (3, 2.0), (4, 2.5), (5, None)]:
         save(run, model, cfg, tok, step, val_loss=loss)
+    (checkpoint.staging_dir(run, 6) / "model").mkdir(parents=True)  # a crash mid-save left it
     removed = checkpoint.prune_checkpoints(run, keep_last=2, keep_best=1)
-    assert sorted(p.name for p in removed) == ["step-000001", "step-000003"]
+    assert sorted(p.name for p in removed) == [".tmp-step-000006-sharded", "step-000001",
+                                               "step-000003"]
+    assert not checkpoint.staging_dir(run, 6).exists()
     assert (run / "best").read_text().strip() == "ckpt/step-000002"
 
 
