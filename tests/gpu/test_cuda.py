@@ -88,15 +88,15 @@ def test_cuda_search_restores_state_and_memory():
     precision = resolve_precision(torch.device("cuda"), "auto")
     model = GPT(ModelConfig(vocab_size=50304, n_layer=4, n_head=4, n_embd=256,
                             block_size=1024, dropout=0.1)).cuda()
+    probe = cuda_probe(model, LanguageModeling(), precision, 1024, 50304)
+    assert probe(1)  # also creates what CUDA libraries keep for good (cuBLAS workspaces)
     rng = torch.cuda.get_rng_state()
     before = torch.cuda.memory_allocated()
-    probe = cuda_probe(model, LanguageModeling(), precision, 1024, 50304)
     batch = auto_batch_size(probe, 1024 * 1024, 1024, 1)  # stops at the first OOM (or 1024)
     assert batch >= 1 and batch & (batch - 1) == 0
     assert torch.equal(torch.cuda.get_rng_state(), rng)
     assert all(p.grad is None for p in model.parameters())
-    # Nothing of any probe is left alive (cuBLAS keeps its workspaces: a few MiB).
-    assert torch.cuda.memory_allocated() - before < 64 * 2**20
+    assert torch.cuda.memory_allocated() - before < 16 * 2**20  # no probe left anything alive
 
 
 @pytest.fixture
