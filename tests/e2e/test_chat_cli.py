@@ -81,3 +81,24 @@ def test_replies_are_those_of_a_fresh_prefill_every_turn(tmp_path, monkeypatch, 
             history = fitted[1:] + [{"role": "assistant", "content": reply}]
             expected += f"assistant> {reply}\n"
     assert out == expected
+
+
+def test_compile_flag_gives_the_same_replies(tmp_path, monkeypatch, capsys):
+    """``--compile`` takes the static-shape decode step (run uncompiled here: a real compile
+    takes half a minute and is tested in test_engine.py); the replies do not change."""
+    from gptforge.inference import decode
+
+    base, _, _ = make_base(tmp_path)
+    talk = "hello\nhow are you?\n"
+    outputs = []
+    for flags in ([], ["--compile"]):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(talk))
+        if flags:
+            calls = []
+            monkeypatch.setattr(decode, "compiled_step",
+                                lambda: calls.append(1) or decode.decode_step)
+        assert main(["chat", str(base), "--device", "cpu", "--temperature", "0",
+                     "--max-new-tokens", "6", *flags]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0].count("assistant> ") == 2
+    assert outputs[1] == outputs[0] and calls
