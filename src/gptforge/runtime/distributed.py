@@ -80,7 +80,10 @@ def wrap_model(model: nn.Module, strategy: str, info: DistInfo, precision) -> nn
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [precision.device.index] if precision.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids)
+        # No buffer needs syncing (the RoPE tables are constants), and gradients that are views
+        # into the all-reduce buckets save a copy of every gradient.
+        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
+                                       gradient_as_bucket_view=True)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = None

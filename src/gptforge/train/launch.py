@@ -150,11 +150,12 @@ def _train(cfg: Config, stage, precision, dist_info, *, resume: bool, overwrite:
     if cfg.runtime.activation_checkpointing:  # before sharding and compiling, as torchtitan does
         apply_activation_checkpointing(model)
     use_float32_attention(model, precision)  # where bf16 attention is slower (CPUs without AMX)
+    # Measured on the bare model, in this process alone (probes must not be collectives).
+    cfg = with_grad_accum(resolve_batch_size(cfg, model, objective, precision, dist_info),
+                          dist_info.world_size)
     train_model = distributed.wrap_model(model, cfg.runtime.parallel, dist_info, precision)
     if cfg.runtime.compile:
         train_model = torch.compile(train_model)
-    cfg = with_grad_accum(resolve_batch_size(cfg, train_model, precision, dist_info),
-                          dist_info.world_size)
     optimizer = build_optimizer(model, cfg.optim, precision.device)
     train_loader, val_loader = stage.loaders(cfg, dist_info, run_dir)
     weights_filter, extra_meta = stage.checkpoint_extras(cfg, model)
@@ -226,8 +227,13 @@ def build_loaders(cfg: Config, data_dir: Path, manifest: dict, dist_info, run_di
     return train, val
 
 
-def resolve_batch_size(cfg: Config, train_model, precision, dist_info) -> Config:
-    """``train.batch_size=auto``: measure the largest micro-batch that fits (CUDA only)."""
+def resolve_batch_size(cfg: Config, model, objective, precision, dist_info) -> Config:
+    """``train.batch_size=auto``: measure the largest micro-batch that fits (CUDA only).
+
+    ``model`` is the bare model, before DDP/FSDP2 wrapping and compiling: each rank probes alone
+    and the ranks then agree on the smallest answer. Under FSDP2 the unsharded model is probed,
+    which errs on the safe side. A DPO batch of b pairs runs 2b rows, so 2b rows are probed.
+    """
     from gptforge.runtime.batch_size import auto_batch_size, cuda_probe
 
     if cfg.train.batch_size != "auto":
@@ -235,11 +241,14 @@ def resolve_batch_size(cfg: Config, train_model, precision, dist_info) -> Config
     if precision.device.type != "cuda":
         raise GptforgeError("train.batch_size=auto needs a CUDA GPU (it measures GPU memory); "
                             "set a number, e.g. train.batch_size=16")
-    probe = cuda_probe(train_model, LanguageModeling(), precision, cfg.model.block_size,
-                       cfg.model.vocab_size)
-    batch = auto_batch_size(probe, cfg.train.global_batch_tokens, cfg.model.block_size,
-                            dist_info.world_size)
-    batch = distributed.min_over_ranks(batch, dist_info, precision.device)
+    probe = cuda_probe(model, LanguageModeling(), precision, cfg.model.block_size,
+                       cfg.model.vocab_size,
+                       data_parallel=dist_info.enabled and cfg.runtime.parallel == "ddp")
+    rows = getattr(objective, "inputs_per_batch", 1)
+    batch = auto_batch_size(lambda b: probe(b * rows), cfg.train.global_batch_tokens,
+                            cfg.model.block_size, dist_info.world_size,
+                            agree=lambda n: distributed.min_over_ranks(n, dist_info,
+                                                                       precision.device))
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch))
 
 

@@ -57,6 +57,18 @@ class LoopState:
     anomalies: int = 0
 
 
+def _grad_scaler(model: torch.nn.Module, precision):
+    """The loss scaler of float16 training (disabled otherwise). Under FSDP2 each rank holds a
+    shard of the gradients, so the check for inf/NaN must be agreed on by all ranks: the sharded
+    scaler all-reduces it, and every rank skips (or takes) the step together."""
+    enabled = precision.needs_grad_scaler
+    if enabled and distributed.is_sharded(model):
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(precision.device.type, enabled=True)
+    return torch.amp.GradScaler(precision.device.type, enabled=enabled)
+
+
 class Trainer:
     def __init__(self, *, cfg: Config, model: torch.nn.Module, train_model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, objective, train_loader, val_loader,
@@ -86,8 +98,7 @@ class Trainer:
         self.tokenizer_dir, self.tokenizer_info = tokenizer_dir, tokenizer_info
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.sampler = sampler
-        self.scaler = torch.amp.GradScaler(precision.device.type,
-                                           enabled=precision.needs_grad_scaler)
+        self.scaler = _grad_scaler(model, precision)
         for group in optimizer.param_groups:  # the base that the weight-decay schedule scales
             group.setdefault("initial_weight_decay", group["weight_decay"])
         self.state = LoopState()
