@@ -234,10 +234,12 @@ def test_bad_settings(stories, tmp_path, kwargs, message):
         run([stories[1]], tmp_path / "out", **kwargs)
 
 
+@pytest.mark.parametrize("newline", ["\n", "\r\n"], ids=["lf", "crlf"])
 @pytest.mark.parametrize("kind", ["char", "bpe", "sentencepiece"])
-def test_cutting_long_text_at_safe_line_breaks_keeps_the_ids(kind, monkeypatch):
+def test_cutting_long_text_at_safe_line_breaks_keeps_the_ids(kind, newline, monkeypatch):
     text = "".join(f"Line {i}: some words, numbers {i * 7} and  spaces.\n" for i in range(300))
     text += "\n\n  indented\n\tand tabs \n" * 20 + "中文的句子。\n" * 50
+    text = text.replace("\n", newline)  # Windows line endings must be cut too
     tok = train_tokenizer(kind, [text], None if kind == "char" else 400)
     monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 100)
     chunks = list(prepare_module._chunks(Piece("train", "x", text)))

@@ -44,7 +44,7 @@ from gptforge.errors import GptforgeError
 log = logging.getLogger(__name__)
 
 JOURNAL_NAME = "progress.json"
-JOURNAL_VERSION = 1
+JOURNAL_VERSION = 2  # 2: "\r\n" texts are cut into chunks, so chunk positions moved
 LOCK_NAME = ".lock"
 SPLITS = ("train", "val")
 

@@ -75,8 +75,9 @@ MAX_VAL_FRACTION = 0.5
 CHUNK_CHARS = 1 << 20
 BATCH_CHARS = 1 << 20  # characters of text per encoding task
 AUTO_WORKER_BYTES = 4 << 20  # workers=None starts at most one worker per this much input
-# A cut here gives the same ids as encoding the text whole (see _chunks).
-_SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
+# A cut here gives the same ids as encoding the text whole (see _chunks): after a "\n", or
+# between the "\r" and "\n" of a Windows line end, with non-space on both sides.
+_SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)|(?<=\S\r)(?=\n\S)")
 
 
 class Piece(NamedTuple):
@@ -184,7 +185,9 @@ def _chunks(piece: Piece) -> Iterator[Piece]:
     """Cut a long piece at line breaks with non-space on both sides.
 
     No backend lets a token span such a break (byte-level BPE pre-splits there, SentencePiece is
-    trained on single lines, char is per character), so the ids are those of the whole text. (A
+    trained on single lines, char is per character), so the ids are those of the whole text. A
+    Windows "\r\n" is cut before its "\n": after it, byte-level BPE would take "\r\n" at the
+    end of a chunk as one pre-token where the whole text gives "\r" and "\n". (A
     SentencePiece model trained elsewhere, with pieces that hold a newline, may tokenize a cut
     slightly differently; the text still decodes exactly.)
     """
