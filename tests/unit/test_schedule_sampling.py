@@ -44,6 +44,24 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     assert torch.isfinite(filter_top_p(logits, 0.1)).tolist() == [[True, False, False, False]]
 
 
+def test_top_p_keeps_the_smallest_set_reaching_p_and_never_nothing():
+    torch.manual_seed(0)
+    logits = torch.randn(8, 20) * 3
+    for p in (0.0, 0.3, 0.9, 0.999):
+        kept = torch.isfinite(filter_top_p(logits, p))
+        for row, mask in zip(logits, kept):
+            probs = row.softmax(-1).tolist()
+            expected, mass = set(), 0.0
+            for i in sorted(range(20), key=lambda i: -probs[i]):  # most likely first
+                expected.add(i)
+                mass += probs[i]
+                if mass >= p:
+                    break
+            assert set(mask.nonzero().flatten().tolist()) == expected
+    g = torch.Generator().manual_seed(0)
+    assert sample_next(logits, top_p=0.0, generator=g).tolist() == logits.argmax(-1).tolist()
+
+
 def test_sampling_distribution_and_greedy():
     probs = torch.tensor([[0.7, 0.2, 0.1]])
     g = torch.Generator().manual_seed(0)

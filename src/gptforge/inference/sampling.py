@@ -34,8 +34,10 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
-    # Drop a token if the tokens before it already reach p (the first token always stays).
+    # Drop a token if the tokens before it already reach p; the most likely token always stays,
+    # even for p <= 0 (otherwise every logit would be -inf and the softmax NaN).
     drop = probs.cumsum(dim=-1) - probs >= p
+    drop[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return logits.scatter(1, order, sorted_logits)
 
