@@ -123,6 +123,30 @@ def test_parquet_errors_list_the_columns(tmp_path):
         docs(broken)
 
 
+def test_damaged_parquet_data_is_one_line_naming_the_file(tmp_path):
+    # The footer is intact, so the file opens; the second row group's page header is zeroed.
+    path = tmp_path / "damaged.parquet"
+    pq.write_table(pa.table({"text": [f"document {i} " * 20 for i in range(3000)]}), path,
+                   row_group_size=1000)
+    column = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    start = column.dictionary_page_offset or column.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start:start + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    with pytest.raises(GptforgeError, match=r"damaged\.parquet:row \d+: cannot read the Parquet "
+                                            r"data \(.*\); the file is damaged") as err:
+        docs(path)
+    assert "\n" not in str(err.value)
+
+
+def test_dictionary_encoded_string_column_is_text(tmp_path):
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": pa.array(["a", "b", "a", None]).dictionary_encode()}), path)
+    assert [text for _, text in docs(path)] == ["a", "b", "a"]
+    pq.write_table(pa.table({"text": pa.array([1, 2]).dictionary_encode()}), path)
+    with pytest.raises(GptforgeError, match=r"column 'text' holds .*int64.*, not strings"):
+        docs(path)
+
 def test_missing_paths_globs_and_empty_directories(tmp_path):
     with pytest.raises(GptforgeError, match=r"^no such file: .*nope\.txt$"):
         resolve_inputs([str(tmp_path / "nope.txt")])

@@ -292,12 +292,30 @@ def _read_parquet(path: Path, field: str) -> Iterator[tuple[str, str]]:
         raise GptforgeError(f"{path}: no column '{field}' (columns: {', '.join(schema.names)}); "
                             "use --text-field")
     column_type = schema.field(field).type
-    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)
-            or str(column_type) == "string_view"):
+    if not _is_string_type(column_type):
         raise GptforgeError(f"{path}: column '{field}' holds {column_type}, not strings")
     row = 0
-    for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[field]):
+    batches = parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[field])
+    while True:
+        try:  # the footer was fine, but a data page can still be damaged
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise GptforgeError(f"{path}:row {row}: cannot read the Parquet data ({reason}); "
+                                "the file is damaged: re-download or re-export it") from None
         for text in batch.column(0).to_pylist():
             if text is not None:
                 yield f"{path}:row {row}", text
             row += 1
+
+
+def _is_string_type(column_type) -> bool:
+    """Whether a Parquet column holds text; dictionary-encoded text (pandas' category) counts."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(column_type):
+        column_type = column_type.value_type
+    return (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)
+            or str(column_type) == "string_view")
