@@ -9,6 +9,7 @@ import logging
 import pytest
 import torch
 
+from gptforge.errors import GptforgeError
 from gptforge.inference import decode, engine
 from gptforge.inference.decode import CompiledDecoder, StepShape, decode_step, pack
 from gptforge.inference.engine import Engine, SamplingSettings
@@ -178,6 +179,14 @@ def test_a_kept_cache_with_a_prompt_longer_than_the_window_starts_over(eager_ste
     short, long = [1, 2, 3], list(range(1, 21))
     for prompt in (short, long, short):  # the window slides within and across calls
         assert run(kept, prompt, settings, cache=cache) == run(Engine(model), prompt, settings)
+
+
+def test_a_repetition_penalty_must_be_positive():
+    eng = Engine(tiny(**GPT2))
+    for penalty in (0.0, -1.2):  # inf logits (NaN probabilities) or flipped signs
+        with pytest.raises(GptforgeError, match="repetition_penalty must be > 0"):
+            run(eng, settings=SamplingSettings(temperature=1.0, repetition_penalty=penalty))
+    assert len(run(eng, settings=SamplingSettings(max_new_tokens=3, repetition_penalty=1.3))) == 3
 
 
 def test_a_kept_cache_must_have_one_row_per_sample():

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gptforge.errors import GptforgeError
 from gptforge.inference.kv_cache import KVCache
 from gptforge.inference.sampling import apply_repetition_penalty, sample_next
 
@@ -46,6 +47,12 @@ class SamplingSettings:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        # Dividing by 0 makes seen tokens certain, a negative penalty flips their logits' signs.
+        if not self.repetition_penalty > 0:
+            raise GptforgeError(f"repetition_penalty must be > 0 (1 = off, > 1 penalises "
+                                f"repeats), got {self.repetition_penalty}")
 
 
 class Engine:
