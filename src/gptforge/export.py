@@ -8,7 +8,8 @@ checkpoint) and carries what only resuming needs (``trainer_state.pt``). An expo
 be resumed.
 
 Each output format is one writer filling a temporary directory, which is renamed into place only
-when complete (``atomic.directory``); ``native`` (a gptforge checkpoint) is the only one so far.
+when complete (``atomic.directory``): ``native`` (a gptforge checkpoint) or ``huggingface`` (a
+``transformers`` checkpoint directory, see ``hf_format.py``).
 """
 
 from __future__ import annotations
@@ -43,8 +44,16 @@ def write_native(model: GPT, meta: dict, source: Path, out: Path) -> None:
     shutil.copytree(source / "tokenizer", out / "tokenizer")
 
 
+def write_huggingface(model: GPT, meta: dict, source: Path, out: Path) -> None:
+    """A Hugging Face ``transformers`` checkpoint (GPT-2, Llama or Qwen3) in ``out``."""
+    from gptforge.hf_format import write_huggingface as write
+
+    write(model, meta, source, out)
+
+
 # format name -> writer(model, source meta, source checkpoint, temporary output directory)
-WRITERS: dict[str, Callable[[GPT, dict, Path, Path], None]] = {"native": write_native}
+WRITERS: dict[str, Callable[[GPT, dict, Path, Path], None]] = {
+    "native": write_native, "huggingface": write_huggingface}
 
 
 def export_checkpoint(source: str | Path, out: str | Path, *, merge_lora: bool = False,
@@ -83,6 +92,7 @@ def _check_destination(out: Path, ckpt: Path, meta: dict) -> None:
                             "choose another directory")
     if out.is_file():
         raise GptforgeError(f"--out {out} is a file; give a directory path")
-    if out.is_dir() and any(out.iterdir()) and not (out / "model.json").is_file():
+    earlier_export = (out / "model.json").is_file() or (out / "config.json").is_file()
+    if out.is_dir() and any(out.iterdir()) and not earlier_export:
         raise GptforgeError(f"--out {out} is a non-empty directory that is not a checkpoint; "
                             "refusing to replace it: choose a new or empty directory")

@@ -90,11 +90,10 @@ def test_compile_flag_gives_the_same_replies(tmp_path, monkeypatch, capsys):
 
     base, _, _ = make_base(tmp_path)
     talk = "hello\nhow are you?\n"
-    outputs = []
+    outputs, calls = [], []
     for flags in ([], ["--compile"]):
         monkeypatch.setattr(sys, "stdin", io.StringIO(talk))
         if flags:
-            calls = []
             monkeypatch.setattr(decode, "compiled_step",
                                 lambda: calls.append(1) or decode.decode_step)
         assert main(["chat", str(base), "--device", "cpu", "--temperature", "0",

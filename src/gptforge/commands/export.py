@@ -1,4 +1,5 @@
-"""``gptforge export``: a self-contained copy of a checkpoint, with LoRA adapters merged in."""
+"""``gptforge export``: a self-contained copy of a checkpoint (LoRA adapters merged in), as a
+gptforge checkpoint or a Hugging Face ``transformers`` model directory."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ log = logging.getLogger(__name__)
 
 
 # The writers of gptforge.export.WRITERS, listed here so that `--help` does not import torch.
-FORMATS = ("native",)
+FORMATS = ("native", "huggingface")
 
 
 def register(subparsers) -> None:
@@ -21,7 +22,8 @@ def register(subparsers) -> None:
     p.add_argument("--merge-lora", action="store_true",
                    help="fold LoRA adapters into the base weights (required for a LoRA checkpoint)")
     p.add_argument("--format", choices=FORMATS, default="native",
-                   help="native: a gptforge checkpoint directory")
+                   help="native: a gptforge checkpoint directory; huggingface: a transformers "
+                        "model directory (GPT-2, Llama or Qwen3 layout) with tokenizer.json")
     p.set_defaults(func=run)
 
 

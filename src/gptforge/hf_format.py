@@ -1,0 +1,256 @@
+"""The Hugging Face ``transformers`` layout: a gptforge model as GPT-2, Llama or Qwen3.
+
+A gptforge GPT is one class with switches (norm, positions, MLP, ...). Three settings of those
+switches are exactly architectures that ``transformers`` implements, so a model trained with them
+can be written as a ``transformers`` checkpoint directory and loaded with
+``AutoModelForCausalLM.from_pretrained(DIR)``, no gptforge needed:
+
+==========  ===========================================================================
+``gpt2``    LayerNorm, learned positions, GELU (tanh approximation), full multi-head
+            attention: ``GPT2LMHeadModel``
+``llama``   RMSNorm, rotary positions (rotate-half pairing, as gptforge), SwiGLU,
+            grouped-query attention allowed: ``LlamaForCausalLM``
+``qwen3``   ``llama`` plus RMSNorm on each head's queries and keys before the rotation
+            (``model.qk_norm``), and no biases: ``Qwen3ForCausalLM``
+==========  ===========================================================================
+
+Anything else (squared-ReLU MLPs, logit soft-capping, mixtures of experts, ...) has no matching
+``transformers`` class, and :func:`architecture_of` says which setting is in the way.
+
+What changes between the two layouts is names and shapes, never values:
+
+- gptforge keeps q, k and v in one matrix ``attn.qkv`` (rows: the n_head query heads, then the
+  key heads, then the value heads); Llama/Qwen3 have three (``q_proj``, ``k_proj``, ``v_proj``);
+  GPT-2 keeps one (``c_attn``) in the same row order.
+- gptforge's SwiGLU ``mlp.up`` computes gate and value in one matrix (gate rows first); Llama has
+  ``gate_proj`` and ``up_proj``.
+- GPT-2's linear layers are ``Conv1D`` modules, which store the weight as (in, out): the transpose
+  of ``nn.Linear``'s (out, in).
+- The embedding keeps gptforge's padded vocabulary (a multiple of 64 rows); the tokenizer's ids
+  all come first, so the extra rows are never produced by it.
+
+The tokenizer becomes ``tokenizer.json`` (the ``tokenizers`` library's format: byte-level BPE
+already is one; a char vocabulary is written as a one-character-per-token word model), and the
+chat template becomes a Jinja template in ``tokenizer_config.json`` for ``apply_chat_template``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from gptforge.errors import GptforgeError
+from gptforge.model.config import ModelConfig
+from gptforge.tokenizer.base import EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS, load_tokenizer
+from gptforge.tokenizer.chat_template import END_TOKEN, ROLE_TOKENS, ROLES
+
+ARCHITECTURES = ("gpt2", "llama", "qwen3")
+
+# The chat template of tokenizer/chat_template.py in Jinja, the language of transformers'
+# apply_chat_template: <|role|>content<|end|> per message, then <|assistant|> to generate.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in [" + ", ".join(f"'{r}'" for r in ROLES) + "] -%}"
+    "{{ raise_exception('unknown role ' + message['role'] + '; allowed: "
+    + ", ".join(ROLES) + "') }}"
+    "{%- endif -%}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '" + END_TOKEN + "' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '" + ROLE_TOKENS["assistant"] + "' }}{%- endif -%}"
+)
+
+
+def architecture_of(cfg: ModelConfig) -> str:
+    """The ``transformers`` architecture that computes exactly what ``cfg`` does, or an error
+    naming the settings that no supported architecture has."""
+    common = [(cfg.logit_softcap == 0, "model.logit_softcap=0"),
+              (cfg.n_experts == 0, "model.n_experts=0 (no mixture of experts)")]
+    wanted = {
+        "gpt2": [(cfg.norm == "layernorm", "model.norm=layernorm"),
+                 (cfg.pos_emb == "learned", "model.pos_emb=learned"),
+                 (cfg.mlp == "gelu", "model.mlp=gelu"),
+                 (cfg.kv_heads == cfg.n_head, "model.n_kv_head=0 (no grouped-query attention)"),
+                 (not cfg.qk_norm, "model.qk_norm=false")],
+        "llama": [(cfg.norm == "rmsnorm", "model.norm=rmsnorm"),
+                  (cfg.pos_emb == "rope", "model.pos_emb=rope"),
+                  (cfg.mlp == "swiglu", "model.mlp=swiglu"),
+                  (not cfg.qk_norm, "model.qk_norm=false")],
+        "qwen3": [(cfg.norm == "rmsnorm", "model.norm=rmsnorm"),
+                  (cfg.pos_emb == "rope", "model.pos_emb=rope"),
+                  (cfg.mlp == "swiglu", "model.mlp=swiglu"),
+                  (cfg.qk_norm, "model.qk_norm=true"),
+                  (not cfg.bias, "model.bias=false")],
+    }
+    missing = {}
+    for arch, checks in wanted.items():
+        missing[arch] = [need for ok, need in common + checks if not ok]
+        if not missing[arch]:
+            return arch
+    fewest = min(len(needs) for needs in missing.values())
+    closest = " or ".join(f"{arch} (needs {', '.join(needs)})"
+                          for arch, needs in missing.items() if len(needs) == fewest)
+    raise GptforgeError("this model has no Hugging Face transformers equivalent; the closest: "
+                        f"{closest}")
+
+
+# ---- weights -------------------------------------------------------------------------------
+
+def hf_state_dict(model: torch.nn.Module, arch: str) -> dict[str, torch.Tensor]:
+    """The model's weights under ``transformers`` names, contiguous, a tied output layer once."""
+    cfg: ModelConfig = model.config
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    out = _gpt2_weights(sd, cfg) if arch == "gpt2" else _llama_weights(sd, cfg, arch)
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _gpt2_weights(sd: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    def bias_or_zeros(name: str, width: int) -> torch.Tensor:
+        # GPT-2 always has biases; a model trained without them has zeros there.
+        return sd.get(name, torch.zeros(width))
+
+    C = cfg.n_embd
+    out = {"transformer.wte.weight": sd["tok_emb.weight"],
+           "transformer.wpe.weight": sd["pos_emb.weight"],
+           "transformer.ln_f.weight": sd["norm_f.weight"],
+           "transformer.ln_f.bias": bias_or_zeros("norm_f.bias", C)}
+    for i in range(cfg.n_layer):
+        ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
+        pairs = {"ln_1": ("norm1", None), "ln_2": ("norm2", None),
+                 "attn.c_attn": ("attn.qkv", 3 * C), "attn.c_proj": ("attn.proj", C),
+                 "mlp.c_fc": ("mlp.up", cfg.hidden_dim), "mlp.c_proj": ("mlp.down", C)}
+        for hf_name, (name, width) in pairs.items():
+            weight = sd[ours + name + ".weight"]
+            if width is not None:  # a Conv1D: (in, out)
+                weight = weight.t()
+            out[theirs + hf_name + ".weight"] = weight
+            out[theirs + hf_name + ".bias"] = bias_or_zeros(ours + name + ".bias",
+                                                            width or C)
+    return out
+
+
+def _llama_weights(sd: dict, cfg: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
+    q_rows = cfg.n_head * cfg.head_dim
+    kv_rows = cfg.kv_heads * cfg.head_dim
+    out = {"model.embed_tokens.weight": sd["tok_emb.weight"],
+           "model.norm.weight": sd["norm_f.weight"]}
+    for i in range(cfg.n_layer):
+        ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
+        out[theirs + "input_layernorm.weight"] = sd[ours + "norm1.weight"]
+        out[theirs + "post_attention_layernorm.weight"] = sd[ours + "norm2.weight"]
+        for kind in ("weight", "bias"):
+            qkv = sd.get(f"{ours}attn.qkv.{kind}")
+            if qkv is None:
+                continue
+            q, k, v = qkv.split([q_rows, kv_rows, kv_rows])
+            out[f"{theirs}self_attn.q_proj.{kind}"] = q
+            out[f"{theirs}self_attn.k_proj.{kind}"] = k
+            out[f"{theirs}self_attn.v_proj.{kind}"] = v
+            out[f"{theirs}self_attn.o_proj.{kind}"] = sd[f"{ours}attn.proj.{kind}"]
+            gate, up = sd[f"{ours}mlp.up.{kind}"].chunk(2)
+            out[f"{theirs}mlp.gate_proj.{kind}"] = gate
+            out[f"{theirs}mlp.up_proj.{kind}"] = up
+            out[f"{theirs}mlp.down_proj.{kind}"] = sd[f"{ours}mlp.down.{kind}"]
+        if arch == "qwen3":
+            out[theirs + "self_attn.q_norm.weight"] = sd[ours + "attn.q_norm.weight"]
+            out[theirs + "self_attn.k_norm.weight"] = sd[ours + "attn.k_norm.weight"]
+    return out
+
+
+# ---- config.json ---------------------------------------------------------------------------
+
+def hf_config(cfg: ModelConfig, arch: str, specials: dict[str, int]) -> dict:
+    """``config.json`` for ``arch``: the sizes, and every setting that differs from its default."""
+    eos, pad = specials[EOS_TOKEN], specials[PAD_TOKEN]
+    common = {"vocab_size": cfg.padded_vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
+              "bos_token_id": eos, "eos_token_id": eos, "pad_token_id": pad,
+              "initializer_range": cfg.init_std, "use_cache": True,
+              "dtype": "float32", "torch_dtype": "float32"}  # the name since 5, and before
+    if arch == "gpt2":
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **common,
+                "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+                "n_positions": cfg.block_size, "n_inner": cfg.hidden_dim,
+                "activation_function": "gelu_new",  # GELU, tanh approximation
+                "layer_norm_epsilon": cfg.norm_eps,
+                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    llama = {"hidden_size": cfg.n_embd, "intermediate_size": cfg.hidden_dim,
+             "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+             "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
+             "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
+             "hidden_act": "silu", "attention_bias": cfg.bias, "attention_dropout": 0.0,
+             # transformers before 5 reads rope_theta, 5 and later rope_parameters.
+             "rope_theta": cfg.rope_theta,
+             "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}}
+    if arch == "llama":
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common, **llama,
+                "mlp_bias": cfg.bias}
+    return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **common, **llama,
+            "use_sliding_window": False}
+
+
+# ---- tokenizer -----------------------------------------------------------------------------
+
+def write_tokenizer(tokenizer_dir: Path, out: Path, block_size: int) -> dict[str, int]:
+    """``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` in ``out``;
+    returns the special tokens' ids."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if tokenizer.kind == "bpe":
+        shutil.copyfile(Path(tokenizer_dir) / tokenizer.file_name, out / "tokenizer.json")
+    elif tokenizer.kind == "char":
+        char_tokenizer_json(tokenizer).save(str(out / "tokenizer.json"))
+    else:
+        raise GptforgeError(
+            "the Hugging Face export writes tokenizer.json, which a SentencePiece tokenizer "
+            "does not convert to exactly; export with --format native, or train the model "
+            "with --tokenizer bpe")
+    special = {"bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN,
+               "additional_special_tokens": [t for t in SPECIAL_TOKENS
+                                             if t not in (EOS_TOKEN, PAD_TOKEN)]}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special,
+              "model_max_length": block_size, "clean_up_tokenization_spaces": False,
+              "chat_template": CHAT_TEMPLATE}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    return tokenizer.special_tokens
+
+
+def char_tokenizer_json(tokenizer):
+    """A ``tokenizers.Tokenizer`` that encodes and decodes exactly as the char tokenizer: a
+    word-level model whose words are single characters, after splitting the text into them."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    vocab = {text: i for i, text in enumerate(tokenizer._id_to_text)}
+    hf = HFTokenizer(models.WordLevel(vocab, unk_token=None))
+    # Any one character (line breaks too) is a piece of its own.
+    hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    hf.decoder = decoders.Fuse()  # join the pieces with nothing between them
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                           for t in SPECIAL_TOKENS])
+    return hf
+
+
+# ---- the exporter --------------------------------------------------------------------------
+
+def write_huggingface(model: torch.nn.Module, meta: dict, source: Path, out: Path) -> None:
+    """A ``transformers`` checkpoint directory of ``model`` (from checkpoint ``source``) in
+    ``out``: config.json, generation_config.json, model.safetensors and the tokenizer files."""
+    from safetensors.torch import save_file
+
+    cfg: ModelConfig = model.config
+    arch = architecture_of(cfg)
+    specials = write_tokenizer(source / "tokenizer", out, cfg.block_size)
+    save_file(hf_state_dict(model, arch), str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    config = hf_config(cfg, arch, specials)
+    config["gptforge"] = {"exported_from": str(source.resolve()), "step": meta.get("step"),
+                          "model": cfg.to_dict()}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {"bos_token_id": specials[EOS_TOKEN], "pad_token_id": specials[PAD_TOKEN],
+                  # a chat turn ends with <|end|>, a document with <|endoftext|>
+                  "eos_token_id": [specials[END_TOKEN], specials[EOS_TOKEN]]}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
