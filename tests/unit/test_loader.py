@@ -130,6 +130,9 @@ def test_mixture_spec_parsing():
         parse_mixture("data/web")
     with pytest.raises(GptforgeError, match="positive weight"):
         parse_mixture("data/web:0")
+    for weight in ("nan", "inf", "-inf"):  # float() accepts them; no finite share follows
+        with pytest.raises(GptforgeError, match=f"'data/web:{weight}' must look like DIR:WEIGHT"):
+            parse_mixture(f"data/web:{weight},data/code:1")
 
 
 def test_a_batch_larger_than_the_split_still_moves_through_epochs():

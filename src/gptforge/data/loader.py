@@ -19,6 +19,8 @@ same on every rank and after a resume.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -236,7 +238,7 @@ def parse_mixture(spec: str) -> list[tuple[str, float]]:
             value = float(weight)
         except ValueError:
             value = -1.0
-        if not sep or not path or value <= 0:
+        if not sep or not path or not 0 < value < math.inf:  # also refuses nan
             raise GptforgeError(f"data.mixture: '{item.strip()}' must look like DIR:WEIGHT with a "
                                 "positive weight, e.g. data.mixture='data/web:3,data/code:1'")
         parts.append((path, value))
