@@ -69,6 +69,10 @@ BAD_CONVERSATIONS = [
     ({"prompt": "Hi", "response": 3}, '"response" must be a string'),
     ({"prompt": "Hi", "chosen": "a", "rejected": "b"}, "preference record"),
     ([1, 2], "expected a JSON object"),
+    # A JSON \\ud800 escape decodes to a lone surrogate, which no tokenizer can encode.
+    ({"messages": [{"role": "user", "content": "a\ud800"}, EXCHANGE[1]]},
+     "messages[0] (user): the text holds an unpaired surrogate '\\ud800' at character 1"),
+    ({"prompt": "Hi", "response": "\udfff"}, '"response": the text holds an unpaired surrogate'),
 ]
 
 
@@ -98,6 +102,8 @@ BAD_PREFERENCES = [
     ({"prompt": "Hi", "chosen": "a", "rejected": [{"role": "bot", "content": "b"}]},
      "role 'bot' is not allowed"),
     ("not json", "invalid JSON"),
+    ({"prompt": "Hi", "chosen": "a", "rejected": "b\ud800"},
+     '"rejected": the text holds an unpaired surrogate'),
 ]
 
 

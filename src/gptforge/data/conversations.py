@@ -131,6 +131,8 @@ def _single_exchange(record: dict) -> list[dict]:
     for key in ("system", "prompt", "response"):
         if key in record and not isinstance(record[key], str):
             raise BadRecord(f'"{key}" must be a string, got {_json_type(record[key])}')
+        if key in record:
+            _check_unicode(record[key], f'"{key}"')
     messages = [{"role": "system", "content": record["system"]}] if record.get("system") else []
     return messages + [{"role": "user", "content": record["prompt"]},
                        {"role": "assistant", "content": record["response"]}]
@@ -167,7 +169,18 @@ def _message(item, where: str) -> dict:
                             f"{', '.join(ROLES)})")
     if not isinstance(content, str):
         raise BadRecord(f"{where} ({role}): content must be a string, got {_json_type(content)}")
+    _check_unicode(content, f"{where} ({role})")
     return {"role": role, "content": content}
+
+
+def _check_unicode(text: str, where: str) -> None:
+    # JSON's \ud800-style escapes can produce lone surrogates, which no tokenizer can encode.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise BadRecord(f"{where}: the text holds an unpaired surrogate {text[err.start]!r} at "
+                        f"character {err.start}, which is not valid Unicode; fix the \\uXXXX "
+                        "escape") from None
 
 
 def _preference(record) -> dict:
@@ -193,6 +206,7 @@ def _preference(record) -> dict:
 def _side(value, key: str, string_role: str) -> list[dict]:
     """A prompt/chosen/rejected value: a string (one ``string_role`` message) or a message list."""
     if isinstance(value, str):
+        _check_unicode(value, f'"{key}"')
         return [{"role": string_role, "content": value}]
     if isinstance(value, list):
         return _message_list(value, key)
