@@ -33,6 +33,7 @@ ROUND_TRIP = [
     "\n",
     "",
     "literal <|endoftext|> and <|user|> tokens",
+    "\u2581 is SentencePiece's space marker:\u2581\u2581 a \u2581b \u2581",
 ]
 
 KINDS_AND_OPTIONS = [
@@ -56,6 +57,15 @@ def test_round_trip_is_exact(trained):
         ids = trained.encode(text)
         assert all(0 <= i < trained.vocab_size for i in ids)
         assert trained.decode(ids) == text, (trained.kind, text)
+
+
+def test_lone_surrogates_are_a_clear_error(trained):
+    # What a \\ud800 JSON escape or undecodable command-line bytes turn into.
+    for bad in (["a\ud800b"], ["fine", "x\udcff"]):
+        with pytest.raises(GptforgeError, match=r"\\ud800|\\udcff"):
+            trained.encode_batch(bad)
+        with pytest.raises(GptforgeError, match=r"\\ud800|\\udcff"):
+            trained.encode(bad[-1])
 
 
 def test_encode_batch_equals_encode(trained):

@@ -140,6 +140,18 @@ def split_special(text: str) -> Iterator[tuple[str, bool]]:
             yield piece, i % 2 == 1  # re.split puts captured separators at odd positions
 
 
+def check_unicode(texts: Iterable[str]) -> None:
+    """Raise a GptforgeError naming the first lone surrogate in ``texts``, which no backend can
+    encode (a ``\\ud800`` JSON escape, or bytes that were not UTF-8 on the command line)."""
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise GptforgeError(f"the text holds an unpaired surrogate {text[err.start]!r} at "
+                                f"character {err.start}, which is not valid Unicode and cannot "
+                                "be encoded; fix the input text") from None
+
+
 def _backend(kind: str) -> type[Tokenizer]:
     module, name = _BACKENDS[kind]
     return getattr(importlib.import_module(module), name)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gptforge.errors import GptforgeError
-from gptforge.tokenizer.base import SPECIAL_TOKENS, Tokenizer
+from gptforge.tokenizer.base import SPECIAL_TOKENS, Tokenizer, check_unicode
 
 DEFAULT_VOCAB_SIZE = 4096
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
@@ -82,7 +82,11 @@ class BPETokenizer(Tokenizer):
         # The "fast" variant (tokenizers >= 0.21) skips computing character offsets, which we
         # never use: about 1.7x faster.
         encode = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)
-        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
+        try:
+            return [e.ids for e in encode(list(texts), add_special_tokens=False)]
+        except TypeError:  # what the Rust side raises for a lone surrogate
+            check_unicode(texts)
+            raise
 
     def _decode(self, ids: list[int]) -> str:
         return self._hf.decode(ids, skip_special_tokens=False)

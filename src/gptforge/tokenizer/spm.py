@@ -6,7 +6,9 @@ multi-character words become single tokens. ``byte_fallback`` encodes any charac
 lacks as its UTF-8 bytes, so nothing is ever ``<unk>``.
 
 SentencePiece normally rewrites text (NFKC, collapsing spaces, a leading "▁"); every such option is
-turned off here so that ``decode(encode(s)) == s`` exactly. The trainer sees the text line by line,
+turned off here so that ``decode(encode(s)) == s`` exactly. It still writes a space as "▁" (U+2581)
+and decodes every "▁" to a space, so a "▁" in the text itself is encoded as its three UTF-8 byte
+tokens, which decode to "▁". The trainer sees the text line by line,
 so no piece ever contains a newline: a newline always encodes to its byte token. That also makes
 cutting a long document at a line break before encoding give the same ids as encoding it whole.
 
@@ -22,9 +24,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from gptforge.errors import GptforgeError
-from gptforge.tokenizer.base import SPECIAL_TOKENS, Tokenizer
+from gptforge.tokenizer.base import SPECIAL_TOKENS, Tokenizer, check_unicode
 
 DEFAULT_VOCAB_SIZE = 4096
+SPACE_MARKER = "\u2581"  # "▁", how SentencePiece writes a space inside its pieces
 MODEL_TYPES = ("bpe", "unigram")
 # Training cuts lines longer than this many characters; 4 bytes per character at most.
 MAX_SENTENCE_CHARS = 8192
@@ -51,6 +54,9 @@ class SentencePieceTokenizer(Tokenizer):
         super().__init__(specials)
         self._proto = bytes(model_proto)
         self._sp = sp
+        marker = [sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE_MARKER.encode()]
+        # A model without byte fallback (trained elsewhere) has no way to keep the marker.
+        self._marker_ids = marker if all(sp.is_byte(i) for i in marker) else None
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int | None = None, *,
@@ -87,10 +93,24 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.get_piece_size()
 
     def encode(self, text: str) -> list[int]:
-        return self._sp.encode(text)
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self._sp.encode(list(texts))
+        texts = list(texts)
+        try:
+            if self._marker_ids is None or not any(SPACE_MARKER in t for t in texts):
+                return self._sp.encode(texts)
+            return [self._encode_with_markers(t) for t in texts]
+        except (TypeError, RuntimeError):  # what the C++ side raises for a lone surrogate
+            check_unicode(texts)
+            raise
+
+    def _encode_with_markers(self, text: str) -> list[int]:
+        """The text between "▁" characters encoded as usual, each "▁" as its byte tokens."""
+        first, *rest = self._sp.encode(text.split(SPACE_MARKER))
+        for part in rest:
+            first += self._marker_ids + part
+        return first
 
     def _decode(self, ids: list[int]) -> str:
         return self._sp.decode(ids)
