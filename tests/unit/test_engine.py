@@ -14,6 +14,7 @@ from gptforge.inference import decode, engine
 from gptforge.inference.decode import CompiledDecoder, StepShape, decode_step, pack
 from gptforge.inference.engine import Engine, SamplingSettings
 from gptforge.inference.kv_cache import KVCache
+from gptforge.inference.sampling import sample_next
 from gptforge.model import GPT, ModelConfig
 
 GPT2 = dict(n_kv_head=0)
@@ -57,6 +58,35 @@ def test_fast_path_slides_its_window_like_the_model_path(arch, eager_step):
     settings = SamplingSettings(max_new_tokens=50, temperature=0)  # 3 + 50 > 3 windows
     assert run(Engine(model, compile=True), settings=settings) == run(Engine(model),
                                                                       settings=settings)
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["model", "step"])
+def test_each_step_samples_from_a_fresh_forward_of_the_window_it_holds(compile, eager_step,
+                                                                        monkeypatch):
+    """Batch 3, seeded sampling, past several refills: the logits of every step are those of
+    the model run from scratch on the tokens the cache holds (the newest 8 after a refill)."""
+    model = tiny(block_size=16, qk_norm=True, **LLAMA)
+    seen = []
+
+    def spy(logits, **kwargs):
+        seen.append(logits.clone())
+        return sample_next(logits, **kwargs)
+
+    monkeypatch.setattr(engine, "sample_next", spy)
+    prompt = [1, 2, 3, 4, 5]
+    settings = SamplingSettings(max_new_tokens=40, temperature=1.0, seed=3)
+    steps = run(Engine(model, compile=compile), prompt, settings, num_samples=3)
+    tokens = torch.cat([torch.tensor([prompt] * 3), torch.tensor(steps).T], dim=1)  # (3, 45)
+    start = 0
+    for i, logits in enumerate(seen):
+        n = len(prompt) + i  # tokens known when step i samples
+        if n - start > 16:  # the window was full: the cache restarted from the newest 8
+            start = n - 8
+        with torch.no_grad():
+            expected = model(tokens[:, start:n])[:, -1, :50]
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)
+    assert start > 16  # at least two refills
+    assert len({tuple(row) for row in tokens[:, 5:].tolist()}) == 3  # rows sampled apart
 
 
 def test_stops_when_every_sample_has_produced_a_stop_id(eager_step):
