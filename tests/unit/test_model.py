@@ -5,7 +5,7 @@ import torch
 
 from gptforge.inference.kv_cache import KVCache
 from gptforge.model import GPT, ModelConfig
-from gptforge.model.layers import apply_rope, rope_tables
+from gptforge.model.layers import MLP, apply_rope, rope_tables
 
 LLAMA = dict(norm="rmsnorm", pos_emb="rope", mlp="swiglu", n_kv_head=2, qk_norm=True,
              bias=False, tie_embeddings=False)
@@ -72,6 +72,28 @@ def test_rope_preserves_norm_and_depends_on_relative_position():
     dot_a = (rotated(q, 10) * rotated(k, 7)).sum()
     dot_b = (rotated(q, 40) * rotated(k, 37)).sum()  # same distance, other place
     torch.testing.assert_close(dot_a, dot_b, atol=1e-5, rtol=1e-5)
+
+
+def test_rope_and_gelu_follow_the_hugging_face_llama_and_gpt2_conventions():
+    """What an export relies on: RoPE pairs channel i with i + hs/2 (Llama's "rotate half", no
+    interleaving) at angle pos * theta^(-2i/hs); the GELU is GPT-2's tanh form ("gelu_new")."""
+    hs, theta, pos = 8, 100.0, 3
+    cos, sin = rope_tables(hs, 8, theta)
+    x = torch.randn(hs)
+    out = apply_rope(x.view(1, 1, 1, hs), cos[pos:pos + 1], sin[pos:pos + 1]).flatten()
+    for i in range(hs // 2):
+        angle = pos * theta ** (-2 * i / hs)
+        a, b = x[i].item(), x[i + hs // 2].item()
+        assert math.isclose(out[i], a * math.cos(angle) - b * math.sin(angle), abs_tol=1e-5)
+        assert math.isclose(out[i + hs // 2], a * math.sin(angle) + b * math.cos(angle),
+                            abs_tol=1e-5)
+    mlp = MLP(tiny(n_embd=4, mlp_hidden=4, bias=False))
+    with torch.no_grad():
+        mlp.up.weight.copy_(torch.eye(4) * 3)
+        mlp.down.weight.copy_(torch.eye(4))
+    h = torch.tensor([-1.0, -0.3, 0.5, 1.7]) * 3
+    gelu_new = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))
+    torch.testing.assert_close(mlp(h / 3), gelu_new)
 
 
 def test_parameter_count_matches_hand_computation():
