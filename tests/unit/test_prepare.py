@@ -234,6 +234,17 @@ def test_bad_settings(stories, tmp_path, kwargs, message):
         run([stories[1]], tmp_path / "out", **kwargs)
 
 
+@pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
+def test_a_vocabulary_too_big_for_uint16_is_refused_before_training(stories, tmp_path, kind,
+                                                                    monkeypatch):
+    trained = []
+    monkeypatch.setattr(prepare_module, "train_tokenizer", lambda *a, **k: trained.append(a))
+    with pytest.raises(GptforgeError, match="vocab size 70000 does not fit uint16; use "
+                                            "--token-dtype uint32"):
+        run([stories[1]], tmp_path / "out", tokenizer=kind, vocab_size=70_000, token_dtype="uint16")
+    assert trained == [] and not (tmp_path / "out.partial").exists()
+
+
 @pytest.mark.parametrize("newline", ["\n", "\r\n"], ids=["lf", "crlf"])
 @pytest.mark.parametrize("kind", ["char", "bpe", "sentencepiece"])
 def test_cutting_long_text_at_safe_line_breaks_keeps_the_ids(kind, newline, monkeypatch):

@@ -595,7 +595,10 @@ def _check_settings(s: dict) -> None:
         raise GptforgeError(f"--shard-tokens must be positive, got {s['shard_tokens']}")
     if s["workers"] is not None and s["workers"] < 1:
         raise GptforgeError(f"--workers must be at least 1, got {s['workers']}")
-    token_dtype(0, s["token_dtype"])  # rejects unknown names now rather than after training
+    # Unknown names, and a vocabulary asked for that cannot fit, now rather than after training
+    # (a char vocabulary is the text's, whatever was asked for).
+    trained_size = s["vocab_size"] if s["tokenizer"] in ("bpe", "sentencepiece") else None
+    token_dtype(trained_size or 0, s["token_dtype"])
     _check_tokenizer_spec(s)
 
 
