@@ -111,6 +111,11 @@ def test_flops_per_token_follows_6n_plus_attention():
     model = GPT(tiny())
     n = model.num_params(exclude_embeddings=True)
     assert model.flops_per_token() == 6 * n + 12 * 2 * 32 * 24
+    # Untied, by hand: the input table is a lookup; the output layer (64 padded rows) a matmul.
+    C, L, H, kv_width = 32, 2, 128, 2 * 2 * 8  # swiglu hidden 8/3*32 rounded up to 64 -> 128
+    per_block = 2 * C + 2 * 8 + C * (C + kv_width) + C * C + C * 2 * H + H * C  # qk_norm, no bias
+    matmul_params = L * per_block + C + 64 * C  # blocks, final norm, lm_head
+    assert GPT(tiny(**LLAMA)).flops_per_token(seq_len=10) == 6 * matmul_params + 12 * L * C * 10
 
 
 def test_residual_projections_use_scaled_init():

@@ -198,7 +198,9 @@ class GPT(nn.Module):
         """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B.
 
         6 FLOPs per non-embedding-lookup parameter (2 forward, 4 backward) plus attention's
-        score and value products, 12 * n_layer * n_embd * T per token at context length T.
+        score and value products, 12 * n_layer * n_embd * T per token at context length T. That
+        term counts the whole T x T score matrix, the half a causal kernel skips included (PaLM's
+        and nanoGPT's convention), so MFU figures compare with theirs.
         Only *active* parameters count (``num_active_params``): a token runs through top_k
         experts, not all of them, so the MFU of an MoE model is computed on the FLOPs it does.
         """
