@@ -87,6 +87,28 @@ def test_training_updates_only_the_adapters():
             assert torch.equal(p, frozen[n]), n
 
 
+def test_update_is_scaled_by_alpha_over_rank_and_dropout_acts_only_in_training():
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5)
+    lora = LoRALinear(base, rank=2, alpha=8, dropout=0.5).eval()
+    with torch.no_grad():
+        lora.lora_b.normal_()
+    x = torch.randn(4, 6)
+
+    def by_hand(adapter_input):  # W x + b + alpha / rank * B A x
+        return x @ base.weight.T + base.bias + 4.0 * (adapter_input @ lora.lora_a.T @ lora.lora_b.T)
+
+    expected = by_hand(x)
+    torch.testing.assert_close(lora(x), expected)
+    lora.train()
+    torch.manual_seed(1)
+    trained = lora(x)
+    torch.manual_seed(1)  # the same dropout mask, on the adapter's input only
+    torch.testing.assert_close(trained, by_hand(nn.functional.dropout(x, 0.5)))
+    assert not torch.allclose(trained, expected)
+    torch.testing.assert_close(lora.merged_linear()(x), expected)  # merges into W in place
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_merged_model_gives_the_same_logits(name):
     model = tiny_model(**CONFIGS[name])
