@@ -22,7 +22,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        # Under bf16 autocast x arrives in bf16 and the weight is fp32; the fused kernel needs
+        # one dtype (mixed, PyTorch falls back to a 3-4x slower path and warns).
+        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        return F.rms_norm(x, (x.size(-1),), weight, self.eps)
 
 
 def build_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
