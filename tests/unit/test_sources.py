@@ -70,6 +70,22 @@ def test_globs_and_duplicates(tmp_path):
     assert files == [tmp_path / "x1.txt", tmp_path / "x2.txt"]  # sorted, each once
 
 
+def test_a_glob_may_match_directories_without_text(tmp_path):
+    # 'corpus/**' also matches corpus/images/: like unsupported files, it adds nothing.
+    (tmp_path / "corpus" / "images").mkdir(parents=True)
+    (tmp_path / "corpus" / "images" / "a.png").write_bytes(b"\x89PNG")
+    (tmp_path / "corpus" / "empty").mkdir()
+    (tmp_path / "corpus" / "text").mkdir()
+    (tmp_path / "corpus" / "text" / "b.txt").write_text("b")
+    (tmp_path / "corpus" / "a.txt").write_text("a")
+    expected = [tmp_path / "corpus" / "a.txt", tmp_path / "corpus" / "text" / "b.txt"]
+    for pattern in ("corpus/**", "corpus/*"):
+        assert resolve_inputs([str(tmp_path / pattern)]) == expected
+    with pytest.raises(GptforgeError, match=r"the pattern '.*images\*' matches no files of a "
+                                            r"supported type"):
+        resolve_inputs([str(tmp_path / "corpus" / "images*")])
+
+
 def bad_input(tmp_path, name, content):
     path = tmp_path / name
     if isinstance(content, str):

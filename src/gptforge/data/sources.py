@@ -58,8 +58,8 @@ def _resolve_one(item: str) -> list[Path]:
         files: list[Path] = []
         for match in matches:
             path = Path(match)
-            if path.is_dir():
-                files.extend(_scan_directory(path))
+            if path.is_dir():  # may hold nothing to read ('corpus/**' matches corpus/images/)
+                files.extend(_scan_directory(path, required=False))
             elif path.suffix.lower() in SUFFIXES:
                 files.append(path.resolve())
         if not files:
@@ -75,13 +75,13 @@ def _resolve_one(item: str) -> list[Path]:
     return [path.resolve()]
 
 
-def _scan_directory(directory: Path) -> list[Path]:
+def _scan_directory(directory: Path, required: bool = True) -> list[Path]:
     files = sorted(
         p for p in directory.rglob("*")
         if p.is_file() and p.suffix.lower() in SUFFIXES
         and not any(part.startswith(".") for part in p.relative_to(directory).parts)
     )
-    if not files:
+    if not files and required:
         raise GptforgeError(f"{directory}: directory holds no supported files "
                             f"({', '.join(SUFFIXES)})")
     return [p.resolve() for p in files]
