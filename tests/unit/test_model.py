@@ -118,6 +118,20 @@ def test_flops_per_token_follows_6n_plus_attention():
     assert GPT(tiny(**LLAMA)).flops_per_token(seq_len=10) == 6 * matmul_params + 12 * L * C * 10
 
 
+def test_frozen_weights_skip_their_weight_gradient_flops():
+    """A frozen weight costs 2 (forward) + 2 (activation gradient) FLOPs, not 6; the forward
+    pass alone is a third of the all-trainable figure."""
+    model = GPT(tiny())
+    full = model.flops_per_token()
+    assert 3 * model.forward_flops_per_token() == full
+    block = model.blocks[0]
+    frozen = sum(p.numel() for p in block.parameters())
+    block.requires_grad_(False)
+    assert model.flops_per_token() == full - 2 * frozen
+    model.pos_emb.requires_grad_(False)  # a lookup: no FLOPs either way
+    assert model.flops_per_token() == full - 2 * frozen
+
+
 def test_residual_projections_use_scaled_init():
     torch.manual_seed(0)
     model = GPT(tiny(n_layer=8, n_embd=256, n_head=4))

@@ -203,10 +203,32 @@ class GPT(nn.Module):
         and nanoGPT's convention), so MFU figures compare with theirs.
         Only *active* parameters count (``num_active_params``): a token runs through top_k
         experts, not all of them, so the MFU of an MoE model is computed on the FLOPs it does.
+
+        The backward pass is two halves of 2 FLOPs per parameter each: the gradient of the
+        activations (always needed, to reach the layers below) and the gradient of the weight.
+        A frozen weight (``requires_grad=False``, e.g. the base of a LoRA model) skips the
+        second, so it costs 4, not 6.
         """
+        frozen = self._matmul_params(lambda p: not p.requires_grad)
+        return 3 * self.forward_flops_per_token(seq_len) - 2 * frozen
+
+    def forward_flops_per_token(self, seq_len: int | None = None) -> int:
+        """FLOPs of a forward pass per token: 2 per active matmul parameter, plus the attention
+        products' 4 * n_layer * n_embd * T (see :meth:`flops_per_token`)."""
         cfg = self.config
         T = seq_len or cfg.block_size
-        n = self.num_active_params(exclude_embeddings=True)
-        if not cfg.tie_embeddings:  # the input table is a lookup, not a matmul
-            n -= self.tok_emb.weight.numel()
-        return 6 * n + 12 * cfg.n_layer * cfg.n_embd * T
+        return 2 * self._matmul_params() + 4 * cfg.n_layer * cfg.n_embd * T
+
+    def _matmul_params(self, keep=lambda p: True) -> int:
+        """Active parameters a token multiplies with (not the position or input-embedding
+        lookups, only ``moe_top_k`` experts per MoE layer), of those ``keep(p)`` selects."""
+        n = sum(p.numel() for p in self.parameters() if keep(p))  # tied weights once
+        lookups = [self.pos_emb.weight] if self.pos_emb is not None else []
+        if not self.config.tie_embeddings:  # the input table is a lookup, not a matmul
+            lookups.append(self.tok_emb.weight)
+        n -= sum(p.numel() for p in lookups if keep(p))
+        for module in self.modules():
+            if isinstance(module, MoEMLP):
+                per_expert = sum(p.numel() for p in module.experts[0].parameters() if keep(p))
+                n -= (module.n_experts - module.top_k) * per_expert
+        return n

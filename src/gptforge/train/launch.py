@@ -163,7 +163,7 @@ def _train(cfg: Config, stage, precision, dist_info, *, resume: bool, overwrite:
         cfg=cfg, model=model, train_model=train_model, optimizer=optimizer,
         objective=objective, train_loader=train_loader, val_loader=val_loader,
         precision=precision, run_dir=run_dir, tokenizer_dir=tokenizer_dir,
-        tokenizer_info=tokenizer_info, flops_per_token=model.flops_per_token(),
+        tokenizer_info=tokenizer_info, flops_per_token=_flops_per_token(model, objective),
         peak_flops=peak_flops(precision), dist_info=dist_info,
         sampler=_sampler(model, tokenizer_dir, cfg, precision),
         weights_filter=weights_filter, extra_meta=extra_meta,
@@ -185,6 +185,16 @@ def _train(cfg: Config, stage, precision, dist_info, *, resume: bool, overwrite:
             if dist_info.is_main:
                 print(f"--- sample {i + 1} ---\n{text}")
     return code
+
+
+def _flops_per_token(model: GPT, objective) -> int:
+    """Training FLOPs per token for MFU: the model's forward and backward (frozen weights, as in
+    LoRA, skip their weight gradients), plus the forward of a frozen reference model (DPO)."""
+    flops = model.flops_per_token()
+    reference = getattr(objective, "reference", None)
+    if reference is not None:
+        flops += reference.forward_flops_per_token()
+    return flops
 
 
 def build_loaders(cfg: Config, data_dir: Path, manifest: dict, dist_info, run_dir: Path):
