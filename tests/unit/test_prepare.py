@@ -81,6 +81,33 @@ def test_few_documents_are_split_by_position_at_a_line_break(tmp_path):
     assert abs(len(val[0]) / len(text) - 0.1) < 0.01
 
 
+def test_documents_are_encoded_as_they_are_read_not_held_twenty_at_a_time(tmp_path, monkeypatch):
+    # Choosing the split method needs to know whether there are 20 documents; finding out must
+    # not keep them, or a directory of big .txt files sits in memory 20 files at a time.
+    for i in range(25):
+        (tmp_path / f"doc{i:02d}.txt").write_text(f"document {i}\n")
+    passes: list[list[str]] = []  # the labels each pass over the inputs has read so far
+    read_at_encode: list[int] = []
+    real_documents, real_encode = prepare_module.iter_source_documents, prepare_module.encode_pieces
+
+    def documents(*args, **kwargs):
+        passes.append([])
+        for label, text in real_documents(*args, **kwargs):
+            passes[-1].append(label)
+            yield label, text
+
+    def encode(*args, **kwargs):
+        read_at_encode.append(len(passes[-1]))
+        return real_encode(*args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "iter_source_documents", documents)
+    monkeypatch.setattr(prepare_module, "encode_pieces", encode)
+    monkeypatch.setattr(prepare_module, "BATCH_CHARS", 1)  # each piece is a batch of its own
+    manifest = run(sorted(tmp_path.glob("*.txt")), tmp_path / "out")
+    assert manifest["split"]["method"] == "document"
+    assert read_at_encode == list(range(1, 26))  # document i is encoded once i are read
+
+
 def test_document_split_hits_the_fraction_for_any_seed_and_fraction():
     for fraction in (0.05, 0.1, 0.15, 0.3, 0.5):
         for seed in (0, 1, 1337):

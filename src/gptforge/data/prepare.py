@@ -20,6 +20,7 @@ exact duplicate documents are dropped before the split (:mod:`~gptforge.data.ded
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing
@@ -100,22 +101,28 @@ class Piece(NamedTuple):
 # --------------------------------------------------------------------------- the split
 
 
-def plan_split(documents: Iterable[tuple[str, str]], val_fraction: float,
-               seed: int) -> tuple[str, Iterator[Piece]]:
-    """Assign documents to train/val; returns the method used and the stream of pieces.
+def split_method(documents: Iterable[tuple[str, str]]) -> str:
+    """``"document"`` for 20 documents or more, else ``"position"`` (see :func:`plan_split`).
+
+    Reads no further than the 20th document and keeps none, so a pass of its own over the inputs
+    decides; the pass that follows streams, one document at a time.
+    """
+    count = sum(1 for _ in itertools.islice(documents, MIN_DOCUMENTS_FOR_DOCUMENT_SPLIT))
+    return "document" if count == MIN_DOCUMENTS_FOR_DOCUMENT_SPLIT else "position"
+
+
+def plan_split(documents: Iterable[tuple[str, str]], method: str, val_fraction: float,
+               seed: int) -> Iterator[Piece]:
+    """Assign documents to train/val by ``method`` (:func:`split_method`); the stream of pieces.
 
     With >= 20 documents, whole documents go to val (see :func:`document_goes_to_val`): decided
     per document from its index alone, so the stream never has to be seen in full. With fewer
     (one big .txt file, say), the last ``val_fraction`` of each document, cut at a nearby line
     break, goes to val.
     """
-    documents = iter(documents)
-    head = []
-    for label, text in documents:
-        head.append((label, text))
-        if len(head) == MIN_DOCUMENTS_FOR_DOCUMENT_SPLIT:
-            return "document", _split_by_document(head, documents, val_fraction, seed)
-    return "position", _split_by_position(head, val_fraction)
+    if method == "document":
+        return _split_by_document(documents, val_fraction, seed)
+    return _split_by_position(documents, val_fraction)
 
 
 def document_goes_to_val(index: int, val_fraction: float, seed: int) -> bool:
@@ -144,20 +151,15 @@ def _val_score(seed: int, window: int) -> float:
     return int.from_bytes(digest, "little") / 2**64
 
 
-def _split_by_document(head: list[tuple[str, str]], rest: Iterator[tuple[str, str]],
-                       val_fraction: float, seed: int) -> Iterator[Piece]:
-    for index, (label, text) in enumerate(_chain(head, rest)):
+def _split_by_document(documents: Iterable[tuple[str, str]], val_fraction: float,
+                       seed: int) -> Iterator[Piece]:
+    for index, (label, text) in enumerate(documents):
         to_val = document_goes_to_val(index, val_fraction, seed)
         yield Piece("val" if to_val else "train", label, text)
 
 
-def _chain(head: list[tuple[str, str]], rest: Iterator[tuple[str, str]]):
-    while head:  # hand the buffered documents over one by one, so they can be freed
-        yield head.pop(0)
-    yield from rest
-
-
-def _split_by_position(documents: list[tuple[str, str]], val_fraction: float) -> Iterator[Piece]:
+def _split_by_position(documents: Iterable[tuple[str, str]],
+                       val_fraction: float) -> Iterator[Piece]:
     for label, text in documents:
         cut = _cut_point(text, val_fraction)
         if cut > 0:
@@ -447,9 +449,13 @@ def _prepare_into(work: WorkDir, sources: list, settings: dict, described: list[
     def documents() -> Iterator[tuple[str, str]]:
         return iter_source_documents(sources, settings["text_field"])
 
+    def deduplicated(duplicates: DuplicateFilter | None) -> Iterator[tuple[str, str]]:
+        return duplicates(documents()) if duplicates is not None else documents()
+
     def pieces(duplicates: DuplicateFilter | None) -> tuple[str, Iterator[Piece]]:
-        docs = duplicates(documents()) if duplicates is not None else documents()
-        return plan_split(docs, settings["val_fraction"], settings["seed"])
+        method = split_method(deduplicated(new_filter()))  # a pass (and a filter) of its own
+        return method, plan_split(deduplicated(duplicates), method, settings["val_fraction"],
+                                  settings["seed"])
 
     def new_filter() -> DuplicateFilter | None:
         return DuplicateFilter() if settings["dedup"] else None
