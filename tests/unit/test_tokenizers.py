@@ -157,6 +157,21 @@ def test_empty_training_text_is_an_error(kind):
         train_tokenizer(kind, iter([]), 300 if kind != "char" else None)
 
 
+@pytest.mark.parametrize("kind", ["char", "bpe", "sentencepiece"])
+@pytest.mark.parametrize("error", [GptforgeError("data.jsonl:7: invalid JSON"),
+                                   KeyboardInterrupt()])
+def test_an_error_while_reading_the_texts_comes_out_as_it_is(kind, error):
+    # Texts are read while the tokenizer trains: a bad input line found then, or Ctrl-C, must
+    # reach the user as itself, not as "training failed".
+    def texts():
+        yield ENGLISH * 4
+        raise error
+
+    with pytest.raises(type(error)) as caught:
+        train_tokenizer(kind, texts(), 300 if kind != "char" else None)
+    assert caught.value is error
+
+
 def test_unknown_kind_and_model_type():
     with pytest.raises(GptforgeError, match="unknown tokenizer kind 'wordpiece'"):
         train_tokenizer("wordpiece", ["x"])

@@ -69,14 +69,17 @@ class SentencePieceTokenizer(Tokenizer):
         vocab_size = vocab_size or DEFAULT_VOCAB_SIZE
         model = io.BytesIO()
         sentencepiece.set_random_generator_seed(1337)  # sampling of huge corpora is repeatable
+        reading_errors: list[BaseException] = []
         try:
             sentencepiece.SentencePieceTrainer.train(
-                sentence_iterator=_training_lines(texts), model_writer=model,
+                sentence_iterator=_training_lines(texts, reading_errors), model_writer=model,
                 model_type=sp_model_type, vocab_size=vocab_size, **_TRAINER_OPTIONS,
                 num_threads=max(1, min(os.cpu_count() or 1, 16)),
                 minloglevel=1 if progress else 2,  # 1: warnings only
             )
         except RuntimeError as err:
+            if reading_errors:  # the C++ side wraps it in a RuntimeError holding a traceback
+                raise reading_errors[0] from None
             raise _training_error(err, vocab_size) from None
         return cls(model.getvalue())
 
@@ -135,12 +138,22 @@ _TRAINER_OPTIONS = dict(
 )
 
 
-def _training_lines(texts: Iterable[str]) -> Iterator[str]:
-    """Non-empty lines of every document, long ones cut, as SentencePiece's training sentences."""
-    for text in texts:
-        for line in text.split("\n"):
-            for start in range(0, len(line), MAX_SENTENCE_CHARS):
-                yield line[start:start + MAX_SENTENCE_CHARS]
+def _training_lines(texts: Iterable[str], errors: list[BaseException]) -> Iterator[str]:
+    """Non-empty lines of every document, long ones cut, as SentencePiece's training sentences.
+
+    An exception while reading the texts (a bad input line, Ctrl-C) is also put in ``errors``, so
+    that it can be raised as itself once the trainer gives up.
+    """
+    try:
+        for text in texts:
+            for line in text.split("\n"):
+                for start in range(0, len(line), MAX_SENTENCE_CHARS):
+                    yield line[start:start + MAX_SENTENCE_CHARS]
+    except GeneratorExit:  # the trainer stopped reading: not an error
+        raise
+    except BaseException as err:
+        errors.append(err)
+        raise
 
 
 def _training_error(err: RuntimeError, vocab_size: int) -> GptforgeError:
