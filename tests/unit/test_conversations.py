@@ -116,6 +116,14 @@ def test_bad_preference_records_name_file_and_line(tmp_path, record, message):
     assert f"{path}:2: " in str(err.value) and message in str(err.value)
 
 
+def test_suffixes_in_capitals_are_read_too(tmp_path):
+    # As `gptforge prepare` reads them: DATA.JSONL is a .jsonl file.
+    write_jsonl(tmp_path / "DATA.JSONL", [{"messages": EXCHANGE}])
+    (tmp_path / "MORE.Json").write_text(json.dumps([{"messages": EXCHANGE}]))
+    assert read_conversations([str(tmp_path / "DATA.JSONL"), str(tmp_path / "MORE.Json")]) == \
+        [EXCHANGE, EXCHANGE]
+
+
 def test_file_level_problems(tmp_path):
     broken = tmp_path / "broken.json"
     broken.write_text('[\n{"messages": []},\n{oops}\n]')

@@ -64,11 +64,12 @@ def _records(paths: list[str]) -> Iterator[tuple[str, object]]:
     if isinstance(paths, (str, Path)):
         paths = [paths]
     for path in map(Path, paths):
-        if path.suffix not in (".jsonl", ".json"):
+        suffix = path.suffix.lower()
+        if suffix not in (".jsonl", ".json"):
             raise GptforgeError(f"{path}: expected a .jsonl or .json file of conversations")
         if not path.is_file():
             raise GptforgeError(f"{path}: no such file")
-        yield from _jsonl_records(path) if path.suffix == ".jsonl" else _json_records(path)
+        yield from _jsonl_records(path) if suffix == ".jsonl" else _json_records(path)
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, object]]:
