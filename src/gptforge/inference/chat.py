@@ -36,6 +36,8 @@ from gptforge.inference.kv_cache import KVCache
 from gptforge.tokenizer.chat_template import check_messages, render_prompt, stop_ids
 
 if TYPE_CHECKING:
+    import torch
+
     from gptforge.inference.textgen import TextGenerator
 
 log = logging.getLogger(__name__)
@@ -105,18 +107,25 @@ def _cut_left(tokenizer, head: list[dict], message: dict, budget: int) -> dict:
     return {**message, "content": text[len(text) - lo:]}
 
 
+def reply_steps(generator: TextGenerator, prompt: list[int], settings: SamplingSettings,
+                cache: KVCache | None = None, num_samples: int = 1) -> Iterator[torch.Tensor]:
+    """The engine's steps ((num_samples,) ids each) of replies to the rendered ``prompt``: the
+    turn ends at a :func:`stop_ids` id, and the other chat markers are never sampled."""
+    tokenizer = generator.tokenizer
+    stops = stop_ids(tokenizer)
+    banned = sorted(set(tokenizer.special_tokens.values()) - set(stops))
+    return generator.engine.generate(prompt, settings, num_samples=num_samples, stop_ids=stops,
+                                     banned_ids=banned, cache=cache)
+
+
 def stream_reply(generator: TextGenerator, prompt: list[int], settings: SamplingSettings,
                  cache: KVCache | None = None) -> Iterator[str]:
     """Text pieces of the assistant's reply to the rendered ``prompt``, until its turn ends.
 
     With a ``cache`` (``generator.engine.new_cache()``) kept from the previous reply, only the
     part of ``prompt`` it does not hold is prefilled."""
-    tokenizer = generator.tokenizer
-    stops = stop_ids(tokenizer)
-    banned = sorted(set(tokenizer.special_tokens.values()) - set(stops))
-    steps = generator.engine.generate(prompt, settings, stop_ids=stops, banned_ids=banned,
-                                      cache=cache)
-    yield from generator.decode_stream(steps, stops)
+    steps = reply_steps(generator, prompt, settings, cache)
+    yield from generator.decode_stream(steps, stop_ids(generator.tokenizer))
 
 
 def complete_chat(generator: TextGenerator, messages: list[dict], *,

@@ -3,7 +3,8 @@
 This is what ``gptforge generate`` and ``gptforge.load(path).generate(...)`` use, and ``.chat()``
 for conversations (see ``chat.py``). Streaming decodes the whole continuation so far and emits only
 the new suffix, which is correct for tokenizers whose tokens are partial UTF-8 characters
-(byte-level BPE): an incomplete character is held back until its last byte arrives.
+(byte-level BPE): an incomplete character is held back until its last byte arrives
+(:class:`TextDecoder`, one per sample).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from gptforge import checkpoint
 from gptforge.inference.engine import Engine, SamplingSettings
+from gptforge.inference.kv_cache import KVCache
 from gptforge.model.gpt import GPT
 from gptforge.model_loading import build_model
 from gptforge.runtime.device import cpu_has_native_bf16, resolve_device
@@ -29,6 +31,24 @@ def load_model(ckpt: Path, device: torch.device) -> GPT:
         native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
         model.to(torch.bfloat16 if native_bf16 else torch.float16)
     return model.eval()
+
+
+class TextDecoder:
+    """Token ids in, text out, one id at a time: ``push`` returns the text the id adds."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""  # the text returned so far
+
+    def push(self, token: int) -> str | None:
+        """The new text, or None while it ends in an incomplete UTF-8 character."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # wait for the character's remaining bytes
+            return None
+        piece, self.text = text[len(self.text):], text
+        return piece
 
 
 class TextGenerator:
@@ -57,10 +77,13 @@ class TextGenerator:
         # An empty prompt starts a new document, which is what the separator token means.
         return self.tokenizer.encode(prompt) if prompt else [self.tokenizer.eos_id]
 
-    def stream_ids(self, prompt: str, settings: SamplingSettings,
-                   num_samples: int = 1) -> Iterator[torch.Tensor]:
-        return self.engine.generate(self.encode_prompt(prompt), settings,
-                                    num_samples=num_samples, stop_ids=[self.tokenizer.eos_id])
+    def stream_ids(self, prompt: str | list[int], settings: SamplingSettings,
+                   num_samples: int = 1, cache: KVCache | None = None) -> Iterator[torch.Tensor]:
+        """The engine's steps continuing ``prompt`` (text, or ids from :meth:`encode_prompt`)
+        until EOS; ``cache``: see ``Engine.generate``."""
+        ids = prompt if isinstance(prompt, list) else self.encode_prompt(prompt)
+        return self.engine.generate(ids, settings, num_samples=num_samples,
+                                    stop_ids=[self.tokenizer.eos_id], cache=cache)
 
     def stream(self, prompt: str, **kwargs) -> Iterator[str]:
         """Yield pieces of text of one sample as they are generated (EOS not included)."""
@@ -69,18 +92,14 @@ class TextGenerator:
 
     def decode_stream(self, steps: Iterator[torch.Tensor], stop_ids) -> Iterator[str]:
         """Text pieces of the first row of an engine's ``steps``, up to (without) a stop id."""
-        ids: list[int] = []
-        emitted = ""
+        decoder = TextDecoder(self.tokenizer)
         for step in steps:
             token = int(step[0])
             if token in stop_ids:
                 break
-            ids.append(token)
-            text = self.tokenizer.decode(ids)
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the rest
-                continue
-            yield text[len(emitted):]
-            emitted = text
+            piece = decoder.push(token)
+            if piece is not None:
+                yield piece
 
     def generate(self, prompt: str, *, num_samples: int = 1, **kwargs) -> str | list[str]:
         """The continuation of ``prompt`` (a list of them if ``num_samples > 1``)."""
