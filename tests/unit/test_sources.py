@@ -137,6 +137,16 @@ def test_parquet_errors_list_the_columns(tmp_path):
     broken.write_bytes(b"not parquet at all")
     with pytest.raises(GptforgeError, match=r"broken\.parquet: not a readable Parquet file"):
         docs(broken)
+    # A damaged footer: pyarrow's message spans lines; ours stays on one.
+    pq.write_table(pa.table({"text": ["x"] * 100}), broken)
+    data = bytearray(broken.read_bytes())
+    footer_start = len(data) - 8 - int.from_bytes(data[-8:-4], "little")
+    data[footer_start:footer_start + 20] = bytes(20)
+    broken.write_bytes(bytes(data))
+    with pytest.raises(GptforgeError, match=r"broken\.parquet: not a readable Parquet file \(.+\)$"
+                       ) as err:
+        docs(broken)
+    assert "\n" not in str(err.value)
 
 
 def test_damaged_parquet_data_is_one_line_naming_the_file(tmp_path):

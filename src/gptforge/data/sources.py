@@ -286,7 +286,8 @@ def _read_parquet(path: Path, field: str) -> Iterator[tuple[str, str]]:
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as err:
-        raise GptforgeError(f"{path}: not a readable Parquet file ({err})") from None
+        raise GptforgeError(f"{path}: not a readable Parquet file ({_first_line(err)})") \
+            from None
     schema = parquet.schema_arrow
     if field not in schema.names:
         raise GptforgeError(f"{path}: no column '{field}' (columns: {', '.join(schema.names)}); "
@@ -302,13 +303,19 @@ def _read_parquet(path: Path, field: str) -> Iterator[tuple[str, str]]:
         except StopIteration:
             return
         except (pa.ArrowException, OSError) as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise GptforgeError(f"{path}:row {row}: cannot read the Parquet data ({reason}); "
-                                "the file is damaged: re-download or re-export it") from None
+            raise GptforgeError(f"{path}:row {row}: cannot read the Parquet data "
+                                f"({_first_line(err)}); the file is damaged: re-download or "
+                                "re-export it") from None
         for text in batch.column(0).to_pylist():
             if text is not None:
                 yield f"{path}:row {row}", text
             row += 1
+
+
+def _first_line(err: BaseException) -> str:
+    """pyarrow's messages can span lines; an error here is one line."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _is_string_type(column_type) -> bool:
