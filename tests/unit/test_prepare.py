@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -247,6 +248,26 @@ def test_refuses_to_replace_what_is_not_a_data_directory(stories, tmp_path):
         run([tmp_path / "home" / "notes.txt"], tmp_path / "home")
     with pytest.raises(GptforgeError, match="is a file, not a directory"):
         run([path], path)
+    with pytest.raises(GptforgeError, match=r"--out .*notes\.txt/data: cannot create .*notes\.txt "
+                                            r"\(.+\)"):
+        run([path], tmp_path / "home" / "notes.txt" / "data")  # a file where a directory must be
+    with pytest.raises(GptforgeError, match="--out / is the root directory"):
+        run([path], Path("/"))
+    assert (tmp_path / "home" / "notes.txt").read_text() == "precious"
+
+
+def test_an_output_directory_that_cannot_be_created_is_one_line(stories, tmp_path, monkeypatch):
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):  # what a directory the user may not write to gives
+        if self.name.endswith(".partial"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    with pytest.raises(GptforgeError, match=r"cannot create .*out\.partial \(Permission denied\); "
+                                            "choose another --out"):
+        run([stories[1]], tmp_path / "out")
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -155,7 +155,11 @@ def open_work_dir(out_dir: Path, identity: dict, restart: bool = False) -> WorkD
     """Lock ``OUT.partial`` and resume its journal if it matches ``identity``, else start over."""
     path = partial_dir(out_dir)
     _check_ours(path)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise GptforgeError(f"cannot create {path} ({err.strerror}); choose another --out") \
+            from None
     lock = _lock(path)
     try:
         new = Journal(fingerprint(identity), _parts(identity))

@@ -426,7 +426,11 @@ def prepare(inputs: list[str], out_dir: Path, tokenizer: str = "char",
     sources = resolve_sources(settings["inputs"], settings["hf_data_files"])
     _check_output_dir(out_dir, _local_files(sources))
     described = [_describe(source, text_field) for source in sources]
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file in the way, no permission
+        raise GptforgeError(f"--out {out_dir}: cannot create {err.filename or out_dir.parent} "
+                            f"({err.strerror})") from None
     work = open_work_dir(out_dir, _identity(settings, described), restart=not resume)
     try:
         manifest = _prepare_into(work, sources, settings, described, progress, started)
@@ -636,6 +640,9 @@ def _input_bytes(described: list[dict]) -> int | None:
 
 
 def _check_output_dir(out_dir: Path, files: list[Path]) -> None:
+    if not out_dir.name:
+        raise GptforgeError(f"--out {out_dir} is the root directory; name a directory for the "
+                            "data, e.g. --out data/mine")
     if out_dir.exists() and not out_dir.is_dir():
         raise GptforgeError(f"--out {out_dir} is a file, not a directory")
     for path in files:
