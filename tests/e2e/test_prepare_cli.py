@@ -76,6 +76,9 @@ def test_tokenizer_train_reports_compression(tmp_path, capfd):
     code, out, err = cli(["tokenizer", "train", "--input", tmp_path / "c.txt", "--kind", "char",
                           "--out", tmp_path / "tok"], capfd)
     assert code == 1 and len(err) == 1 and "already holds tokenizer.model" in err[0]
+    code, out, err = cli(["tokenizer", "train", "--input", tmp_path / "c.txt", "--kind", "char",
+                          "--out", tmp_path / "c.txt" / "tok"], capfd)  # a file in the way
+    assert code == 1 and len(err) == 1 and f"{tmp_path / 'c.txt'} is a file" in err[0], err
 
 
 def write(path, content):

@@ -73,6 +73,9 @@ def _check_out(out: Path, kind: str) -> None:
     others = [name for k, name in KIND_FILES.items() if k != kind and (out / name).exists()]
     if out.exists() and not out.is_dir():
         raise GptforgeError(f"--out {out} is a file, not a directory")
+    existing = next(p for p in out.absolute().parents if p.exists())  # what save() builds on
+    if not existing.is_dir():
+        raise GptforgeError(f"--out {out}: {existing} is a file, not a directory")
     if others:
         raise GptforgeError(f"--out {out} already holds {', '.join(others)}; a directory holds one "
                             "tokenizer, so choose another --out")
