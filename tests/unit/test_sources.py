@@ -111,6 +111,10 @@ def bad_input(tmp_path, name, content):
      r"d\.jsonl:1: the text holds an unpaired surrogate"),
     ("d.json", '{"text": "a",\n "x": }', "text", r"d\.json:2: invalid JSON"),
     ("d.json", '42', "text", r"d\.json: expected a JSON array of documents"),
+    ("d.jsonl", '{"text": "a"}\n' + "[" * 100_000 + "]" * 100_000 + "\n", "text",
+     r"d\.jsonl:2: invalid JSON \(nested too deeply\)"),
+    ("d.json", "[" * 100_000 + "]" * 100_000, "text",
+     r"d\.json: invalid JSON \(nested too deeply\)"),
     ("d.json", '[{"text": "a"}, {"body": "b"}]', "text", r"d\.json\[1\]: no field 'text' "
                                                          r"\(fields: body\)"),
     ("empty.txt", "", "text", r"no text in the inputs: the 1 file\(s\) hold only empty documents"),

@@ -218,6 +218,8 @@ def _read_jsonl(path: Path, field: str) -> Iterator[tuple[str, str]]:
             except json.JSONDecodeError as err:
                 raise GptforgeError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") \
                     from None
+            except RecursionError:
+                raise GptforgeError(f"{where}: invalid JSON (nested too deeply)") from None
             text = _document_text(value, field, where)
             if text is not None:
                 yield where, text
@@ -230,6 +232,8 @@ def _read_json(path: Path, field: str) -> Iterator[tuple[str, str]]:
     except json.JSONDecodeError as err:
         raise GptforgeError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column "
                             f"{err.colno})") from None
+    except RecursionError:
+        raise GptforgeError(f"{path}: invalid JSON (nested too deeply)") from None
     if isinstance(value, dict):
         doc = _document_text(value, field, str(path))
         if doc is not None:
