@@ -137,6 +137,13 @@ def test_file_level_problems(tmp_path):
         read_conversations([str(tmp_path / "data.txt")])
     with pytest.raises(GptforgeError, match="no such file"):
         read_conversations([str(tmp_path / "missing.jsonl")])
+    deep = "[" * 100_000 + "]" * 100_000  # more nesting than the JSON parser can take
+    (tmp_path / "deep.jsonl").write_text(json.dumps({"messages": EXCHANGE}) + "\n" + deep + "\n")
+    with pytest.raises(GptforgeError, match=r"deep\.jsonl:2: invalid JSON \(nested too deeply\)"):
+        read_conversations([str(tmp_path / "deep.jsonl")])
+    (tmp_path / "deep.json").write_text(deep)
+    with pytest.raises(GptforgeError, match=r"deep\.json: invalid JSON \(nested too deeply\)"):
+        read_preferences([str(tmp_path / "deep.json")])
     latin1 = tmp_path / "latin1.jsonl"
     latin1.write_bytes(json.dumps({"messages": EXCHANGE}).encode() + b"\n\xe9\n")
     with pytest.raises(GptforgeError, match=r"latin1\.jsonl:2: not UTF-8"):

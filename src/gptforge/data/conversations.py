@@ -88,6 +88,8 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, object]]:
             except json.JSONDecodeError as err:
                 raise GptforgeError(f"{where}: invalid JSON ({err.msg} at column "
                                     f"{err.colno})") from None
+            except RecursionError:
+                raise GptforgeError(f"{where}: invalid JSON (nested too deeply)") from None
             yield where, record
 
 
@@ -99,6 +101,8 @@ def _json_records(path: Path) -> Iterator[tuple[str, object]]:
                             f"{err.colno})") from None
     except UnicodeDecodeError as err:
         raise GptforgeError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except RecursionError:
+        raise GptforgeError(f"{path}: invalid JSON (nested too deeply)") from None
     if not isinstance(data, list):
         raise GptforgeError(f"{path}: a .json file must hold an array of records, got a "
                             f"{type(data).__name__}; or write one record per line as .jsonl")
