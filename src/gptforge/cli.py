@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from gptforge.errors import GptforgeError
 
 # Order is the order shown in ``gptforge --help``.
-COMMANDS = ("prepare", "tokenizer", "train", "sft", "dpo", "generate", "chat", "export")
+COMMANDS = ("prepare", "tokenizer", "train", "sft", "dpo", "generate", "chat", "serve",
+            "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into a reader that stopped (`| head`): not an error
+        # Python would report the failed flush of stdout at exit; point it at nothing instead.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports it
 
 
 if __name__ == "__main__":  # pragma: no cover

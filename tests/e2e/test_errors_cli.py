@@ -24,6 +24,8 @@ def run_cli(args, capsys):
     (["train", "data.dir=/nonexistent/x", "data.corpus="], "holds no prepared data"),
     (["generate", "/nonexistent/run"], "no such checkpoint or run directory"),
     (["train", "--resume", "/nonexistent/run"], "config.toml not found"),
+    (["tokenizer", "train", "--input", "hf:json", "--out", "/tmp/unused"],
+     "for a Hugging Face dataset use `gptforge prepare"),
     pytest.param(["train", "runtime.device=cuda"], "no CUDA GPU",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
 ])
@@ -75,3 +77,20 @@ def test_auto_batch_size_needs_cuda(tmp_path, capsys):
     assert code == 1 and "needs a CUDA GPU" in err[-1]
     code, err = run_cli(["train", "train.batch_size=1.5"], capsys)
     assert code == 1 and "positive integer or 'auto'" in err[-1]
+
+
+def test_output_piped_into_a_reader_that_stops_is_not_an_error(tmp_path):
+    """`gptforge generate ... | head -1`: the closed pipe ends the command quietly (exit 141, as
+    a shell reports SIGPIPE), with no traceback on stderr."""
+    from tests.tiny_checkpoints import make_base
+
+    ckpt, _, _ = make_base(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptforge", "generate", str(ckpt), "--device", "cpu",
+         "--num-samples", "400", "--max-new-tokens", "40", "--seed", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipe" not in err

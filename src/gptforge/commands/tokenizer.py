@@ -48,6 +48,11 @@ def run(args: argparse.Namespace) -> int:
     from gptforge.tokenizer import train_tokenizer
 
     inputs = [str(p) for p in fetch_corpus(args.corpus)] if args.corpus else args.input
+    hf_inputs = [i for i in inputs if i.startswith("hf:")]
+    if hf_inputs:
+        raise GptforgeError(f"--input {hf_inputs[0]}: `gptforge tokenizer train` reads files; "
+                            "for a Hugging Face dataset use `gptforge prepare --input "
+                            f"{hf_inputs[0]} --tokenizer KIND`, which trains the tokenizer too")
     inputs = [str(p) for p in resolve_inputs(inputs)]  # input errors before any training
     out = Path(args.out)
     _check_out(out, args.kind)
