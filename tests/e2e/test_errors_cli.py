@@ -24,7 +24,7 @@ def run_cli(args, capsys):
     (["train", "data.dir=/nonexistent/x", "data.corpus="], "holds no prepared data"),
     (["generate", "/nonexistent/run"], "no such checkpoint or run directory"),
     (["train", "--resume", "/nonexistent/run"], "config.toml not found"),
-    (["tokenizer", "train", "--input", "hf:json", "--out", "/tmp/unused"],
+    (["tokenizer", "train", "--kind", "bpe", "--input", "hf:json", "--out", "/tmp/unused"],
      "for a Hugging Face dataset use `gptforge prepare"),
     pytest.param(["train", "runtime.device=cuda"], "no CUDA GPU",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
