@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from gptforge.errors import GptforgeError
+from gptforge.tokenizer.base import surrogate_problem
 from gptforge.tokenizer.chat_template import ROLES
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -179,13 +180,9 @@ def _message(item, where: str) -> dict:
 
 
 def _check_unicode(text: str, where: str) -> None:
-    # JSON's \ud800-style escapes can produce lone surrogates, which no tokenizer can encode.
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise BadRecord(f"{where}: the text holds an unpaired surrogate {text[err.start]!r} at "
-                        f"character {err.start}, which is not valid Unicode; fix the \\uXXXX "
-                        "escape") from None
+    problem = surrogate_problem(text)
+    if problem:
+        raise BadRecord(f"{where}: {problem}; fix the \\uXXXX escape")
 
 
 def _preference(record) -> dict:

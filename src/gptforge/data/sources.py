@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from gptforge.errors import GptforgeError
+from gptforge.tokenizer.base import surrogate_problem
 
 log = logging.getLogger(__name__)
 
@@ -268,13 +269,9 @@ def _document_text(value: Any, field: str, where: str) -> str | None:
 
 
 def _check_encodable(text: str, where: str) -> None:
-    # JSON's \ud800-style escapes can produce lone surrogates, which no tokenizer can encode.
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise GptforgeError(f"{where}: the text holds an unpaired surrogate "
-                            f"{text[err.start]!r} at character {err.start}, which is not valid "
-                            "Unicode; fix the \\uXXXX escape") from None
+    problem = surrogate_problem(text)
+    if problem:
+        raise GptforgeError(f"{where}: {problem}; fix the \\uXXXX escape")
 
 
 def _json_type(value: Any) -> str:

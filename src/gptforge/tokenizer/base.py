@@ -140,16 +140,23 @@ def split_special(text: str) -> Iterator[tuple[str, bool]]:
             yield piece, i % 2 == 1  # re.split puts captured separators at odd positions
 
 
+def surrogate_problem(text: str) -> str | None:
+    """What is wrong with ``text`` if it holds a lone surrogate (which no backend can encode: a
+    ``\\ud800`` JSON escape, or bytes that were not UTF-8 on the command line); else None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return (f"the text holds an unpaired surrogate {text[err.start]!r} at character "
+                f"{err.start}, which is not valid Unicode")
+    return None
+
+
 def check_unicode(texts: Iterable[str]) -> None:
-    """Raise a GptforgeError naming the first lone surrogate in ``texts``, which no backend can
-    encode (a ``\\ud800`` JSON escape, or bytes that were not UTF-8 on the command line)."""
+    """Raise a GptforgeError naming the first lone surrogate in ``texts``."""
     for text in texts:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise GptforgeError(f"the text holds an unpaired surrogate {text[err.start]!r} at "
-                                f"character {err.start}, which is not valid Unicode and cannot "
-                                "be encoded; fix the input text") from None
+        problem = surrogate_problem(text)
+        if problem:
+            raise GptforgeError(f"{problem} and cannot be encoded; fix the input text")
 
 
 def _backend(kind: str) -> type[Tokenizer]:
