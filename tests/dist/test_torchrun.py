@@ -69,17 +69,21 @@ def rewind(run, dst, step: int):
     return dst
 
 
-def test_resume_two_to_two_with_fsdp(runs, tmp_path):
-    run = rewind(runs / "fsdp", tmp_path / "fsdp", 10)
-    torchrun("train", "--resume", str(run), "runtime.progress=false")
-    assert losses(run, 11) == pytest.approx(losses(runs / "single", 11), rel=1e-4)
+@pytest.mark.parametrize("run", ["fsdp", "fsdp_sharded"])
+def test_resume_two_to_two(runs, tmp_path, run):
+    resumed = rewind(runs / run, tmp_path / run, 10)
+    torchrun("train", "--resume", str(resumed), "runtime.progress=false")
+    assert losses(resumed, 11) == pytest.approx(losses(runs / "single", 11), rel=1e-4)
 
 
-def test_resume_two_to_one_after_ddp(runs, tmp_path):
-    run = rewind(runs / "ddp", tmp_path / "ddp", 10)
-    assert main(["train", "--resume", str(run), "train.batch_size=4", "runtime.threads=1",
+@pytest.mark.parametrize("run", ["ddp", "fsdp_sharded"])
+def test_resume_two_to_one(runs, tmp_path, run):
+    """Full state gathered from DDP, or the shards of two FSDP2 ranks read back whole by one
+    plain process."""
+    resumed = rewind(runs / run, tmp_path / run, 10)
+    assert main(["train", "--resume", str(resumed), "train.batch_size=4", "runtime.threads=1",
                  "runtime.progress=false"]) == 0
-    assert losses(run, 11) == pytest.approx(losses(runs / "single", 11), rel=1e-4)
+    assert losses(resumed, 11) == pytest.approx(losses(runs / "single", 11), rel=1e-4)
 
 
 def test_fsdp_checkpoint_loads_for_single_process_generation(runs):
@@ -107,20 +111,6 @@ def test_sharded_checkpoint_holds_the_same_weights_as_a_full_one(runs):
     assert full.keys() == sharded.keys()
     for name in full:
         torch.testing.assert_close(sharded[name], full[name], rtol=1e-4, atol=1e-5)
-
-
-def test_sharded_resume_two_to_two(runs, tmp_path):
-    run = rewind(runs / "fsdp_sharded", tmp_path / "sharded", 10)
-    torchrun("train", "--resume", str(run), "runtime.progress=false")
-    assert losses(run, 11) == pytest.approx(losses(runs / "single", 11), rel=1e-4)
-
-
-def test_sharded_resume_two_to_one(runs, tmp_path):
-    """Shards of two FSDP2 ranks, read back whole by one plain process."""
-    run = rewind(runs / "fsdp_sharded", tmp_path / "sharded", 10)
-    assert main(["train", "--resume", str(run), "train.batch_size=4", "runtime.threads=1",
-                 "runtime.progress=false"]) == 0
-    assert losses(run, 11) == pytest.approx(losses(runs / "single", 11), rel=1e-4)
 
 
 def test_sft_on_two_processes_matches_one(tmp_path):
