@@ -46,23 +46,18 @@ def saved_config(run):
     return load_config(str(run / "config.toml"))
 
 
-def test_bf16_compiled_fused_training_learns(data_dir, tmp_path):
+@pytest.mark.parametrize("extra", [
+    ["runtime.compile=true"],  # bf16 autocast, compiled, fused AdamW
+    # What pre-Ampere GPUs (no bf16) get from runtime.dtype=auto: fp16 autocast + GradScaler.
+    ["runtime.dtype=float16"],
+], ids=["bf16-compiled-fused", "fp16-loss-scaling"])
+def test_training_learns(data_dir, tmp_path, extra):
     run = tmp_path / "run"
-    assert main(["train", *COMMON, f"data.dir={data_dir}", f"train.out_dir={run}",
-                 "runtime.compile=true"]) == 0
+    assert main(["train", *COMMON, f"data.dir={data_dir}", f"train.out_dir={run}", *extra]) == 0
     losses = val_losses(run)
     assert losses[-1] < losses[0] - 0.3
     import gptforge
     assert gptforge.load(run).generate("RO", max_new_tokens=8, temperature=0)
-
-
-def test_fp16_with_loss_scaling_learns(data_dir, tmp_path):
-    # What pre-Ampere GPUs (no bf16) get from runtime.dtype=auto: fp16 autocast + GradScaler.
-    run = tmp_path / "run"
-    assert main(["train", *COMMON, f"data.dir={data_dir}", f"train.out_dir={run}",
-                 "runtime.dtype=float16"]) == 0
-    losses = val_losses(run)
-    assert losses[-1] < losses[0] - 0.3
 
 
 def test_auto_batch_size_trains_compiled(data_dir, tmp_path):
