@@ -1,6 +1,6 @@
-"""The Hugging Face ``transformers`` layout: a gptforge model as GPT-2, Llama or Qwen3.
+"""The Hugging Face ``transformers`` layout: a gptforge model as GPT-2, Llama, Qwen3 or Mixtral.
 
-A gptforge GPT is one class with switches (norm, positions, MLP, ...). Three settings of those
+A gptforge GPT is one class with switches (norm, positions, MLP, ...). Four settings of those
 switches are exactly architectures that ``transformers`` implements, so a model trained with them
 can be written as a ``transformers`` checkpoint directory and loaded with
 ``AutoModelForCausalLM.from_pretrained(DIR)``, no gptforge needed:
@@ -12,9 +12,11 @@ can be written as a ``transformers`` checkpoint directory and loaded with
             grouped-query attention allowed: ``LlamaForCausalLM``
 ``qwen3``   ``llama`` plus RMSNorm on each head's queries and keys before the rotation
             (``model.qk_norm``), and no biases: ``Qwen3ForCausalLM``
+``mixtral`` ``llama`` with a mixture of SwiGLU experts in every block, top-k >= 2, no biases:
+            ``MixtralForCausalLM``
 ==========  ===========================================================================
 
-Anything else (squared-ReLU MLPs, logit soft-capping, mixtures of experts, ...) has no matching
+Anything else (squared-ReLU MLPs, logit soft-capping, top-1 routing, ...) has no matching
 ``transformers`` class, and :func:`architecture_of` says which setting is in the way.
 
 What changes between the two layouts is names and shapes, never values:
@@ -47,7 +49,7 @@ from gptforge.model.config import ModelConfig
 from gptforge.tokenizer.base import EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS, load_tokenizer
 from gptforge.tokenizer.chat_template import END_TOKEN, ROLE_TOKENS, ROLES
 
-ARCHITECTURES = ("gpt2", "llama", "qwen3")
+ARCHITECTURES = ("gpt2", "llama", "qwen3", "mixtral")
 
 # The chat template of tokenizer/chat_template.py in Jinja, the language of transformers'
 # apply_chat_template: <|role|>content<|end|> per message, then <|assistant|> to generate.
@@ -66,23 +68,26 @@ CHAT_TEMPLATE = (
 def architecture_of(cfg: ModelConfig) -> str:
     """The ``transformers`` architecture that computes exactly what ``cfg`` does, or an error
     naming the settings that no supported architecture has."""
-    common = [(cfg.logit_softcap == 0, "model.logit_softcap=0"),
-              (cfg.n_experts == 0, "model.n_experts=0 (no mixture of experts)")]
+    rope_swiglu = [(cfg.norm == "rmsnorm", "model.norm=rmsnorm"),
+                   (cfg.pos_emb == "rope", "model.pos_emb=rope"),
+                   (cfg.mlp == "swiglu", "model.mlp=swiglu")]
+    dense = (cfg.n_experts == 0, "model.n_experts=0 (no mixture of experts)")
+    common = [(cfg.logit_softcap == 0, "model.logit_softcap=0")]
     wanted = {
-        "gpt2": [(cfg.norm == "layernorm", "model.norm=layernorm"),
+        "gpt2": [dense, (cfg.norm == "layernorm", "model.norm=layernorm"),
                  (cfg.pos_emb == "learned", "model.pos_emb=learned"),
                  (cfg.mlp == "gelu", "model.mlp=gelu"),
                  (cfg.kv_heads == cfg.n_head, "model.n_kv_head=0 (no grouped-query attention)"),
                  (not cfg.qk_norm, "model.qk_norm=false")],
-        "llama": [(cfg.norm == "rmsnorm", "model.norm=rmsnorm"),
-                  (cfg.pos_emb == "rope", "model.pos_emb=rope"),
-                  (cfg.mlp == "swiglu", "model.mlp=swiglu"),
-                  (not cfg.qk_norm, "model.qk_norm=false")],
-        "qwen3": [(cfg.norm == "rmsnorm", "model.norm=rmsnorm"),
-                  (cfg.pos_emb == "rope", "model.pos_emb=rope"),
-                  (cfg.mlp == "swiglu", "model.mlp=swiglu"),
-                  (cfg.qk_norm, "model.qk_norm=true"),
+        "llama": [dense, *rope_swiglu, (not cfg.qk_norm, "model.qk_norm=false")],
+        "qwen3": [dense, *rope_swiglu, (cfg.qk_norm, "model.qk_norm=true"),
                   (not cfg.bias, "model.bias=false")],
+        # Mixtral renormalises the top-k router weights; gptforge does too for k >= 2 only
+        # (with k = 1 it keeps the raw probability, as the Switch Transformer does).
+        "mixtral": [*rope_swiglu, (cfg.n_experts > 0, "model.n_experts>0"),
+                    (cfg.moe_every == 1, "model.moe_every=1 (experts in every block)"),
+                    (cfg.moe_top_k >= 2, "model.moe_top_k>=2"),
+                    (not cfg.qk_norm, "model.qk_norm=false"), (not cfg.bias, "model.bias=false")],
     }
     missing = {}
     for arch, checks in wanted.items():
@@ -151,10 +156,20 @@ def _llama_weights(sd: dict, cfg: ModelConfig, arch: str) -> dict[str, torch.Ten
             out[f"{theirs}self_attn.k_proj.{kind}"] = k
             out[f"{theirs}self_attn.v_proj.{kind}"] = v
             out[f"{theirs}self_attn.o_proj.{kind}"] = sd[f"{ours}attn.proj.{kind}"]
+            if arch == "mixtral":
+                continue
             gate, up = sd[f"{ours}mlp.up.{kind}"].chunk(2)
             out[f"{theirs}mlp.gate_proj.{kind}"] = gate
             out[f"{theirs}mlp.up_proj.{kind}"] = up
             out[f"{theirs}mlp.down_proj.{kind}"] = sd[f"{ours}mlp.down.{kind}"]
+        if arch == "mixtral":  # the per-expert layout every transformers version reads
+            moe = f"{theirs}block_sparse_moe."
+            out[moe + "gate.weight"] = sd[f"{ours}mlp.router.weight"]
+            for e in range(cfg.n_experts):
+                gate, up = sd[f"{ours}mlp.experts.{e}.up.weight"].chunk(2)
+                out[f"{moe}experts.{e}.w1.weight"] = gate
+                out[f"{moe}experts.{e}.w3.weight"] = up
+                out[f"{moe}experts.{e}.w2.weight"] = sd[f"{ours}mlp.experts.{e}.down.weight"]
         if arch == "qwen3":
             out[theirs + "self_attn.q_norm.weight"] = sd[ours + "attn.q_norm.weight"]
             out[theirs + "self_attn.k_norm.weight"] = sd[ours + "attn.k_norm.weight"]
@@ -163,7 +178,8 @@ def _llama_weights(sd: dict, cfg: ModelConfig, arch: str) -> dict[str, torch.Ten
 
 # ---- config.json ---------------------------------------------------------------------------
 
-def hf_config(cfg: ModelConfig, arch: str, specials: dict[str, int]) -> dict:
+def hf_config(cfg: ModelConfig, arch: str, specials: dict[str, int],
+              expert_hidden: int = 0) -> dict:
     """``config.json`` for ``arch``: the sizes, and every setting that differs from its default."""
     eos, pad = specials[EOS_TOKEN], specials[PAD_TOKEN]
     common = {"vocab_size": cfg.padded_vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
@@ -188,6 +204,12 @@ def hf_config(cfg: ModelConfig, arch: str, specials: dict[str, int]) -> dict:
     if arch == "llama":
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common, **llama,
                 "mlp_bias": cfg.bias}
+    if arch == "mixtral":
+        return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", **common,
+                **llama, "intermediate_size": expert_hidden,
+                "num_local_experts": cfg.n_experts, "num_experts_per_tok": cfg.moe_top_k,
+                "router_aux_loss_coef": cfg.moe_aux_loss_coef, "output_router_logits": False,
+                "router_jitter_noise": 0.0, "sliding_window": None}
     return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **common, **llama,
             "use_sliding_window": False}
 
@@ -246,7 +268,8 @@ def write_huggingface(model: torch.nn.Module, meta: dict, source: Path, out: Pat
     specials = write_tokenizer(source / "tokenizer", out, cfg.block_size)
     save_file(hf_state_dict(model, arch), str(out / "model.safetensors"),
               metadata={"format": "pt"})
-    config = hf_config(cfg, arch, specials)
+    expert_hidden = model.blocks[0].mlp.experts[0].down.in_features if cfg.n_experts else 0
+    config = hf_config(cfg, arch, specials, expert_hidden)
     config["gptforge"] = {"exported_from": str(source.resolve()), "step": meta.get("step"),
                           "model": cfg.to_dict()}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -26,6 +26,8 @@ ARCHS = {
     "llama-gqa-untied": ({**LLAMA, "n_kv_head": 1, "tie_embeddings": False}, "LlamaForCausalLM"),
     "llama-bias-theta": ({**LLAMA, "bias": True, "rope_theta": 500.0}, "LlamaForCausalLM"),
     "qwen3": ({**LLAMA, "qk_norm": True, "n_kv_head": 2}, "Qwen3ForCausalLM"),
+    "mixtral": ({**LLAMA, "n_experts": 4, "moe_top_k": 2, "n_kv_head": 2},
+                "MixtralForCausalLM"),
 }
 TEXT = "hello, how are you? I am fine.\nABC <|user|>x<|end|>"
 
@@ -112,6 +114,8 @@ def test_chat_template_renders_like_gptforge():
     (dict(n_kv_head=2), "model.n_kv_head=0"),
     (dict(logit_softcap=30.0), "model.logit_softcap=0"),
     ({**LLAMA, "qk_norm": True, "bias": True}, "model.bias=false"),
+    ({**LLAMA, "n_experts": 4, "moe_top_k": 1}, "model.moe_top_k>=2"),
+    ({**LLAMA, "n_experts": 4, "moe_every": 2}, "model.moe_every=1"),
 ])
 def test_models_without_a_transformers_equivalent_are_refused(settings, needs):
     cfg = ModelConfig(vocab_size=50, n_layer=1, n_head=4, n_embd=32, block_size=8, **settings)
