@@ -1,0 +1,60 @@
+"""``gptforge plot``: training curves of one or more runs in one figure, and a summary table."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+X_CHOICES = ("step", "tokens", "time")  # the keys of gptforge.metrics.curves.X_FIELDS
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plot", help="draw training curves of runs (overlaid to compare them) and summarize them",
+        description="Draw the curves in RUN/metrics.jsonl of each run, one colour per run, and "
+                    "print a summary per run. Needs matplotlib: pip install 'gptforge[plot]'.")
+    p.add_argument("runs", nargs="+", metavar="RUN",
+                   help="run directories (or metrics.jsonl files)")
+    p.add_argument("--out", default="plot.png", metavar="FILE",
+                   help="image to write: .png, .svg or .pdf (default: plot.png)")
+    p.add_argument("--x", choices=X_CHOICES, default="step",
+                   help="x axis: optimizer steps, tokens seen (fair across batch sizes), or "
+                        "training time (needs a wall-clock field in metrics.jsonl)")
+    p.add_argument("--metrics", metavar="A,B,...",
+                   help="metrics to draw, comma-separated (default: loss,val_loss,lr,grad_norm,"
+                        "tokens_per_sec,mfu, those the runs logged); val_X shares X's panel")
+    p.add_argument("--smooth", type=float, default=0.6, metavar="W",
+                   help="EMA weight for training curves, 0 (off) to below 1 (default: 0.6)")
+    p.add_argument("--log-y", action="store_true", help="logarithmic y axes")
+    p.add_argument("--title", help="figure title (default: the run names)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from gptforge.errors import GptforgeError
+    from gptforge.metrics import curves, plotting
+
+    out = Path(args.out)
+    plotting.check_out(out)
+    if not 0.0 <= args.smooth < 1.0:
+        raise GptforgeError(f"--smooth must be at least 0 and below 1; got {args.smooth:g}")
+    requested = None
+    if args.metrics is not None:
+        requested = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        if not requested:
+            raise GptforgeError("--metrics names no metric")
+    labels = curves.run_labels(args.runs)
+    runs = [curves.read_run(path, name) for path, name in zip(args.runs, labels)]
+    curves.check_x(runs, args.x)
+    metrics = curves.resolve_metrics(runs, requested)
+    if not metrics:
+        raise GptforgeError("these runs logged none of the default metrics; choose with --metrics")
+    fig = plotting.draw(runs, metrics, x=args.x, smoothing=args.smooth, log_y=args.log_y,
+                        title=args.title)
+    plotting.save(fig, out)
+    print(curves.format_summary([curves.summarize(r, args.smooth) for r in runs], args.smooth))
+    log.info("wrote %s", out)
+    return 0
