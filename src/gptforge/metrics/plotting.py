@@ -74,8 +74,12 @@ def draw(runs: list[Run], metrics: list[str], *, x: str = "step", smoothing: flo
 def save(fig, out: Path) -> None:
     """Write the figure atomically, in the format its name ends with."""
     check_out(out)
+    from matplotlib import rc_context
+
     buffer = io.BytesIO()
-    fig.savefig(buffer, format=out.suffix.lower()[1:], dpi=120)
+    # SVG text as text, not glyph outlines: run names stay searchable and editable.
+    with rc_context({"svg.fonttype": "none"}):
+        fig.savefig(buffer, format=out.suffix.lower()[1:], dpi=120)
     try:
         atomic.write_bytes(out, buffer.getvalue())
     except OSError as err:
@@ -138,17 +142,33 @@ def _plot_metric(ax, run: Run, metric: str, x: str, divisor: float, colour, smoo
 
 
 def _decorate(ax, group: list[str], log_y: bool) -> None:
-    from matplotlib.ticker import EngFormatter, PercentFormatter
+    from matplotlib.ticker import EngFormatter, LogFormatter, PercentFormatter
 
     ax.set_title(TITLES.get(group[0], group[0]), fontsize=10)  # a val_X shares X's title
+    if log_y:  # first: choosing the scale resets the tick formatters
+        ax.set_yscale("log")
     if group == ["mfu"]:
         ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
     elif group == ["tokens_per_sec"]:
         ax.yaxis.set_major_formatter(EngFormatter())
+    elif log_y:
+        # Losses often span less than a decade: label the in-between (minor) ticks too where
+        # there is room, as plain numbers ("4", "0.0003") rather than "4 x 10^0" or "3e-04".
+        plain = _plain(LogFormatter)
+        ax.yaxis.set_major_formatter(plain())
+        ax.yaxis.set_minor_formatter(plain(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     ax.xaxis.set_major_formatter(EngFormatter(sep=""))
-    if log_y:
-        ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
+
+
+def _plain(log_formatter):
+    """A log-axis formatter that labels the ticks matplotlib would, written with ``:g``."""
+
+    class PlainLogFormatter(log_formatter):
+        def __call__(self, x, pos=None):
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    return PlainLogFormatter
 
 
 def _legend(ax, runs: list[Run], colours: list, group: list[str], smoothing: float) -> None:
