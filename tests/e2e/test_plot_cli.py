@@ -106,6 +106,8 @@ def test_events_are_drawn(tmp_path, capsys):
     (["{run}", "--out", "{tmp}/x.jpg"], "--out must end in .png, .svg, .pdf"),
     (["{run}", "--x", "time", "--out", "{tmp}/t.png"], "does not log wall-clock time"),
     (["{run}", "--smooth", "1", "--out", "{tmp}/t.png"], "--smooth must be at least 0 and below 1"),
+    (["{run}", "--out", "{tmp}/empty/metrics.jsonl/x.png"],
+     "{tmp}/empty/metrics.jsonl is a file, not a directory"),
 ])
 def test_bad_input_gives_one_line(runs, tmp_path, capsys, args, expected):
     (tmp_path / "empty").mkdir()

@@ -151,6 +151,7 @@ def test_a_metrics_file_can_be_named_instead_of_its_run(tmp_path):
 def test_labels_add_parent_folders_only_where_names_clash(tmp_path):
     a, b, c = (write_run(tmp_path, p) for p in ("a/base", "b/base", "a/lr3e-3"))
     assert curves.run_labels([a, b, c]) == ["a/base", "b/base", "lr3e-3"]
+    assert curves.run_labels([c, c]) == ["lr3e-3", "lr3e-3"]  # the same run twice
 
 
 def test_default_and_requested_metrics(run, tmp_path):

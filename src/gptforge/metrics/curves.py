@@ -143,12 +143,12 @@ def run_labels(runs: list[str | Path]) -> list[str]:
     """Legend labels: each run directory's name, with parent folders added where names clash."""
     parts = [metrics_path(r).resolve().parent.parts for r in runs]
     labels = []
-    for i, own in enumerate(parts):
+    for own in parts:
+        others = [other for other in parts if other != own]  # the same run twice: one label
         depth = 1
-        while depth < len(own) and any(
-                other[-depth:] == own[-depth:] for j, other in enumerate(parts) if j != i):
+        while depth < len(own) and any(other[-depth:] == own[-depth:] for other in others):
             depth += 1
-        labels.append("/".join(own[-depth:]))
+        labels.append(str(Path(*own[-depth:])))
     return labels
 
 

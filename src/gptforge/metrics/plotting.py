@@ -41,8 +41,14 @@ def _matplotlib():
 
 
 def check_out(out: Path) -> None:
+    """Refuse an output the figure cannot be written to, before any work is done."""
     if out.suffix.lower() not in FORMATS:
         raise GptforgeError(f"--out must end in {', '.join(FORMATS)}; got {out}")
+    if out.is_dir():
+        raise GptforgeError(f"--out {out} is a directory; name an image file")
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:  # creating the folders would only say "File exists"
+        raise GptforgeError(f"cannot write {out}: {blocker} is a file, not a directory")
 
 
 def draw(runs: list[Run], metrics: list[str], *, x: str = "step", smoothing: float = 0.6,
