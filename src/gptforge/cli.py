@@ -18,7 +18,7 @@ from gptforge.errors import GptforgeError
 
 # Order is the order shown in ``gptforge --help``.
 COMMANDS = ("prepare", "tokenizer", "train", "sft", "dpo", "generate", "chat", "serve",
-            "export", "plot")
+            "eval", "export", "plot")
 
 
 def build_parser() -> argparse.ArgumentParser:
