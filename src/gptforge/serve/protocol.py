@@ -1,0 +1,289 @@
+"""The OpenAI wire format: request bodies checked into a :class:`GenerationRequest`, and the JSON
+of responses, stream chunks and errors.
+
+Only this module knows field names of the OpenAI API. A field that would change the output in a
+way the model cannot honour (``logprobs``, tools, a non-zero ``frequency_penalty``, ...) is refused
+with a 400 naming it, never ignored; fields that change nothing here (``user``, ``metadata``, ...)
+are accepted; unknown fields are ignored with a warning in the server log, as vLLM does, so that
+chat front-ends that send their own extras keep working. docs/serving.md lists every field.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+MAX_CHOICES = 16  # n: rows decoded together, each with its own KV cache row
+MAX_STOP_STRINGS = 16  # OpenAI allows 4; a few more cost nothing, thousands would slow each step
+_warned_fields: set[str] = set()
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI's ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, type: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = (
+            status, message, param, code, type)
+        self.headers = headers or {}  # extra HTTP headers (Allow, WWW-Authenticate)
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What a chat or text completion request asks for, checked and with defaults filled in."""
+
+    kind: str  # "chat" (messages) or "text" (prompt)
+    messages: list[dict] | None
+    prompt: str | None
+    model: str | None
+    max_tokens: int | None  # None: the endpoint's default, within the context window
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+
+
+# Fields that change nothing in a reply from this server: accepted without a word.
+HARMLESS_FIELDS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls",
+                   "safety_identifier", "prompt_cache_key"}
+COMMON_FIELDS = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+                 "repetition_penalty", "seed", "stop", "n", "stream", "stream_options",
+                 "frequency_penalty", "presence_penalty", "logit_bias", "logprobs"}
+CHAT_FIELDS = {"messages", "top_logprobs", "tools", "tool_choice", "functions", "function_call",
+               "response_format"}
+TEXT_FIELDS = {"prompt", "echo", "suffix", "best_of"}
+
+
+def parse_chat_request(body: dict) -> GenerationRequest:
+    """The request of ``POST /v1/chat/completions``; :class:`ApiError` (400) if it is malformed."""
+    _warn_unknown(body, COMMON_FIELDS | CHAT_FIELDS)
+    if body.get("top_logprobs"):
+        raise _unsupported("top_logprobs", "log probabilities are not implemented")
+    for name in ("tools", "functions"):
+        if body.get(name):
+            raise _unsupported(name, "tool and function calling are not supported")
+    for name in ("tool_choice", "function_call"):
+        if body.get(name) not in (None, "none", "auto"):
+            raise _unsupported(name, "tool and function calling are not supported")
+    fmt = body.get("response_format")
+    if fmt not in (None, {}) and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise _unsupported("response_format", "only {\"type\": \"text\"} is supported "
+                                              "(no JSON mode or schemas)")
+    return GenerationRequest(kind="chat", messages=_messages(body), prompt=None,
+                             **_common_fields(body))
+
+
+def parse_text_request(body: dict) -> GenerationRequest:
+    """The request of ``POST /v1/completions``; :class:`ApiError` (400) if it is malformed."""
+    _warn_unknown(body, COMMON_FIELDS | TEXT_FIELDS)
+    if body.get("echo"):
+        raise _unsupported("echo", "echo is not supported; prepend the prompt yourself")
+    if body.get("suffix"):
+        raise _unsupported("suffix", "insertion (suffix) is not supported")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]  # a batch of one prompt, as some clients (LangChain) send
+    if prompt is None:
+        prompt = ""
+    if not isinstance(prompt, str):
+        raise ApiError(400, "prompt must be a string (batches of prompts and token-id prompts "
+                            "are not supported)", param="prompt")
+    fields = _common_fields(body)
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != fields["n"]:
+        raise _unsupported("best_of", "best_of is not supported (leave it out, or equal to n)")
+    return GenerationRequest(kind="text", messages=None, prompt=prompt, **fields)
+
+
+def _common_fields(body: dict) -> dict:
+    for name in ("frequency_penalty", "presence_penalty"):
+        if _number(body, name, -2.0, 2.0, 0.0) != 0:
+            raise _unsupported(name, f"{name} is not implemented; repetition_penalty (> 1 "
+                                     "penalises tokens already in the text, 1 = off) is")
+    if body.get("logit_bias"):
+        raise _unsupported("logit_bias", "logit_bias is not supported")
+    if body.get("logprobs") is not None and body.get("logprobs") is not False:  # 0 asks too
+        raise _unsupported("logprobs", "log probabilities are not implemented")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ApiError(400, "model must be a string", param="model")
+    stream = _boolean(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise ApiError(400, "stream_options must be an object", param="stream_options")
+    include_usage = bool((options or {}).get("include_usage")) and stream
+    # max_completion_tokens is the newer name of max_tokens; the first one given counts.
+    max_tokens = _integer(body, "max_completion_tokens", 1, None, None)
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_tokens", 1, None, None)
+    top_k = _integer(body, "top_k", -1, None, 0)
+    return dict(
+        model=model, max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 0.0, 2.0, 1.0),
+        top_p=_number(body, "top_p", 0.0, 1.0, 1.0),
+        top_k=max(top_k, 0),  # -1 (vLLM) and 0 both mean all tokens
+        repetition_penalty=_number(body, "repetition_penalty", 0.0, None, 1.0, open_low=True),
+        seed=_integer(body, "seed", -(2**63), 2**64 - 1, None),
+        stop=_stop(body), n=_integer(body, "n", 1, MAX_CHOICES, 1), stream=stream,
+        include_usage=include_usage)
+
+
+def _messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list of {\"role\", \"content\"} "
+                            "objects", param="messages")
+    return [_message(i, m) for i, m in enumerate(messages)]
+
+
+def _message(i: int, message) -> dict:
+    """One message as the chat template takes it: role and string content."""
+    if not isinstance(message, dict):
+        raise ApiError(400, f"messages[{i}] must be an object", param=f"messages[{i}]")
+    role = message.get("role")
+    if role == "developer":  # OpenAI's newer name for the system message
+        role = "system"
+    if role not in ("system", "user", "assistant"):
+        raise ApiError(400, f"messages[{i}].role {role!r} is not supported; use system "
+                            "(or developer), user or assistant", param=f"messages[{i}].role")
+    content = message.get("content")
+    if isinstance(content, list):  # content parts: text only
+        texts = [part.get("text") for part in content if isinstance(part, dict)
+                 and part.get("type") == "text"]
+        if len(texts) != len(content) or not all(isinstance(t, str) for t in texts):
+            raise ApiError(400, f"messages[{i}].content: only text parts "
+                                "({\"type\": \"text\", \"text\": ...}) are supported",
+                           param=f"messages[{i}].content")
+        content = "\n".join(texts)
+    if not isinstance(content, str):
+        raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts",
+                       param=f"messages[{i}].content")
+    return {"role": role, "content": content}
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if (not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops)
+            or len(stops) > MAX_STOP_STRINGS):
+        raise ApiError(400, f"stop must be a non-empty string or a list of at most "
+                            f"{MAX_STOP_STRINGS} of them", param="stop")
+    return tuple(stops)
+
+
+def _number(body: dict, name: str, low: float, high: float | None, default: float | None, *,
+            open_low: bool = False) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ApiError(400, f"{name} must be a number, got {value!r}", param=name)
+    too_low = value <= low if open_low else value < low
+    if too_low or (high is not None and value > high):
+        bounds = f"{'>' if open_low else '>='} {low:g}"
+        bounds += f" and <= {high:g}" if high is not None else ""
+        raise ApiError(400, f"{name} must be {bounds}, got {value:g}", param=name)
+    return float(value)
+
+
+def _integer(body: dict, name: str, low: int, high: int | None, default: int | None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 100.0 from a JavaScript client
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ApiError(400, f"{name} must be an integer, got {value!r}", param=name)
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" + (f" and <= {high}" if high is not None else "")
+        raise ApiError(400, f"{name} must be {bounds}, got {value}", param=name)
+    return value
+
+
+def _boolean(body: dict, name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ApiError(400, f"{name} must be true or false, got {value!r}", param=name)
+    return value
+
+
+def _unsupported(name: str, message: str) -> ApiError:
+    return ApiError(400, message, param=name, code="unsupported_value")
+
+
+def _warn_unknown(body: dict, known: set[str]) -> None:
+    for name in sorted(set(body) - known - HARMLESS_FIELDS - _warned_fields):
+        _warned_fields.add(name)
+        log.warning("ignoring the request field %r, which this server does not know (said once)",
+                    name)
+
+
+def model_object(name: str, created: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "gptforge"}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def response_body(kind: str, head: dict, texts: list[str], reasons: list[str],
+                  usage_: dict) -> dict:
+    """The whole (non-streamed) answer; ``head``: id, created and model."""
+    if kind == "chat":
+        choices = [{"index": i, "message": {"role": "assistant", "content": text},
+                    "logprobs": None, "finish_reason": reason}
+                   for i, (text, reason) in enumerate(zip(texts, reasons))]
+        return {**_opening(head, "chat.completion"), "choices": choices, "usage": usage_}
+    choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+               for i, (text, reason) in enumerate(zip(texts, reasons))]
+    return {**_opening(head, "text_completion"), "choices": choices, "usage": usage_}
+
+
+def chunk_body(kind: str, head: dict, index: int, *, text: str | None = None,
+               role: bool = False, finish_reason: str | None = None,
+               include_usage: bool = False) -> dict:
+    """One streamed piece of choice ``index``: its role (chat, first), text, or finish reason."""
+    if kind == "chat":
+        delta: dict = {"role": "assistant", "content": ""} if role else {}
+        if text is not None:
+            delta["content"] = text
+        choice = {"index": index, "delta": delta, "logprobs": None,
+                  "finish_reason": finish_reason}
+        body = {**_opening(head, "chat.completion.chunk"), "choices": [choice]}
+    else:
+        choice = {"index": index, "text": text or "", "logprobs": None,
+                  "finish_reason": finish_reason}
+        body = {**_opening(head, "text_completion"), "choices": [choice]}
+    if include_usage:  # every chunk but the last carries "usage": null (OpenAI's convention)
+        body["usage"] = None
+    return body
+
+
+def usage_chunk_body(kind: str, head: dict, usage_: dict) -> dict:
+    """The last chunk with ``stream_options.include_usage``: no choices, the request's usage."""
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    return {**_opening(head, obj), "choices": [], "usage": usage_}
+
+
+def _opening(head: dict, obj: str) -> dict:
+    """id, object, created, model: the fields every response starts with, in OpenAI's order."""
+    return {"id": head["id"], "object": obj, "created": head["created"], "model": head["model"]}

@@ -1,0 +1,364 @@
+"""The HTTP side of ``gptforge serve``, on the standard library's ``http.server``.
+
+Routes: ``GET /health`` (no key needed, for probes), ``GET /v1/models`` and
+``/v1/models/{id}``, ``POST /v1/chat/completions``, ``POST /v1/completions``. Every error is
+OpenAI's error JSON with its status; a bug is a 500 whose traceback goes to the server log only.
+Each request is logged in one line: method, path, status, tokens (prompt+completion), seconds.
+
+Concurrency: a ``ThreadingHTTPServer`` gives each connection a thread, but the model is not
+thread-safe (and one generation already uses the cores or the GPU), so generations take turns
+under one lock, in no particular order. Requests are checked and tokenized before they wait, so
+bad ones are answered at once, and ``/health`` and ``/v1/models`` answer while a reply is being
+generated. A streamed reply holds the lock until it is sent, at the client's reading pace;
+a client that stops reading for ``RequestHandler.timeout`` seconds is dropped.
+
+Streaming is Server-Sent Events (``data: {json}\\n\\n`` ... ``data: [DONE]\\n\\n``) over
+HTTP/1.1 chunked transfer encoding, so the connection stays usable afterwards. Before each token
+the handler checks whether the client has closed its connection; if it has, generation stops
+there (for streamed and whole replies alike) and the request is logged with status 499.
+Shutting down (:meth:`ModelServer.close`) stops a generation the same way, then closes the open
+connections and waits for their threads.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import socket
+import threading
+import time
+import uuid
+from contextlib import closing
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+from gptforge import __version__
+from gptforge.inference.textgen import TextGenerator
+from gptforge.serve import protocol
+from gptforge.serve.completion import Generation, prepare
+from gptforge.serve.protocol import ApiError
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 4 * 2**20
+CLIENT_CLOSED = 499  # nginx's status for a request the client gave up on (logged, never sent)
+ROUTES = {  # path: (method, handler method)
+    "/health": ("GET", "_health"),
+    "/v1/models": ("GET", "_models"),
+    "/v1/chat/completions": ("POST", "_chat"),
+    "/v1/completions": ("POST", "_completions"),
+}
+
+
+class ModelServer(ThreadingHTTPServer):
+    """Serves one :class:`TextGenerator` under ``model_name``; ``api_key``: required bearer key.
+
+    Port 0 picks a free port (see :attr:`url`). Run it with ``serve_forever()``; after
+    ``shutdown()`` (or an interrupt), :meth:`close` it."""
+
+    daemon_threads = True  # a connection never holds up exit (close() joins the threads)
+
+    def __init__(self, generator: TextGenerator, host: str = "127.0.0.1", port: int = 8000, *,
+                 model_name: str, api_key: str | None = None):
+        self.generator, self.model_name, self.api_key = generator, model_name, api_key
+        self.generation_lock = threading.Lock()
+        self.stopping = threading.Event()  # set at shutdown: the running generation stops
+        self._connections: dict[socket.socket, threading.Thread] = {}  # open ones, for close()
+        self._connections_lock = threading.Lock()
+        # The KV cache kept from one request to the next (used by n = 1 requests, under the lock).
+        self.cache = generator.engine.new_cache()
+        self.created = int(time.time())
+        if ":" in host:  # an IPv6 address such as ::1
+            self.address_family = socket.AF_INET6
+        super().__init__((host, port), RequestHandler)
+
+    def process_request_thread(self, request, client_address) -> None:
+        with self._connections_lock:
+            self._connections[request] = threading.current_thread()
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._connections_lock:
+                self._connections.pop(request, None)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Shut down after ``serve_forever`` has returned: stop listening, end the generation
+        under way at its next token, close the open (keep-alive) connections and wait up to
+        ``timeout`` seconds for their threads, so that none is left running at exit."""
+        self.server_close()
+        self.stop_generating(timeout)
+        with self._connections_lock:
+            connections = list(self._connections.items())
+        for sock, _ in connections:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a thread waiting for the next request
+            except OSError:  # closed meanwhile
+                pass
+        deadline = time.monotonic() + timeout
+        for _, thread in connections:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def stop_generating(self, timeout: float = 10.0) -> bool:
+        """Stop the generation under way at its next token and wait (up to ``timeout`` seconds)
+        until it has let go of the model; later ones stop before their first token."""
+        self.stopping.set()
+        if not self.generation_lock.acquire(timeout=timeout):
+            return False
+        self.generation_lock.release()
+        return True
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+class RequestHandler(BaseHTTPRequestHandler):
+    server: ModelServer
+    protocol_version = "HTTP/1.1"  # keep-alive, and chunked transfer encoding for streams
+    server_version = f"gptforge/{__version__}"
+    timeout = 60  # seconds a socket read or write may wait: idle or stalled clients are dropped
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = do_GET  # answered with 404 or 405
+
+    def _dispatch(self) -> None:
+        started = time.perf_counter()
+        self.status, self.tokens, self.note = 0, "", ""
+        try:
+            self._route()
+        except ApiError as err:
+            self._send_error(err)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self._client_went_away()
+        except Exception:  # a bug: the traceback stays in the server log
+            log.exception("internal error answering %s %s", self.command, self.path)
+            self._send_error(ApiError(500, "internal server error (the server log has the "
+                                           "details)", type="server_error"))
+        finally:
+            log.info("%s %s %s%s %.2f s%s", self.command, self._path(), self.status,
+                     f" {self.tokens} tokens" if self.tokens else "",
+                     time.perf_counter() - started, self.note)
+
+    def _route(self) -> None:
+        path = self._path()
+        if path.startswith("/v1/models/"):
+            method, name = "GET", "_model"
+        elif path in ROUTES:
+            method, name = ROUTES[path]
+        else:
+            raise ApiError(404, f"Invalid URL ({self.command} {path})", code="not_found")
+        if path != "/health":
+            self._check_key()
+        if self.command != method:
+            raise ApiError(405, f"{path} takes {method}, not {self.command}",
+                           code="method_not_allowed", headers={"Allow": method})
+        getattr(self, name)()
+
+    def _path(self) -> str:
+        return urlsplit(self.path).path.rstrip("/") or "/"
+
+    def _check_key(self) -> None:
+        key = self.server.api_key
+        if key is None:
+            return
+        given = self.headers.get("Authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                 key.encode()):
+            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: "
+                                "Bearer KEY' with the key given to gptforge serve --api-key",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    # -- routes ------------------------------------------------------------------------------
+
+    def _health(self) -> None:
+        self._send_json(200, {"status": "ok", "model": self.server.model_name})
+
+    def _models(self) -> None:
+        model = protocol.model_object(self.server.model_name, self.server.created)
+        self._send_json(200, {"object": "list", "data": [model]})
+
+    def _model(self) -> None:
+        name = self._path().removeprefix("/v1/models/")
+        self._check_model(name)
+        self._send_json(200, protocol.model_object(self.server.model_name, self.server.created))
+
+    def _chat(self) -> None:
+        self._complete(protocol.parse_chat_request(self._read_json()), "chatcmpl")
+
+    def _completions(self) -> None:
+        self._complete(protocol.parse_text_request(self._read_json()), "cmpl")
+
+    def _complete(self, request: protocol.GenerationRequest, id_prefix: str) -> None:
+        self._check_model(request.model)
+        job = prepare(self.server.generator, request)  # bad prompts are refused before waiting
+        head = {"id": f"{id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": self.server.model_name}
+        with self.server.generation_lock:
+            generation = Generation(self.server.generator, job,
+                                    cache=self.server.cache if request.n == 1 else None,
+                                    is_cancelled=self._client_gone)
+            if request.stream:
+                self._stream(generation, head)
+            else:
+                self._answer(generation, head)
+
+    def _answer(self, generation: Generation, head: dict) -> None:
+        with closing(generation.deltas()) as deltas:
+            for _ in deltas:
+                pass
+        self._count(generation)
+        if generation.cancelled:
+            self._client_went_away()
+            return
+        usage = protocol.usage(generation.prompt_tokens, generation.completion_tokens)
+        self._send_json(200, protocol.response_body(generation.job.request.kind, head,
+                                                    generation.texts,
+                                                    generation.finish_reasons, usage))
+
+    def _stream(self, generation: Generation, head: dict) -> None:
+        request = generation.job.request
+        kind, with_usage = request.kind, request.include_usage
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.status = 200
+        try:
+            if kind == "chat":  # the role first, as OpenAI sends it
+                for i in range(request.n):
+                    self._event(protocol.chunk_body(kind, head, i, role=True,
+                                                    include_usage=with_usage))
+            with closing(generation.deltas()) as deltas:
+                for delta in deltas:
+                    if delta.text:
+                        self._event(protocol.chunk_body(kind, head, delta.index, text=delta.text,
+                                                        include_usage=with_usage))
+                    if delta.finish_reason:
+                        self._event(protocol.chunk_body(kind, head, delta.index,
+                                                        finish_reason=delta.finish_reason,
+                                                        include_usage=with_usage))
+            if generation.cancelled:
+                raise BrokenPipeError
+            if with_usage:
+                usage = protocol.usage(generation.prompt_tokens, generation.completion_tokens)
+                self._event(protocol.usage_chunk_body(kind, head, usage))
+            self._write_chunk(b"data: [DONE]\n\n")
+            self._write_chunk(b"")  # the end of a chunked body
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self._client_went_away()
+        except Exception:  # a bug mid-stream: the status is sent, so say it in the stream
+            log.exception("internal error while streaming %s", self._path())
+            self.status, self.close_connection = 500, True
+            self._event(ApiError(500, "internal server error (the server log has the "
+                                      "details)", type="server_error").body())
+        finally:
+            self._count(generation)
+
+    # -- I/O -----------------------------------------------------------------------------------
+
+    def _read_json(self) -> dict:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            raise ApiError(411, "send the body with a Content-Length header (chunked request "
+                                "bodies are not supported)")
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            self.close_connection = True
+            raise ApiError(411, "a POST needs a Content-Length header") from None
+        if length > MAX_BODY_BYTES or length < 0:
+            self.close_connection = True  # the body stays unread: this connection is done
+            raise ApiError(413, f"the request body ({length} bytes) is larger than the "
+                                f"{MAX_BODY_BYTES // 2**20} MiB this server accepts",
+                           code="request_too_large")
+        raw = self.rfile.read(length)
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError) as err:
+            raise ApiError(400, f"the body is not valid JSON: {err}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, f"the body must be a JSON object, got {type(body).__name__}")
+        return body
+
+    def _check_model(self, name: str | None) -> None:
+        if name is not None and name != self.server.model_name:
+            raise ApiError(404, f"The model '{name}' does not exist: this server serves "
+                                f"'{self.server.model_name}'", param="model",
+                           code="model_not_found")
+
+    def _send_json(self, status: int, body: dict, headers: dict | None = None) -> None:
+        data = json.dumps(body, ensure_ascii=False).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+        self.status = status
+
+    def _send_error(self, err: ApiError) -> None:
+        self.note = f" ({err.message[:120]})"  # for the log line
+        try:
+            self._send_json(err.status, err.body(), err.headers)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self._client_went_away()
+
+    def _event(self, body: dict) -> None:
+        self._write_chunk(b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n")
+
+    def _write_chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def _client_gone(self) -> bool:
+        """Whether the client has closed its connection (it sends nothing while it waits), or
+        the server is shutting down."""
+        if self.server.stopping.is_set():
+            return True
+        sock = self.connection
+        timeout = sock.gettimeout()
+        try:
+            sock.settimeout(0)
+            return sock.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:  # nothing to read: still connected
+            return False
+        except OSError:  # reset
+            return True
+        finally:
+            sock.settimeout(timeout)
+
+    def _client_went_away(self) -> None:
+        self.status, self.close_connection = CLIENT_CLOSED, True
+        self.note = " (server shutting down)" if self.server.stopping.is_set() \
+            else " (client went away)"
+
+    def _count(self, generation: Generation) -> None:
+        self.tokens = f"{generation.prompt_tokens}+{generation.completion_tokens}"
+
+    # -- http.server hooks -------------------------------------------------------------------
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None):
+        """Errors http.server itself answers (a malformed request line, headers too long), as
+        JSON like every other error."""
+        self.close_connection = True
+        try:
+            self._send_json(code, ApiError(code, message or HTTPStatus(code).phrase).body())
+        except OSError:
+            return
+        log.info("%s %s %s", self.command or "-", self.path if self.command else "-", code)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (http.server's signature)
+        log.debug("%s " + format, self.address_string(), *args)
