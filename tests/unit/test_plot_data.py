@@ -176,7 +176,7 @@ def test_val_metrics_share_the_panel_of_their_training_metric():
 
 
 def test_time_axis_needs_a_wall_clock_field(run, tmp_path):
-    with pytest.raises(GptforgeError, match="does not log wall-clock time"):
+    with pytest.raises(GptforgeError, match="before gptforge logged wall-clock time"):
         curves.check_x([run], "time")
     timed = [{**r, "elapsed_sec": 2.0 * r["step"]} if "loss" in r else r for r in LINES]
     timed_run = curves.read_run(write_run(tmp_path, "timed", lines=timed))

@@ -27,8 +27,8 @@ from gptforge.errors import GptforgeError
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-# What each --x choice reads from the training lines. No wall-clock field is logged yet; a run
-# whose training lines carry ``elapsed_sec`` (seconds of training since step 0) can use --x time.
+# What each --x choice reads from the training lines (``elapsed_sec``: wall-clock seconds of the
+# run since step 0, all sessions of a resumed run together).
 X_FIELDS = {"step": "step", "tokens": "tokens", "time": "elapsed_sec"}
 # Fields that are positions or event details, not curves.
 NOT_METRICS = {"step", "tokens", "elapsed_sec", "event", "reason", "lr_scale"}
@@ -178,8 +178,8 @@ def _x_lookup(run: Run, x: str):
     for r in run.train:
         value = _finite(r.get(key))
         if value is None:
-            hint = ("; the training loop does not log wall-clock time yet: use --x step or "
-                    "--x tokens") if x == "time" else ""
+            hint = ("; a run trained before gptforge logged wall-clock time (elapsed_sec) "
+                    "cannot use --x time: use --x step or --x tokens") if x == "time" else ""
             raise GptforgeError(f"--x {x}: {run.path} line for step {r['step']} has no "
                                 f"'{key}'{hint}")
         known[r["step"]] = value

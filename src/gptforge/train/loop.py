@@ -55,6 +55,7 @@ class LoopState:
     last_eval_step: int = -1
     lr_scale: float = 1.0  # lowered by each rollback
     anomalies: int = 0
+    elapsed: float = 0.0  # wall-clock seconds of training, all sessions of the run together
 
 
 def _grad_scaler(model: torch.nn.Module, precision):
@@ -236,6 +237,8 @@ class Trainer:
             writer.reopen()  # metrics.jsonl was rewritten without the undone steps
         event = {"step": step, "event": policy, "reason": anomaly.reason,
                  "lr_scale": self.state.lr_scale}
+        if policy == "rollback":
+            event["to_step"] = self.state.step
         log.warning("step %d: %s; %s", step, anomaly.reason,
                     "skipping the batch" if policy == "skip" else
                     f"rolled back to {last.name}, learning rate x{self.state.lr_scale:g}")
@@ -243,8 +246,10 @@ class Trainer:
 
     def _roll_back(self, ckpt: Path) -> None:
         """Restore the last checkpoint (weights, optimizer, data, RNG) with a lower lr scale."""
-        anomalies, lr_scale = self.state.anomalies, self.state.lr_scale
+        anomalies, lr_scale, elapsed = self.state.anomalies, self.state.lr_scale, \
+            self.state.elapsed
         self.restore(ckpt)
+        self.state.elapsed = elapsed  # the time was spent all the same
         self.state.anomalies = anomalies
         self.state.lr_scale = lr_scale * self.cfg.train.rollback_lr_scale
         if self.dist.is_main:
@@ -261,6 +266,7 @@ class Trainer:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         bar = self._progress_bar()
         self._start_step, self._start_time = self.state.step, time.perf_counter()
+        self._elapsed_before = self.state.elapsed  # earlier sessions of a resumed run
         self._last_status = time.perf_counter()
         try:
             if self.state.step == 0:
@@ -273,6 +279,7 @@ class Trainer:
                     self._handle_anomaly(anomaly, writer)
                     continue
                 step = self.state.step
+                self.state.elapsed = self._elapsed_before + time.perf_counter() - self._start_time
                 if step % tc.log_interval == 0 or step == tc.max_steps:
                     elapsed = time.perf_counter() - window_t0
                     tok_s = (self.state.tokens_seen - window_tokens) / max(elapsed, 1e-9)
@@ -281,14 +288,14 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 stop_early = False
+                paused = time.perf_counter()  # evaluation and saving are not training time
                 if step % tc.eval_interval == 0 or step == tc.max_steps:
                     stop_early = self._evaluate(writer)
                 self._agree_on_stop()
                 if step % tc.ckpt_interval == 0 or step == tc.max_steps or stop_early \
                         or self.stop_signal is not None:
                     self.save()
-                if step % tc.log_interval == 0:  # evaluation and saving are not training time
-                    window_t0 = time.perf_counter()
+                window_t0 += time.perf_counter() - paused
                 if self.stop_signal is not None:
                     log.info("stopped by signal %d at step %d; resume with "
                              "`gptforge train --resume %s`", self.stop_signal, step, self.run_dir)
@@ -334,7 +341,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         writer.log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                     "tokens_per_sec": tok_s, "mfu": mfu, "tokens": self.state.tokens_seen,
-                    **self.last_metrics})
+                    "elapsed_sec": round(self.state.elapsed, 3), **self.last_metrics})
         status = f"loss {loss:.4f}  {tok_s:,.0f} tok/s  mfu {mfu:.1%}"
         if bar is not None:
             bar.set_postfix_str(status)
@@ -357,7 +364,7 @@ class Trainer:
         result = evaluate(self.train_model, self.val_loader, self.objective, self.precision,
                           tc.eval_steps, self.dist)
         step = self.state.step
-        writer.log({"step": step, **result})
+        writer.log({"step": step, **result, "tokens": self.state.tokens_seen})
         self.state.last_val_loss, self.state.last_eval_step = result["val_loss"], step
         log.info("step %d: val loss %.4f (ppl %.2f)", step, result["val_loss"], result["val_ppl"])
         best = self.state.best_val_loss
