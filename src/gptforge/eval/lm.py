@@ -71,7 +71,6 @@ class Totals:
     nats: float = 0.0
     tokens: int = 0
     text_nats: float = 0.0
-    text_tokens: int = 0
     windows: int = 0
 
 
@@ -131,7 +130,6 @@ def score_stream(model: torch.nn.Module, stream: TokenStream, n_tokens: int, *,
             totals.nats += float(nll[counted].sum())
             totals.text_nats += float(nll[text].sum())
             totals.tokens += int(counted.sum())
-            totals.text_tokens += int(text.sum())
             totals.windows += len(batch)
             bar.update(int(scored.sum()))
     return totals
