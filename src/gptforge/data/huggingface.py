@@ -102,6 +102,10 @@ class HFSource:
                                     f"{type(text).__name__}, not a string; use --text-field")
             yield where, text
 
+    def rows(self) -> Iterator[dict]:
+        """Every row, whole (a dict of columns), streamed; errors name the row."""
+        return self._rows(self._load())
+
     def _load(self):
         datasets = import_datasets()
         path = str(self.local_dir) if self.local_dir is not None else self.name

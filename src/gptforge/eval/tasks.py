@@ -204,7 +204,5 @@ def _hf_records(spec: str) -> Iterator[tuple[str, Any]]:
         raise GptforgeError(f"{spec}: name the split to evaluate ({HF_TASK_SYNTAX}), e.g. "
                             "hf:Rowan/hellaswag@validation")
     source = parse_hf_spec(spec)
-    # HFSource streams rows for prepare through documents(), which keeps one column; a task
-    # needs whole rows, so this reads them with the same loading and error handling.
-    for index, row in enumerate(source._rows(source._load())):
+    for index, row in enumerate(source.rows()):  # whole rows: a task needs several columns
         yield f"{spec} row {index}", row
