@@ -247,8 +247,9 @@ class RequestHandler(BaseHTTPRequestHandler):
                         self._event(protocol.chunk_body(kind, head, delta.index,
                                                         finish_reason=delta.finish_reason,
                                                         include_usage=with_usage))
-            if generation.cancelled:
-                raise BrokenPipeError
+            if generation.cancelled:  # the stream stays unfinished: the reply is not whole
+                self._client_went_away()
+                return
             if with_usage:
                 usage = protocol.usage(generation.prompt_tokens, generation.completion_tokens)
                 self._event(protocol.usage_chunk_body(kind, head, usage))
