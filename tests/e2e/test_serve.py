@@ -390,7 +390,7 @@ def test_api_key(ckpt):
         assert call(server, "GET", "/health")[0] == 200  # for probes, no key
         key = {"Authorization": "Bearer sekrit"}
         assert call(server, "GET", "/v1/models", headers=key)[0] == 200
-        assert post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2},
+        assert post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "temperature": 0},
                     headers=key)["usage"]["completion_tokens"] == 2
     finally:
         server.shutdown()
