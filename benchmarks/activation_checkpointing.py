@@ -4,7 +4,8 @@ Memory is measured directly: the bytes of tensors autograd saves for backward du
 pass (``saved_tensors_hooks``), which is what checkpointing reduces. Time is the median of
 interleaved steps (off, on, off, on, ...) so machine noise hits both alike.
 
-    python benchmarks/activation_checkpointing.py --n-layer 6 --n-embd 384 --block-size 256 --batch-size 16
+    python benchmarks/activation_checkpointing.py --n-layer 6 --n-embd 384 \
+        --block-size 256 --batch-size 16
 """
 
 from __future__ import annotations
