@@ -146,5 +146,5 @@ def test_file_level_problems(tmp_path):
         read_preferences([str(tmp_path / "deep.json")])
     latin1 = tmp_path / "latin1.jsonl"
     latin1.write_bytes(json.dumps({"messages": EXCHANGE}).encode() + b"\n\xe9\n")
-    with pytest.raises(GptforgeError, match=r"latin1\.jsonl:2: not UTF-8"):
+    with pytest.raises(GptforgeError, match=r"latin1\.jsonl:2: not valid UTF-8 \(byte offset"):
         read_conversations([str(latin1)])

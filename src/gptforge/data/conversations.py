@@ -18,10 +18,10 @@ Everything comes out in one shape, lists of ``{"role", "content"}`` messages wit
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from gptforge.data.sources import json_value, jsonl_records
 from gptforge.errors import GptforgeError
 from gptforge.tokenizer.base import surrogate_problem
 from gptforge.tokenizer.chat_template import ROLES
@@ -70,40 +70,11 @@ def _records(paths: list[str]) -> Iterator[tuple[str, object]]:
             raise GptforgeError(f"{path}: expected a .jsonl or .json file of conversations")
         if not path.is_file():
             raise GptforgeError(f"{path}: no such file")
-        yield from _jsonl_records(path) if suffix == ".jsonl" else _json_records(path)
-
-
-def _jsonl_records(path: Path) -> Iterator[tuple[str, object]]:
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            where = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as err:
-                raise GptforgeError(f"{where}: not UTF-8 text ({err.reason} at byte "
-                                    f"{err.start} of the line)") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as err:
-                raise GptforgeError(f"{where}: invalid JSON ({err.msg} at column "
-                                    f"{err.colno})") from None
-            except RecursionError:
-                raise GptforgeError(f"{where}: invalid JSON (nested too deeply)") from None
-            yield where, record
+        yield from jsonl_records(path) if suffix == ".jsonl" else _json_records(path)
 
 
 def _json_records(path: Path) -> Iterator[tuple[str, object]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as err:
-        raise GptforgeError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column "
-                            f"{err.colno})") from None
-    except UnicodeDecodeError as err:
-        raise GptforgeError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except RecursionError:
-        raise GptforgeError(f"{path}: invalid JSON (nested too deeply)") from None
+    data = json_value(path)
     if not isinstance(data, list):
         raise GptforgeError(f"{path}: a .json file must hold an array of records, got a "
                             f"{type(data).__name__}; or write one record per line as .jsonl")

@@ -201,7 +201,9 @@ def decode_utf8(data: bytes, where: str, offset: int = 0) -> str:
     return text[1:] if offset == 0 and text.startswith("\ufeff") else text
 
 
-def _read_jsonl(path: Path, field: str) -> Iterator[tuple[str, str]]:
+def jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """``(path:line, value)`` for each non-blank line of a JSONL file; a line that is not UTF-8
+    or not JSON is one error naming the file and line."""
     try:
         f = path.open("rb")
     except OSError as err:
@@ -221,20 +223,30 @@ def _read_jsonl(path: Path, field: str) -> Iterator[tuple[str, str]]:
                     from None
             except RecursionError:
                 raise GptforgeError(f"{where}: invalid JSON (nested too deeply)") from None
-            text = _document_text(value, field, where)
-            if text is not None:
-                yield where, text
+            yield where, value
 
 
-def _read_json(path: Path, field: str) -> Iterator[tuple[str, str]]:
+def json_value(path: Path) -> Any:
+    """The value of a whole JSON file; errors name the file and line."""
     text = decode_utf8(_read_bytes(path), str(path))
     try:
-        value = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise GptforgeError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column "
                             f"{err.colno})") from None
     except RecursionError:
         raise GptforgeError(f"{path}: invalid JSON (nested too deeply)") from None
+
+
+def _read_jsonl(path: Path, field: str) -> Iterator[tuple[str, str]]:
+    for where, value in jsonl_records(path):
+        text = _document_text(value, field, where)
+        if text is not None:
+            yield where, text
+
+
+def _read_json(path: Path, field: str) -> Iterator[tuple[str, str]]:
+    value = json_value(path)
     if isinstance(value, dict):
         doc = _document_text(value, field, str(path))
         if doc is not None:

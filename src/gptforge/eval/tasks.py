@@ -29,13 +29,12 @@ is an error that says to evaluate the validation split.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from gptforge.data.sources import decode_utf8
+from gptforge.data.sources import jsonl_records
 from gptforge.errors import GptforgeError
 from gptforge.eval.multiple_choice import Example
 
@@ -175,26 +174,7 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
     if path.suffix.lower() != ".jsonl":
         raise GptforgeError(f"{path}: a task file must be JSONL (one record per line, named "
                             f"*.jsonl), or a dataset: {HF_TASK_SYNTAX}")
-    try:
-        f = path.open("rb")
-    except OSError as err:
-        raise GptforgeError(f"{path}: cannot read ({err.strerror})") from None
-    with f:
-        offset = 0
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            line = decode_utf8(raw, where, offset)
-            offset += len(raw)
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise GptforgeError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") \
-                    from None
-            except RecursionError:
-                raise GptforgeError(f"{where}: invalid JSON (nested too deeply)") from None
-            yield where, record
+    yield from jsonl_records(path)
 
 
 def _hf_records(spec: str) -> Iterator[tuple[str, Any]]:
