@@ -40,7 +40,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     steps = {"pretrain": 40, "sft": 20, "dpo": 10} if args.quick else \
-        {"pretrain": 1500, "sft": 300, "dpo": 150}
+        {"pretrain": 4000, "sft": 300, "dpo": 150}
 
     train_set, test_set = synthetic.split_problems(synthetic.problems(args.max_operand), 100)
     (out / "equations.txt").write_text(synthetic.pretraining_text(train_set))
