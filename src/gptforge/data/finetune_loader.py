@@ -31,7 +31,7 @@ import logging
 import numpy as np
 import torch
 
-from gptforge.data.loader import EpochOrder
+from gptforge.data.loader import EpochOrder, OrderedLoader
 from gptforge.errors import GptforgeError
 from gptforge.tokenizer.base import Tokenizer
 from gptforge.tokenizer.chat_template import check_messages, encode_contents, render_encoded
@@ -162,8 +162,9 @@ class RowOrder(EpochOrder):
         self.position = min(self.position, self.n_items)
 
 
-class _RowLoader:
-    """What SFT and preference loaders share: checks, the row order, rank slicing, state."""
+class _RowLoader(OrderedLoader):
+    """What SFT and preference loaders share: checks and the row order (rank slicing and state
+    come from :class:`OrderedLoader`)."""
 
     def __init__(self, block_size: int, batch_size: int, seed: int, pad_id: int, rank: int,
                  world_size: int):
@@ -188,18 +189,6 @@ class _RowLoader:
     def windows_per_epoch(self) -> int:
         return self.order.n_items
 
-    def _my_rows(self) -> list[int]:
-        """This rank's share of the next global batch (rows r, r + N, ... of it)."""
-        return self.order.take(self.batch_size * self.world_size)[self.rank::self.world_size]
-
-    def reset(self) -> None:
-        self.order.seek(0, 0)
-
-    def state_dict(self) -> dict:
-        return self.order.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.order.load_state_dict(state)
 
 
 class SFTLoader(_RowLoader):
@@ -223,7 +212,7 @@ class SFTLoader(_RowLoader):
 
     def next_batch(self) -> tuple[torch.Tensor, ...]:
         """The next int64 batch of shape (batch_size, block_size) for this rank."""
-        picked = self._my_rows()
+        picked = self._my_items()
         rows = [self.rows[r] for r in picked] if self.packing else [[r] for r in picked]
         x, y, segment_ids = fill_rows(rows, self.examples, self.block_size, self.pad_id)
         return (x, y, segment_ids) if self.packing else (x, y)
@@ -250,7 +239,7 @@ class PreferenceLoader(_RowLoader):
         self._start_order(len(self.chosen))
 
     def next_batch(self) -> tuple[torch.Tensor, ...]:
-        rows = [[r] for r in self._my_rows()]
+        rows = [[r] for r in self._my_items()]
         cx, cy, _ = fill_rows(rows, self.chosen, self.block_size, self.pad_id)
         rx, ry, _ = fill_rows(rows, self.rejected, self.block_size, self.pad_id)
         return cx, cy, rx, ry

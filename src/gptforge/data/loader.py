@@ -148,7 +148,31 @@ def _rows_to_batch(streams_and_starts, block_size: int) -> tuple[torch.Tensor, t
     return tokens[:, :-1], tokens[:, 1:]
 
 
-class BatchLoader:
+class OrderedLoader:
+    """What a loader whose whole position is its ``order`` (an :class:`EpochOrder`) needs: each
+    global batch is the next ``batch_size * world_size`` items, of which rank r takes items r,
+    r + N, ...; resetting and saving or restoring the position are the order's."""
+
+    order: EpochOrder
+    batch_size: int
+    rank: int
+    world_size: int
+
+    def _my_items(self) -> list[int]:
+        """This rank's share of the next global batch."""
+        return self.order.take(self.batch_size * self.world_size)[self.rank::self.world_size]
+
+    def reset(self) -> None:
+        self.order.seek(0, 0)
+
+    def state_dict(self) -> dict:
+        return self.order.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order.load_state_dict(state)
+
+
+class BatchLoader(OrderedLoader):
     """Batches from one prepared split."""
 
     def __init__(self, shards: list[np.ndarray], block_size: int, batch_size: int, *,
@@ -166,17 +190,7 @@ class BatchLoader:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next (x, y) int64 batch of shape (batch_size, block_size) for this rank."""
-        starts = self.order.take(self.batch_size * self.world_size)[self.rank::self.world_size]
-        return _rows_to_batch([(self.stream, s) for s in starts], self.block_size)
-
-    def reset(self) -> None:
-        self.order.seek(0, 0)
-
-    def state_dict(self) -> dict:
-        return self.order.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.order.load_state_dict(state)
+        return _rows_to_batch([(self.stream, s) for s in self._my_items()], self.block_size)
 
 
 class MixtureLoader:
