@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,19 @@ def make_corpus_text(n_lines: int = 400, seed: int = 0) -> str:
         lines.append(f"{rng.choice(names)}:\n{rng.choice(names).title()} {rng.choice(verbs)} "
                      f"{rng.choice(objects)}.\n")
     return "\n".join(lines)
+
+
+def prepare_corpus(root: Path, n_lines: int = 400, *options: str,
+                   tokenizer: str = "char") -> Path:
+    """``make_corpus_text(n_lines)`` in ``root/corpus.txt``, prepared through the CLI (one
+    worker, plus ``options``) into ``root/prepared``, which is returned."""
+    from gptforge.cli import main
+
+    corpus, out = Path(root) / "corpus.txt", Path(root) / "prepared"
+    corpus.write_text(make_corpus_text(n_lines))
+    assert main(["prepare", "--input", str(corpus), "--tokenizer", tokenizer, "--out", str(out),
+                 "--workers", "1", *options]) == 0
+    return out
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from gptforge.cli import main
+from tests.conftest import prepare_corpus
 from gptforge.metrics.sinks import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
@@ -34,13 +35,8 @@ def losses(run, first_step: int = 1) -> list[float]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from tests.conftest import make_corpus_text
-
     root = tmp_path_factory.mktemp("dist")
-    (root / "c.txt").write_text(make_corpus_text(1500))
-    assert main(["prepare", "--input", str(root / "c.txt"), "--tokenizer", "char", "--out",
-                 str(root / "data"), "--workers", "1"]) == 0
-    data = f"data.dir={root / 'data'}"
+    data = f"data.dir={prepare_corpus(root, 1500)}"
     # The same global batch of 4 sequences: 4 on one process, or 2 on each of two.
     assert main(["train", *COMMON, data, f"train.out_dir={root / 'single'}",
                  "train.batch_size=4", "runtime.threads=1"]) == 0

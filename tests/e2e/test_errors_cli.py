@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gptforge.cli import main
+from tests.conftest import prepare_corpus
 
 
 def run_cli(args, capsys):
@@ -65,14 +66,9 @@ def test_debug_shows_the_traceback_and_module_entry_point_works():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")
 def test_auto_batch_size_needs_cuda(tmp_path, capsys):
-    from tests.conftest import make_corpus_text
-
-    corpus = tmp_path / "c.txt"
-    corpus.write_text(make_corpus_text(200))
-    assert main(["prepare", "--input", str(corpus), "--tokenizer", "char", "--out",
-                 str(tmp_path / "d"), "--workers", "1"]) == 0
+    data = prepare_corpus(tmp_path, 200)
     capsys.readouterr()
-    code, err = run_cli(["train", "-c", "tiny", f"data.dir={tmp_path / 'd'}",
+    code, err = run_cli(["train", "-c", "tiny", f"data.dir={data}",
                          f"train.out_dir={tmp_path / 'r'}", "train.batch_size=auto"], capsys)
     assert code == 1 and "needs a CUDA GPU" in err[-1]
     code, err = run_cli(["train", "train.batch_size=1.5"], capsys)

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from gptforge.cli import main
+from tests.conftest import prepare_corpus
 
 pytest.importorskip("matplotlib")
 
@@ -21,14 +22,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two runs that differ in batch size: 4 and 8 sequences of 32 tokens a step (tiny preset)."""
-    from tests.conftest import make_corpus_text
-
     root = tmp_path_factory.mktemp("plot")
-    corpus = root / "corpus.txt"
-    corpus.write_text(make_corpus_text(600))
-    data = root / "data"
-    assert main(["prepare", "--input", str(corpus), "--tokenizer", "char", "--out", str(data),
-                 "--workers", "1"]) == 0
+    data = prepare_corpus(root, 600)
     made = []
     for name, batch in (("base", 4), ("big_batch", 8)):
         run = root / name

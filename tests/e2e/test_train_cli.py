@@ -14,6 +14,7 @@ import pytest
 import gptforge
 from gptforge.cli import main
 from gptforge.metrics.sinks import read_metrics
+from tests.conftest import prepare_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -22,15 +23,7 @@ TINY = ["runtime.progress=false", "runtime.device=cpu"]
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from tests.conftest import make_corpus_text
-
-    root = tmp_path_factory.mktemp("data")
-    corpus = root / "corpus.txt"
-    corpus.write_text(make_corpus_text(1500))
-    out = root / "prepared"
-    assert main(["prepare", "--input", str(corpus), "--tokenizer", "char", "--out", str(out),
-                 "--workers", "1"]) == 0
-    return out
+    return prepare_corpus(tmp_path_factory.mktemp("data"), 1500)
 
 
 def train_args(data_dir, run_dir, *extra):
@@ -213,13 +206,7 @@ def test_compiled_training_saves_plain_weights(data_dir, tmp_path):
 
 
 def test_data_without_val_split_trains_without_evaluation(tmp_path, capsys):
-    from tests.conftest import make_corpus_text
-
-    corpus = tmp_path / "c.txt"
-    corpus.write_text(make_corpus_text(300))
-    data = tmp_path / "d"
-    assert main(["prepare", "--input", str(corpus), "--tokenizer", "char", "--out", str(data),
-                 "--val-fraction", "0", "--workers", "1"]) == 0
+    data = prepare_corpus(tmp_path, 300, "--val-fraction", "0")
     run = tmp_path / "run"
     assert main(train_args(data, run, "train.max_steps=6")) == 0
     assert not [r for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r]

@@ -17,6 +17,7 @@ import torch
 
 from gptforge.cli import main
 from gptforge.metrics.sinks import read_metrics
+from tests.conftest import prepare_corpus
 
 pytestmark = [pytest.mark.slow, pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -27,13 +28,7 @@ COMMON = ["-c", "tiny", "runtime.progress=false", "runtime.device=cuda", "runtim
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from tests.conftest import make_corpus_text
-
-    root = tmp_path_factory.mktemp("gpu")
-    (root / "c.txt").write_text(make_corpus_text(1500))
-    assert main(["prepare", "--input", str(root / "c.txt"), "--tokenizer", "char", "--out",
-                 str(root / "data"), "--workers", "1"]) == 0
-    return root / "data"
+    return prepare_corpus(tmp_path_factory.mktemp("gpu"), 1500)
 
 
 def val_losses(run):
