@@ -19,7 +19,11 @@ def tiny(**kw) -> ModelConfig:
 @pytest.mark.parametrize("arch", [{}, LLAMA, dict(mlp="relu2", logit_softcap=15.0)])
 def test_kv_cache_decoding_matches_full_forward(arch):
     torch.manual_seed(0)
-    model = GPT(tiny(**arch)).eval()
+    assert_cached_decoding_matches_full_forward(GPT(tiny(**arch)).eval())
+
+
+def assert_cached_decoding_matches_full_forward(model: GPT) -> None:
+    """Prefill, a chunk after the cache, then one token at a time: the logits of a full forward."""
     idx = torch.randint(0, 50, (2, 20))
     full = model(idx)
     cache = KVCache.for_model(model, batch_size=2)

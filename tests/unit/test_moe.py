@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from gptforge.inference.kv_cache import KVCache
 from gptforge.model import GPT, ModelConfig
 from gptforge.model.layers import MLP
 from gptforge.model.moe import MoEMLP, load_balancing_loss, route
 from gptforge.runtime.activation_checkpointing import apply_activation_checkpointing
 from gptforge.train.objectives import LanguageModeling, token_cross_entropy, unwrap_model
+from tests.unit.test_model import assert_cached_decoding_matches_full_forward
 
 LLAMA = dict(norm="rmsnorm", pos_emb="rope", mlp="swiglu", n_kv_head=2, bias=False,
              tie_embeddings=False)
@@ -172,12 +172,4 @@ def test_tiny_moe_gpt_learns_a_repeating_sequence():
 @pytest.mark.parametrize("arch", [{}, dict(LLAMA, moe_every=2, moe_top_k=1)])
 def test_kv_cache_decoding_matches_full_forward(arch):
     torch.manual_seed(0)
-    model = GPT(tiny(**arch)).eval()
-    idx = torch.randint(0, 50, (2, 20))
-    full = model(idx)
-    cache = KVCache.for_model(model, batch_size=2)
-    pieces = [model(idx[:, :7], kv_cache=cache)]  # prefill
-    pieces.append(model(idx[:, 7:10], kv_cache=cache))  # a chunk after a cache
-    for t in range(10, 20):  # one token at a time
-        pieces.append(model(idx[:, t:t + 1], kv_cache=cache))
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-4)
+    assert_cached_decoding_matches_full_forward(GPT(tiny(**arch)).eval())
