@@ -39,7 +39,9 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from gptforge import checkpoint
+    from gptforge.checkpoints import state as checkpoint_state
+    from gptforge.checkpoints.format import read_weights
+    from gptforge.checkpoints.state import weights_to_save
     from gptforge.model import GPT, ModelConfig
     from gptforge.runtime import distributed
     from gptforge.runtime.device import resolve_precision
@@ -63,31 +65,31 @@ def worker(args) -> None:
     before = status_mib("VmRSS")
     t0 = time.perf_counter()
     if args.format == "full":
-        weights = distributed.full_model_state(model)
-        state = distributed.full_optimizer_state(model, optimizer)
+        weights = checkpoint_state.full_model_state(model)
+        state = checkpoint_state.full_optimizer_state(model, optimizer)
         if rank == 0:
             from safetensors.torch import save_file
 
             out.mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in
-                       checkpoint.weights_to_save(model, weights).items()},
+                       weights_to_save(model, weights).items()},
                       str(out / "model.safetensors"))
             torch.save({"optimizer": state}, out / "trainer_state.pt")
         del weights, state
     else:
-        distributed.save_sharded_model(model, out / "model")
-        distributed.save_sharded_optimizer(model, optimizer, out / "optimizer")
+        checkpoint_state.save_sharded_model(model, out / "model")
+        checkpoint_state.save_sharded_optimizer(model, optimizer, out / "optimizer")
     dist.barrier()
     save_s = time.perf_counter() - t0
     grew = status_mib("VmHWM") - before
     t0 = time.perf_counter()
     if args.format == "full":
-        distributed.load_full_model_state(model, checkpoint.read_weights(out, model))
+        checkpoint_state.load_full_model_state(model, read_weights(out, model))
         state = torch.load(out / "trainer_state.pt", weights_only=True)
-        distributed.load_full_optimizer_state(model, optimizer, state["optimizer"])
+        checkpoint_state.load_full_optimizer_state(model, optimizer, state["optimizer"])
     else:
-        distributed.load_sharded_model(model, out / "model")
-        distributed.load_sharded_optimizer(model, optimizer, out / "optimizer")
+        checkpoint_state.load_sharded_model(model, out / "model")
+        checkpoint_state.load_sharded_optimizer(model, optimizer, out / "optimizer")
     dist.barrier()
     load_s = time.perf_counter() - t0
     if rank == 0:

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gptforge.checkpoints.checkpointer import Checkpointer
 from gptforge.config.schema import (
     Config,
     OptimConfig,
@@ -57,9 +58,10 @@ from gptforge.runtime.device import (
     resolve_precision,
     use_float32_attention,
 )
-from gptforge.train.loop import Trainer
+from gptforge.train.loop import Trainer, TrainingParts
 from gptforge.train.objectives import LanguageModeling
 from gptforge.train.optim import build_optimizer
+from gptforge.train.pretraining import Pretraining
 
 
 @dataclass(frozen=True)
@@ -178,12 +180,13 @@ class GptforgeRunner:
             train_model = torch.compile(model, **kwargs)
         tokens = np.memmap(data_path, dtype=np.uint16, mode="r")
         loader = BatchLoader([tokens], shape.block_size, shape.batch_size, seed=0)
-        self.trainer = Trainer(
-            cfg=cfg, model=model, train_model=train_model,
+        parts = TrainingParts(
+            model=model, train_model=train_model,
             optimizer=build_optimizer(model, cfg.optim, self.precision.device),
             objective=LanguageModeling(), train_loader=loader, val_loader=None,
-            precision=self.precision, run_dir=run_dir, tokenizer_dir=run_dir,
-            tokenizer_info={}, flops_per_token=0, peak_flops=0.0)
+            precision=self.precision)
+        self.trainer = Trainer(cfg, Pretraining(), parts,
+                               Checkpointer(run_dir, tokenizer_dir=run_dir, tokenizer_info={}))
         self.trainer.model.train()
 
     def step(self) -> None:

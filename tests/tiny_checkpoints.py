@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from gptforge import checkpoint
+from gptforge.checkpoints.format import save_checkpoint, weights_sha256
+from gptforge.checkpoints.state import weights_to_save
 from gptforge.model import GPT, ModelConfig
 from gptforge.model.lora import apply_lora, lora_config_of, lora_state_dict
 from gptforge.tokenizer import train_tokenizer
@@ -31,8 +32,8 @@ def save_model(run_dir: Path, model: GPT, tokenizer, tokenizer_dir: Path, *,
                weights: dict[str, torch.Tensor] | None = None,
                extra_meta: dict | None = None) -> Path:
     if weights is None:
-        weights = checkpoint.weights_to_save(model, model.state_dict())
-    return checkpoint.save_checkpoint(
+        weights = weights_to_save(model, model.state_dict())
+    return save_checkpoint(
         run_dir, step=1, weights=weights, model_config=model.config, tokenizer_dir=tokenizer_dir,
         tokenizer_info={"kind": tokenizer.kind, "sha256": tokenizer.fingerprint()},
         trainer_state={"step": 1}, val_loss=None, extra_meta=extra_meta)
@@ -62,6 +63,6 @@ def make_lora_checkpoint(tmp_path: Path, base: Path, model: GPT, tokenizer,
     apply_lora(model, rank=4, alpha=8.0, dropout=0.0, targets=list(targets))
     randomize_adapters(model)
     lora = {**lora_config_of(model), "base": str(base),
-            "base_sha256": checkpoint.weights_sha256(base)}
+            "base_sha256": weights_sha256(base)}
     return save_model(tmp_path / "sft", model, tokenizer, base / "tokenizer",
                       weights=lora_state_dict(model), extra_meta={"lora": lora})

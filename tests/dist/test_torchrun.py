@@ -100,7 +100,7 @@ def test_sharded_checkpoint_is_written_by_every_rank(runs):
 def test_sharded_checkpoint_holds_the_same_weights_as_a_full_one(runs):
     import torch
 
-    from gptforge.model_loading import build_model
+    from gptforge.checkpoints.loading import build_model
 
     full = build_model(runs / "fsdp" / "ckpt" / "step-000020").state_dict()
     sharded = build_model(runs / "fsdp_sharded" / "ckpt" / "step-000020").state_dict()

@@ -108,23 +108,23 @@ def test_sft_loss_does_not_depend_on_how_the_batch_is_split(task, tmp_path):
 def test_finetuning_from_a_sharded_checkpoint(task, tmp_path):
     """A base saved as DCP shards: LoRA adapters record its fingerprint (and are saved in full
     although sharded checkpoints were asked for); full SFT saves sharded and resumes."""
-    from gptforge import checkpoint
+    from gptforge.checkpoints.format import is_sharded, latest_checkpoint, weights_sha256
 
     base = tmp_path / "base"
     assert main(["train", *TINY_MODEL, *QUIET, f"data.dir={task['root'] / 'data'}",
                  f"train.out_dir={base}", "train.max_steps=2", "train.batch_size=4",
                  "train.eval_steps=1", "train.ckpt_format=sharded"]) == 0
-    base_ckpt = checkpoint.latest_checkpoint(base)
-    assert checkpoint.is_sharded(base_ckpt)
+    base_ckpt = latest_checkpoint(base)
+    assert is_sharded(base_ckpt)
     sharded_task = {**task, "base": base}
 
     lora = tmp_path / "lora"
     assert main(sft_args(sharded_task, lora, "lora.rank=4", "train.max_steps=3",
                          "train.ckpt_format=sharded")) == 0
-    ckpt = checkpoint.latest_checkpoint(lora)
-    assert not checkpoint.is_sharded(ckpt)
+    ckpt = latest_checkpoint(lora)
+    assert not is_sharded(ckpt)
     meta = json.loads((ckpt / "model.json").read_text())
-    assert meta["lora"]["base_sha256"] == checkpoint.weights_sha256(base_ckpt)
+    assert meta["lora"]["base_sha256"] == weights_sha256(base_ckpt)
     reply = gptforge.load(lora).chat([{"role": "user", "content": "1+2"}], temperature=0,
                                      max_new_tokens=4)
     assert isinstance(reply, str)
@@ -132,7 +132,7 @@ def test_finetuning_from_a_sharded_checkpoint(task, tmp_path):
     full = tmp_path / "full"
     assert main(sft_args(sharded_task, full, "train.max_steps=3", "train.ckpt_interval=2",
                          "train.ckpt_format=sharded")) == 0
-    assert checkpoint.is_sharded(checkpoint.latest_checkpoint(full))
+    assert is_sharded(latest_checkpoint(full))
     assert main(["sft", "--resume", str(full), "train.max_steps=5", *QUIET]) == 0
     assert (full / "latest").read_text().strip() == "ckpt/step-000005"
 

@@ -107,6 +107,7 @@ def nccl_process_group(tmp_path):
 def test_nccl_ddp_and_fsdp2_bf16_on_one_gpu(nccl_process_group, strategy, optimizer):
     from torch.nn.parallel import DistributedDataParallel
 
+    from gptforge.checkpoints import state as checkpoint_state
     from gptforge.config.schema import OptimConfig
     from gptforge.model import GPT, ModelConfig
     from gptforge.runtime import distributed
@@ -146,9 +147,9 @@ def test_nccl_ddp_and_fsdp2_bf16_on_one_gpu(nccl_process_group, strategy, optimi
     if strategy == "fsdp":  # MixedPrecisionPolicy: fp32 sharded master weights, bf16 compute
         assert all(p.dtype == torch.float32 for p in model.parameters())
         assert model(x).dtype == torch.bfloat16  # (leaves the root's weights gathered, in bf16)
-    state = distributed.full_model_state(model)
+    state = checkpoint_state.full_model_state(model)
     assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in state.values())
-    distributed.load_full_model_state(model, state)
+    checkpoint_state.load_full_model_state(model, state)
     assert distributed.min_over_ranks(7, several, device) == 7  # an NCCL all-reduce
 
 

@@ -1,8 +1,8 @@
 import torch
 
 from gptforge.model import GPT, ModelConfig
+from gptforge.model.loss import token_cross_entropy
 from gptforge.runtime.activation_checkpointing import apply_activation_checkpointing
-from gptforge.train.objectives import token_cross_entropy
 
 
 def saved_activation_bytes(model, x, y):

@@ -15,8 +15,8 @@ from gptforge.data.finetune_loader import (
 )
 from gptforge.errors import GptforgeError
 from gptforge.model import GPT, ModelConfig
+from gptforge.model.loss import IGNORE_INDEX
 from gptforge.tokenizer import train_tokenizer
-from gptforge.train.objectives import IGNORE_INDEX
 
 PAD = 1
 

@@ -11,10 +11,10 @@ import json
 import pytest
 import torch
 
+from gptforge.checkpoints.export import export_checkpoint
+from gptforge.checkpoints.huggingface import CHAT_TEMPLATE, architecture_of, char_tokenizer_json
 from gptforge.cli import main
 from gptforge.errors import GptforgeError
-from gptforge.export import export_checkpoint
-from gptforge.hf_format import CHAT_TEMPLATE, architecture_of, char_tokenizer_json
 from gptforge.model import GPT, ModelConfig
 from gptforge.tokenizer.chat_template import render_prompt, render_text
 from tests.tiny_checkpoints import make_tokenizer, save_model

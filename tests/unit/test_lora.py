@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 import gptforge
+from gptforge.checkpoints.export import export_checkpoint
+from gptforge.checkpoints.loading import build_model
 from gptforge.cli import main
 from gptforge.errors import GptforgeError
-from gptforge.export import export_checkpoint
 from gptforge.inference.engine import SamplingSettings
 from gptforge.inference.textgen import TextGenerator
 from gptforge.model import GPT, ModelConfig
@@ -25,7 +26,6 @@ from gptforge.model.lora import (
     lora_state_dict,
     merge_lora,
 )
-from gptforge.model_loading import build_model
 from tests.tiny_checkpoints import make_base, make_lora_checkpoint, randomize_adapters
 
 ALL = ["qkv", "proj", "up", "down", "lm_head"]

@@ -3,9 +3,10 @@ import torch
 
 from gptforge.model import GPT, ModelConfig
 from gptforge.model.layers import MLP
+from gptforge.model.loss import token_cross_entropy
 from gptforge.model.moe import MoEMLP, load_balancing_loss, route
 from gptforge.runtime.activation_checkpointing import apply_activation_checkpointing
-from gptforge.train.objectives import LanguageModeling, token_cross_entropy, unwrap_model
+from gptforge.train.objectives import LanguageModeling, unwrap_model
 from tests.unit.test_model import assert_cached_decoding_matches_full_forward
 
 LLAMA = dict(norm="rmsnorm", pos_emb="rope", mlp="swiglu", n_kv_head=2, bias=False,

@@ -3,11 +3,11 @@ import copy
 import pytest
 import torch
 
+from gptforge.checkpoints.state import full_optimizer_state, load_full_optimizer_state
 from gptforge.config.schema import OptimConfig
 from gptforge.errors import GptforgeError
 from gptforge.model import GPT, ModelConfig
-from gptforge.runtime.distributed import full_optimizer_state, load_full_optimizer_state
-from gptforge.train.objectives import token_cross_entropy
+from gptforge.model.loss import token_cross_entropy
 from gptforge.train.optim import OptimizerChain, build_optimizer
 
 

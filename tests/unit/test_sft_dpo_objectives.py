@@ -12,7 +12,8 @@ from torch import nn
 
 from gptforge.data.finetune_loader import PreferenceLoader, SFTLoader
 from gptforge.model import GPT, ModelConfig
-from gptforge.train.objectives import IGNORE_INDEX, DirectPreference, MaskedLanguageModeling
+from gptforge.model.loss import IGNORE_INDEX
+from gptforge.train.objectives import DirectPreference, MaskedLanguageModeling
 
 PAD = 1
 VOCAB = 40

@@ -61,10 +61,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gptforge import atomic, checkpoint
+    from gptforge import atomic
+    from gptforge.checkpoints.format import model_config_of, read_meta, resolve_checkpoint
+    from gptforge.checkpoints.loading import build_model
     from gptforge.errors import GptforgeError
     from gptforge.eval import report
-    from gptforge.model_loading import build_model
     from gptforge.runtime.device import resolve_device, resolve_precision
     from gptforge.tokenizer import load_tokenizer
 
@@ -75,9 +76,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.is_dir():
         raise GptforgeError(f"--out {out} is a directory; name a file, e.g. {out}/results.json")
-    ckpt = checkpoint.resolve_checkpoint(args.checkpoint)
-    meta = checkpoint.read_meta(ckpt)
-    block_size = checkpoint.model_config_of(meta, ckpt).block_size
+    ckpt = resolve_checkpoint(args.checkpoint)
+    meta = read_meta(ckpt)
+    block_size = model_config_of(meta, ckpt).block_size
     if args.stride is not None and args.stride > block_size:
         raise GptforgeError(f"--stride {args.stride} is larger than the model's block_size "
                             f"{block_size}; use a stride from 1 to {block_size}")

@@ -28,7 +28,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gptforge.export import export_checkpoint
+    from gptforge.checkpoints.export import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out, merge_lora=args.merge_lora,
                             format=args.format)

@@ -33,9 +33,9 @@ import torch
 
 from gptforge.data.loader import EpochOrder, OrderedLoader
 from gptforge.errors import GptforgeError
+from gptforge.model.loss import IGNORE_INDEX
 from gptforge.tokenizer.base import Tokenizer
 from gptforge.tokenizer.chat_template import check_messages, encode_contents, render_encoded
-from gptforge.train.objectives import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

@@ -40,8 +40,8 @@ from typing import NamedTuple
 import torch
 
 from gptforge.errors import GptforgeError
+from gptforge.model.loss import IGNORE_INDEX, target_log_probs
 from gptforge.runtime.device import Precision
-from gptforge.train.objectives import IGNORE_INDEX, target_log_probs
 
 
 @dataclass(frozen=True)

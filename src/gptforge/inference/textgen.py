@@ -15,16 +15,16 @@ from pathlib import Path
 
 import torch
 
-from gptforge import checkpoint
+from gptforge.checkpoints.format import resolve_checkpoint
+from gptforge.checkpoints.loading import build_model
 from gptforge.inference.engine import Engine, SamplingSettings
 from gptforge.inference.kv_cache import KVCache
 from gptforge.model.gpt import GPT
-from gptforge.model_loading import build_model
 from gptforge.runtime.device import cpu_has_native_bf16, resolve_device
 
 
 def load_model(ckpt: Path, device: torch.device) -> GPT:
-    """The checkpoint's model on ``device``; LoRA adapters are merged (``model_loading.py``)."""
+    """The checkpoint's model on ``device``, LoRA adapters merged (``checkpoints/loading.py``)."""
     model = build_model(ckpt)
     model.to(device)
     if device.type == "cuda":  # batch-1 decoding is memory-bound: halve the bytes read
@@ -69,7 +69,7 @@ class TextGenerator:
                         compile: bool = False) -> TextGenerator:
         from gptforge.tokenizer import load_tokenizer
 
-        ckpt = checkpoint.resolve_checkpoint(path)
+        ckpt = resolve_checkpoint(path)
         model = load_model(ckpt, resolve_device(device))
         return cls(model, load_tokenizer(ckpt / "tokenizer"), compile=compile)
 

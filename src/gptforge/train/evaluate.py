@@ -31,7 +31,7 @@ def evaluate(model, loader, objective, precision, steps: int, dist_info=None) ->
             loss, _ = objective(model, batch)
         total += loss.float() * n
         terms += n
-        for key, value in getattr(objective, "metrics", {}).items():
+        for key, value in objective.metrics.items():
             extra[f"val_{key}"] = extra.get(f"val_{key}", 0.0) + float(value) / max(1, steps)
     model.train(was_training)
     if dist_info is not None:  # each rank scored its own share of the val batches

@@ -22,67 +22,70 @@ from pathlib import Path
 
 import torch
 
-from gptforge import checkpoint
+from gptforge.checkpoints.checkpointer import load_full_weights
+from gptforge.checkpoints.format import (
+    load_weights,
+    model_config_of,
+    read_meta,
+    resolve_checkpoint,
+    weights_sha256,
+)
 from gptforge.config.schema import Config
 from gptforge.errors import GptforgeError
+from gptforge.model.config import ModelConfig
 from gptforge.model.gpt import GPT
-from gptforge.train.loop import load_full_weights
+from gptforge.train.objectives import DirectPreference, MaskedLanguageModeling, Objective
 
 log = logging.getLogger(__name__)
 
 
-class Finetuning:
-    """SFT (``kind="sft"``) or DPO (``kind="dpo"``) from ``finetune.init_from``."""
+class _FromCheckpoint:
+    """What SFT and DPO share: the model, tokenizer and weights of ``finetune.init_from``, LoRA
+    adapters when ``lora.rank > 0``, records split into train and val."""
 
-    def __init__(self, kind: str):
-        if kind not in ("sft", "dpo"):
-            raise ValueError(kind)
-        self.kind = self.name = kind
+    name = ""
 
     # ---- model and tokenizer from the starting checkpoint ---------------------------------
     def setup(self, cfg: Config, dist_info) -> tuple[Config, Path, dict]:
         if not cfg.finetune.init_from:
-            raise GptforgeError(f"gptforge {self.kind} needs a checkpoint to start from: "
+            raise GptforgeError(f"gptforge {self.name} needs a checkpoint to start from: "
                                 "init_from=RUN_DIR_OR_CKPT")
-        self.base = checkpoint.resolve_checkpoint(cfg.finetune.init_from).resolve()
-        meta = checkpoint.read_meta(self.base)
+        self.base = resolve_checkpoint(cfg.finetune.init_from).resolve()
+        meta = read_meta(self.base)
         if "lora" in meta:
             raise GptforgeError(f"{self.base} holds LoRA adapters only; merge them first with "
                                 f"`gptforge export {self.base} --merge-lora --out DIR` and start "
                                 "from DIR")
-        model_cfg = checkpoint.model_config_of(meta, self.base)
-        if self.kind == "dpo":
-            # Dropout would make the policy's log-ratios noisy against the (eval-mode) reference:
-            # at the first step the loss would not even be ln 2. DPO runs without it.
-            model_cfg = dataclasses.replace(model_cfg, dropout=0.0)
+        model_cfg = self.model_config(model_config_of(meta, self.base))
         cfg = dataclasses.replace(cfg, model=model_cfg)
         return cfg, self.base / "tokenizer", meta["tokenizer"]
 
+    def model_config(self, saved: ModelConfig) -> ModelConfig:
+        """The architecture to fine-tune: the starting checkpoint's."""
+        return saved
+
     def init_weights(self, cfg: Config, model: GPT) -> None:
-        checkpoint.load_weights(model, self.base)
+        load_weights(model, self.base)
 
-    # ---- objective, LoRA, reference ----------------------------------------------------------
-    def build_objective(self, cfg: Config, model: GPT):
-        from gptforge.train.objectives import DirectPreference, MaskedLanguageModeling
+    # ---- objective, LoRA ---------------------------------------------------------------------
+    def build_objective(self, cfg: Config, model: GPT) -> Objective:
+        raise NotImplementedError
 
-        reference = None
-        if self.kind == "dpo":  # a frozen copy of the starting policy, before any adapters
-            reference = copy.deepcopy(model).eval().requires_grad_(False)
-        if cfg.lora.rank > 0:
-            from gptforge.model.lora import apply_lora
+    @staticmethod
+    def add_adapters(cfg: Config, model: GPT) -> None:
+        """LoRA adapters on ``lora.targets`` when ``lora.rank > 0`` (the base frozen)."""
+        if cfg.lora.rank <= 0:
+            return
+        from gptforge.model.lora import apply_lora
 
-            targets = [t.strip() for t in cfg.lora.targets.split(",") if t.strip()]
-            try:
-                wrapped = apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
-                                     targets)
-            except ValueError as err:
-                raise GptforgeError(f"lora.targets: {err}") from None
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            log.info("LoRA rank %d on %d layers: %.3fM trainable of %.2fM parameters",
-                     cfg.lora.rank, len(wrapped), trainable / 1e6, model.num_params() / 1e6)
-        if self.kind == "dpo":
-            return DirectPreference(reference, beta=cfg.dpo.beta, sft_weight=cfg.dpo.sft_weight)
-        return MaskedLanguageModeling()
+        targets = [t.strip() for t in cfg.lora.targets.split(",") if t.strip()]
+        try:
+            wrapped = apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, targets)
+        except ValueError as err:
+            raise GptforgeError(f"lora.targets: {err}") from None
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info("LoRA rank %d on %d layers: %.3fM trainable of %.2fM parameters",
+                 cfg.lora.rank, len(wrapped), trainable / 1e6, model.num_params() / 1e6)
 
     def checkpoint_extras(self, cfg: Config, model: GPT):
         if cfg.lora.rank <= 0:
@@ -90,17 +93,17 @@ class Finetuning:
         from gptforge.model.lora import lora_config_of
 
         lora = {**lora_config_of(model), "base": str(self.base),
-                "base_sha256": checkpoint.weights_sha256(self.base)}
+                "base_sha256": weights_sha256(self.base)}
         return (lambda weights: {k: v for k, v in weights.items() if ".lora_" in k}), \
             {"lora": lora}
 
     def load_run_weights(self, model: GPT, ckpt: Path) -> None:
         """Resume: full weights, or for LoRA runs the adapters on top of the base weights."""
-        meta = checkpoint.read_meta(ckpt)
+        meta = read_meta(ckpt)
         if "lora" not in meta:
             load_full_weights(model, ckpt)
             return
-        from gptforge.model_loading import load_adapters
+        from gptforge.checkpoints.loading import load_adapters
 
         load_adapters(model, ckpt)
 
@@ -111,26 +114,40 @@ class Finetuning:
         tokenizer = load_tokenizer(self.base / "tokenizer")
         paths = [p.strip() for p in cfg.finetune.data.split(",") if p.strip()]
         if not paths:
-            raise GptforgeError(f"gptforge {self.kind} needs data: finetune.data=FILE.jsonl")
-        records = self._read(paths)
+            raise GptforgeError(f"gptforge {self.name} needs data: finetune.data=FILE.jsonl")
+        records = self.read_records(paths)
         train_records, val_records = split_records(records, cfg.finetune.val_fraction,
                                                    cfg.train.seed)
-        log.info("%s data: %d train and %d val records from %s", self.kind, len(train_records),
+        log.info("%s data: %d train and %d val records from %s", self.name, len(train_records),
                  len(val_records), ", ".join(paths))
-        make = self._sft_loader if self.kind == "sft" else self._preference_loader
         common = {"rank": dist_info.rank, "world_size": dist_info.world_size}
-        train = make(tokenizer, train_records, cfg, seed=cfg.train.seed, **common)
-        val = make(tokenizer, val_records, cfg, seed=cfg.train.seed + 1, **common) \
+        train = self.loader(tokenizer, train_records, cfg, seed=cfg.train.seed, **common)
+        val = self.loader(tokenizer, val_records, cfg, seed=cfg.train.seed + 1, **common) \
             if val_records else None
         return train, val
 
-    def _read(self, paths: list[str]):
-        from gptforge.data.conversations import read_conversations, read_preferences
+    def read_records(self, paths: list[str]) -> list:
+        raise NotImplementedError
 
-        return read_conversations(paths) if self.kind == "sft" else read_preferences(paths)
+    def loader(self, tokenizer, records, cfg: Config, **kwargs):
+        raise NotImplementedError
 
-    @staticmethod
-    def _sft_loader(tokenizer, records, cfg: Config, **kwargs):
+
+class SupervisedFinetuning(_FromCheckpoint):
+    """SFT: conversations, the loss on the assistant's tokens only."""
+
+    name = "sft"
+
+    def build_objective(self, cfg: Config, model: GPT) -> Objective:
+        self.add_adapters(cfg, model)
+        return MaskedLanguageModeling()
+
+    def read_records(self, paths: list[str]) -> list:
+        from gptforge.data.conversations import read_conversations
+
+        return read_conversations(paths)
+
+    def loader(self, tokenizer, records, cfg: Config, **kwargs):
         from gptforge.data.finetune_loader import SFTLoader, encode_sft_examples
 
         loader = SFTLoader(encode_sft_examples(tokenizer, records), cfg.model.block_size,
@@ -139,8 +156,29 @@ class Finetuning:
         _warn_truncated(loader, cfg)
         return loader
 
-    @staticmethod
-    def _preference_loader(tokenizer, records, cfg: Config, **kwargs):
+
+class PreferenceOptimization(_FromCheckpoint):
+    """DPO: pairs of a chosen and a rejected answer, against a frozen reference model."""
+
+    name = "dpo"
+
+    def model_config(self, saved: ModelConfig) -> ModelConfig:
+        # Dropout would make the policy's log-ratios noisy against the (eval-mode) reference:
+        # at the first step the loss would not even be ln 2. DPO runs without it.
+        return dataclasses.replace(saved, dropout=0.0)
+
+    def build_objective(self, cfg: Config, model: GPT) -> Objective:
+        # A frozen copy of the starting policy, taken before any adapters are added.
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+        self.add_adapters(cfg, model)
+        return DirectPreference(reference, beta=cfg.dpo.beta, sft_weight=cfg.dpo.sft_weight)
+
+    def read_records(self, paths: list[str]) -> list:
+        from gptforge.data.conversations import read_preferences
+
+        return read_preferences(paths)
+
+    def loader(self, tokenizer, records, cfg: Config, **kwargs):
         from gptforge.data.finetune_loader import PreferenceLoader, encode_preference_examples
 
         loader = PreferenceLoader(encode_preference_examples(tokenizer, records),
@@ -148,6 +186,9 @@ class Finetuning:
                                   pad_id=tokenizer.pad_id, **kwargs)
         _warn_truncated(loader, cfg)
         return loader
+
+
+STAGES = {"sft": SupervisedFinetuning, "dpo": PreferenceOptimization}
 
 
 def _warn_truncated(loader, cfg: Config) -> None:

@@ -1,20 +1,21 @@
-"""Assembling a pretraining run from a config: data, model, optimizer, loop, resume.
+"""Assembling a training run from a config and a stage: model, optimizer, loop, resume.
 
-This is the library behind ``gptforge train``. It resolves the device and precision, makes sure the
-data is prepared, builds the model (vocabulary from the data's tokenizer), the optimizer and the
-loaders, restores a checkpoint when resuming, saves the resolved config, and runs the loop.
+This is the library behind ``gptforge train``, ``sft`` and ``dpo``. It resolves the device and
+precision, lets the stage set up its data and initial weights (``stage.py``), builds the model,
+the optimizer, the loaders and the checkpointer, restores a checkpoint when resuming, saves the
+resolved config, and runs the loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
 import torch
 
-from gptforge import atomic, checkpoint
+from gptforge.checkpoints.checkpointer import Checkpointer
+from gptforge.checkpoints.format import latest_checkpoint, read_meta
 from gptforge.config.loader import config_to_dict, save_config
 from gptforge.config.schema import Config
 from gptforge.errors import GptforgeError
@@ -31,53 +32,25 @@ from gptforge.runtime.device import (
     seed_everything,
     use_float32_attention,
 )
-from gptforge.train.loop import Trainer
+from gptforge.train.loop import Trainer, TrainingParts
 from gptforge.train.objectives import LanguageModeling
 from gptforge.train.optim import build_optimizer
+from gptforge.train.pretraining import Pretraining
+from gptforge.train.stage import Stage
 
 log = logging.getLogger(__name__)
 
 
-def prepared_data(cfg: Config) -> tuple[Path, dict]:
-    """The data directory and its manifest, preparing a built-in corpus on first use."""
-    from gptforge.data.prepare import ensure_builtin, read_manifest
-
-    if cfg.data.mixture:  # the first dataset of a mixture stands for all (same tokenizer)
-        from gptforge.data.loader import parse_mixture
-        data_dir = Path(parse_mixture(cfg.data.mixture)[0][0])
-        return data_dir, read_manifest(data_dir)
-    data_dir = Path(cfg.data.dir)
-    if not (data_dir / "manifest.json").is_file():
-        if not cfg.data.corpus:
-            raise GptforgeError(
-                f"data.dir '{data_dir}' holds no prepared data (no manifest.json); run "
-                f"`gptforge prepare --input FILES --out {data_dir}` or set data.corpus=shakespeare")
-        log.info("preparing the built-in '%s' corpus into %s", cfg.data.corpus, data_dir)
-        ensure_builtin(cfg.data.corpus, data_dir, tokenizer=cfg.data.tokenizer,
-                       vocab_size=cfg.data.vocab_size or None)
-    return data_dir, read_manifest(data_dir)
-
-
-def with_vocab(cfg: Config, manifest: dict) -> Config:
-    vocab = int(manifest["tokenizer"]["vocab_size"])
-    if cfg.model.vocab_size == 0:
-        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
-    if cfg.model.vocab_size < vocab:
-        raise GptforgeError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
-                            f"tokenizer's {vocab}; set model.vocab_size=0 to take it from the data")
-    return cfg
-
-
-def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, command: str = "train") -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise GptforgeError(f"cannot create run directory {run_dir}: {err.strerror}") from None
-    existing = checkpoint.latest_checkpoint(run_dir)
+    existing = latest_checkpoint(run_dir)
     if existing and not resume and not overwrite:
-        raise GptforgeError(f"{run_dir} already holds a run (latest: {existing.name}); continue it "
-                            f"with `gptforge train --resume {run_dir}`, pass --overwrite to start "
-                            "over, or set train.out_dir")
+        raise GptforgeError(f"{run_dir} already holds a run (latest: {existing.name}); continue "
+                            f"it with `gptforge {command} --resume {run_dir}`, pass --overwrite to "
+                            "start over, or set train.out_dir")
     if overwrite and not resume:
         import shutil
         for name in ("ckpt", "tb", "metrics.jsonl", "latest", "best"):
@@ -85,36 +58,8 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
 
 
-class Pretraining:
-    """The pretraining stage: prepared token shards (or a mixture), next-token objective."""
-
-    name = "pretrain"
-
-    def setup(self, cfg: Config, dist_info) -> tuple[Config, Path, dict]:
-        """(config with the vocabulary filled in, tokenizer dir, tokenizer info)."""
-        if dist_info.is_main:
-            prepared_data(cfg)  # prepares a built-in corpus on first use
-        distributed.barrier(dist_info)
-        self.data_dir, self.manifest = prepared_data(cfg)
-        return with_vocab(cfg, self.manifest), self.data_dir / "tokenizer", \
-            self.manifest["tokenizer"]
-
-    def init_weights(self, cfg: Config, model: GPT) -> None:
-        """Nothing to load: pretraining starts from the random initialisation."""
-
-    def loaders(self, cfg: Config, dist_info, run_dir: Path):
-        return build_loaders(cfg, self.data_dir, self.manifest, dist_info, run_dir)
-
-    def build_objective(self, cfg: Config, model: GPT):
-        """The objective; called once the initial weights are in place."""
-        return LanguageModeling()
-
-    def checkpoint_extras(self, cfg: Config, model: GPT):
-        """(filter applied to the weights before saving, extra model.json entries)."""
-        return None, {}
-
-
-def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, stage=None) -> int:
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
+          stage: Stage | None = None) -> int:
     """Run (or, with ``resume``, continue) a training stage as configured; return an exit code.
 
     ``stage`` is pretraining unless given (see :mod:`gptforge.train.finetune` for SFT and DPO).
@@ -133,11 +78,12 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, stage=N
         distributed.teardown()
 
 
-def _train(cfg: Config, stage, precision, dist_info, *, resume: bool, overwrite: bool) -> int:
+def _train(cfg: Config, stage: Stage, precision, dist_info, *, resume: bool,
+           overwrite: bool) -> int:
     enable_tf32(precision.device)
     run_dir = Path(cfg.train.out_dir)
     if dist_info.is_main:
-        check_run_dir(run_dir, resume, overwrite)
+        check_run_dir(run_dir, resume, overwrite, stage.name)
     cfg, tokenizer_dir, tokenizer_info = stage.setup(cfg, dist_info)
     ckpt = _checkpoint_to_resume(run_dir, tokenizer_info) if resume else None
 
@@ -159,15 +105,17 @@ def _train(cfg: Config, stage, precision, dist_info, *, resume: bool, overwrite:
     optimizer = build_optimizer(model, cfg.optim, precision.device)
     train_loader, val_loader = stage.loaders(cfg, dist_info, run_dir)
     weights_filter, extra_meta = stage.checkpoint_extras(cfg, model)
-    trainer = Trainer(
-        cfg=cfg, model=model, train_model=train_model, optimizer=optimizer,
-        objective=objective, train_loader=train_loader, val_loader=val_loader,
-        precision=precision, run_dir=run_dir, tokenizer_dir=tokenizer_dir,
-        tokenizer_info=tokenizer_info, flops_per_token=_flops_per_token(model, objective),
-        peak_flops=peak_flops(precision), dist_info=dist_info,
-        sampler=_sampler(model, tokenizer_dir, cfg, precision),
-        weights_filter=weights_filter, extra_meta=extra_meta,
-        load_weights=getattr(stage, "load_run_weights", None))
+    checkpointer = Checkpointer(
+        run_dir, tokenizer_dir=tokenizer_dir, tokenizer_info=tokenizer_info,
+        sharded=cfg.train.ckpt_format == "sharded", keep_last=cfg.train.keep_last,
+        keep_best=cfg.train.keep_best, dist_info=dist_info, weights_filter=weights_filter,
+        extra_meta=extra_meta, load_weights=stage.load_run_weights)
+    parts = TrainingParts(
+        model=model, train_model=train_model, optimizer=optimizer, objective=objective,
+        train_loader=train_loader, val_loader=val_loader, precision=precision, dist=dist_info,
+        flops_per_token=_flops_per_token(model, objective), peak_flops=peak_flops(precision),
+        sampler=_sampler(model, tokenizer_dir, cfg, precision))
+    trainer = Trainer(cfg, stage, parts, checkpointer)
     if ckpt is not None:
         trainer.restore(ckpt)
         if dist_info.is_main:
@@ -191,50 +139,10 @@ def _flops_per_token(model: GPT, objective) -> int:
     """Training FLOPs per token for MFU: the model's forward and backward (frozen weights, as in
     LoRA, skip their weight gradients), plus the forward of a frozen reference model (DPO)."""
     flops = model.flops_per_token()
-    reference = getattr(objective, "reference", None)
+    reference = objective.reference
     if reference is not None:
         flops += reference.forward_flops_per_token()
     return flops
-
-
-def build_loaders(cfg: Config, data_dir: Path, manifest: dict, dist_info, run_dir: Path):
-    """(train loader, val loader or None) for one prepared dataset or a weighted mixture."""
-    from gptforge.data.loader import BatchLoader, MixtureLoader, parse_mixture
-    from gptforge.data.prepare import read_manifest
-    from gptforge.data.shards import open_split
-
-    tc, block = cfg.train, cfg.model.block_size
-    kwargs = {"rank": dist_info.rank, "world_size": dist_info.world_size}
-    if not cfg.data.mixture:
-        train = BatchLoader(open_split(data_dir, "train"), block, tc.batch_size, seed=tc.seed,
-                            split="train", **kwargs)
-        val = None
-        if manifest["splits"].get("val", {}).get("tokens", 0) > 0:
-            val = BatchLoader(open_split(data_dir, "val"), block, tc.batch_size,
-                              seed=tc.seed + 1, split="val", shuffle_offset=False, **kwargs)
-        else:
-            log.warning("%s has no val split: no evaluation, best-checkpoint tracking or early "
-                        "stopping (prepare with --val-fraction > 0 for them)", data_dir)
-        return train, val
-    sources = parse_mixture(cfg.data.mixture)
-    dirs, weights = [Path(p) for p, _ in sources], [w for _, w in sources]
-    manifests = [read_manifest(d) for d in dirs]
-    for d, m in zip(dirs[1:], manifests[1:]):
-        if m["tokenizer"]["sha256"] != manifest["tokenizer"]["sha256"]:
-            raise GptforgeError(f"data.mixture: {d} was prepared with another tokenizer than "
-                                f"{dirs[0]}; prepare all with the same --tokenizer FILE")
-    train = MixtureLoader([open_split(d, "train") for d in dirs], weights, block, tc.batch_size,
-                          seed=tc.seed, split="train", **kwargs)
-    val = None
-    if all(m["splits"].get("val", {}).get("tokens", 0) > 0 for m in manifests):
-        val = MixtureLoader([open_split(d, "val") for d in dirs], weights, block, tc.batch_size,
-                            seed=tc.seed + 1, split="val", shuffle_offset=False, **kwargs)
-    if dist_info.is_main:
-        record = [{"dir": str(d), "weight": w, "train_tokens": m["splits"]["train"]["tokens"]}
-                  for d, w, m in zip(dirs, weights, manifests)]
-        atomic.write_text(run_dir / "mixture.json", json.dumps(record, indent=2) + "\n")
-    log.info("mixture: %s", ", ".join(f"{d} {w:.0%}" for d, w in zip(dirs, weights)))
-    return train, val
 
 
 def resolve_batch_size(cfg: Config, model, objective, precision, dist_info) -> Config:
@@ -254,7 +162,7 @@ def resolve_batch_size(cfg: Config, model, objective, precision, dist_info) -> C
     probe = cuda_probe(model, LanguageModeling(), precision, cfg.model.block_size,
                        cfg.model.vocab_size,
                        data_parallel=dist_info.enabled and cfg.runtime.parallel == "ddp")
-    rows = getattr(objective, "inputs_per_batch", 1)
+    rows = objective.inputs_per_batch
     batch = auto_batch_size(lambda b: probe(b * rows), cfg.train.global_batch_tokens,
                             cfg.model.block_size, dist_info.world_size,
                             agree=lambda n: distributed.min_over_ranks(n, dist_info,
@@ -278,10 +186,10 @@ def with_grad_accum(cfg: Config, world_size: int) -> Config:
 
 
 def _checkpoint_to_resume(run_dir: Path, tokenizer_info: dict) -> Path:
-    ckpt = checkpoint.latest_checkpoint(run_dir)
+    ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise GptforgeError(f"--resume: {run_dir} holds no checkpoint to resume from")
-    meta = checkpoint.read_meta(ckpt)
+    meta = read_meta(ckpt)
     saved, current = meta["tokenizer"].get("sha256"), tokenizer_info.get("sha256")
     if saved != current:
         raise GptforgeError(f"{ckpt} was trained with a different tokenizer than the one in "

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import signal
 import sys
 import time
@@ -25,24 +24,43 @@ from pathlib import Path
 
 import torch
 
-from gptforge import checkpoint
+from gptforge.checkpoints.checkpointer import Checkpointer
 from gptforge.config.schema import Config
 from gptforge.errors import GptforgeError
 from gptforge.metrics.sinks import MetricsWriter, NullWriter, truncate_after
 from gptforge.runtime import distributed
 from gptforge.runtime.distributed import DistInfo
-from gptforge.train.anomaly import POLICIES, Anomaly, AnomalyGuard
+from gptforge.train.anomaly import Anomaly, AnomalyGuard
 from gptforge.train.evaluate import evaluate
+from gptforge.train.objectives import Objective
 from gptforge.train.schedule import grad_accum_at, lr_at, weight_decay_factor
+from gptforge.train.stage import Stage
 
 log = logging.getLogger(__name__)
 
-CKPT_FORMATS = ("full", "sharded")
 
+@dataclass
+class TrainingParts:
+    """What a stage's run is made of, assembled by ``launch.py`` before the loop starts."""
 
-def load_full_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    """All weights of a full checkpoint into ``model``, plain or sharded (on every rank)."""
-    distributed.load_full_model_state(model, checkpoint.read_weights(ckpt, model))
+    model: torch.nn.Module
+    """The model with the plain parameter names checkpoints use (under FSDP2 it is itself
+    sharded, in place)."""
+    train_model: torch.nn.Module
+    """What runs: ``model``, or it DDP-wrapped and/or compiled."""
+    optimizer: torch.optim.Optimizer
+    objective: Objective
+    train_loader: object
+    val_loader: object | None
+    precision: object
+    """Device, dtype and autocast (``runtime.device.Precision``)."""
+    dist: DistInfo = DistInfo()
+    flops_per_token: int = 0
+    """Training FLOPs per token, for MFU (0 = don't report MFU)."""
+    peak_flops: float = 0.0
+    """Peak FLOP/s of one device in the compute dtype."""
+    sampler: Callable[[int], str] | None = None
+    """step -> a text sample from the model being trained (None = no samples)."""
 
 
 @dataclass
@@ -71,68 +89,44 @@ def _grad_scaler(model: torch.nn.Module, precision):
 
 
 class Trainer:
-    def __init__(self, *, cfg: Config, model: torch.nn.Module, train_model: torch.nn.Module,
-                 optimizer: torch.optim.Optimizer, objective, train_loader, val_loader,
-                 precision, run_dir: Path, tokenizer_dir: Path, tokenizer_info: dict,
-                 flops_per_token: int, peak_flops: float,
-                 sampler: Callable[[int], str] | None = None, dist_info: DistInfo = DistInfo(),
-                 weights_filter: Callable[[dict], dict] | None = None,
-                 extra_meta: dict | None = None,
-                 load_weights: Callable[[torch.nn.Module, Path], None] | None = None):
-        self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.dist = dist_info
-        # LoRA runs save only their adapters (weights_filter) and say so in model.json;
-        # ``load_weights`` reads back what was saved (by default all weights, in full).
-        self.weights_filter, self.extra_meta = weights_filter, extra_meta or {}
-        self.load_weights = load_weights or load_full_weights
-        if cfg.train.ckpt_format not in CKPT_FORMATS:
-            raise GptforgeError(f"train.ckpt_format must be one of {', '.join(CKPT_FORMATS)}, "
-                                f"not '{cfg.train.ckpt_format}'")
-        self.sharded = cfg.train.ckpt_format == "sharded" and weights_filter is None
-        # ``model`` has the plain parameter names that checkpoints use (under FSDP2 it is itself
-        # sharded, in place); ``train_model`` is what runs: possibly DDP-wrapped or compiled.
-        self.model = model
-        self.train_model = train_model
-        self.optimizer, self.objective = optimizer, objective
-        self.train_loader, self.val_loader = train_loader, val_loader
-        self.precision = precision
-        self.tokenizer_dir, self.tokenizer_info = tokenizer_dir, tokenizer_info
-        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
-        self.sampler = sampler
-        self.scaler = _grad_scaler(model, precision)
-        for group in optimizer.param_groups:  # the base that the weight-decay schedule scales
+    """Runs a stage's training: ``fit()`` to ``train.max_steps``, saving through the
+    checkpointer; ``restore(ckpt)`` first to continue a run."""
+
+    def __init__(self, cfg: Config, stage: Stage, parts: TrainingParts,
+                 checkpointer: Checkpointer):
+        self.cfg, self.stage, self.checkpointer = cfg, stage, checkpointer
+        self.run_dir = checkpointer.run_dir
+        self.dist = parts.dist
+        self.model, self.train_model = parts.model, parts.train_model
+        self.optimizer, self.objective = parts.optimizer, parts.objective
+        self.train_loader, self.val_loader = parts.train_loader, parts.val_loader
+        self.precision = parts.precision
+        self.flops_per_token, self.peak_flops = parts.flops_per_token, parts.peak_flops
+        self.sampler = parts.sampler
+        self.scaler = _grad_scaler(self.model, self.precision)
+        for group in self.optimizer.param_groups:  # the base the weight-decay schedule scales
             group.setdefault("initial_weight_decay", group["weight_decay"])
         self.state = LoopState()
         self.guard = AnomalyGuard(spike_threshold=cfg.train.spike_threshold,
-                                  check_grad_norm=not precision.needs_grad_scaler)
+                                  check_grad_norm=not self.precision.needs_grad_scaler)
         self.stop_signal: int | None = None
         self.last_metrics: dict[str, float] = {}  # the objective's extra figures, last step
-        if cfg.train.on_anomaly not in POLICIES:
-            raise GptforgeError(f"train.on_anomaly must be one of {', '.join(POLICIES)}, "
-                                f"not '{cfg.train.on_anomaly}'")
 
     # ---- resumable state -------------------------------------------------------------
-    def state_dict(self, optimizer: bool = True) -> dict:
-        """Everything but the weights, in a form any world size can load (a collective).
-
-        ``optimizer=False`` leaves out the optimizer (a sharded checkpoint saves it apart).
-        """
+    def state_dict(self) -> dict:
+        """Everything but the weights and the optimizer (which the checkpointer saves), in a
+        form any world size can load (a collective: the RNG states of every rank)."""
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        state = {"loop": asdict(self.state), "guard": self.guard.state_dict(),
-                 "scaler": self.scaler.state_dict(),
-                 "train_loader": self.train_loader.state_dict(),
-                 "rng": distributed.gather_objects(rng, self.dist)}
-        if optimizer:
-            state["optimizer"] = distributed.full_optimizer_state(self.model, self.optimizer)
-        return state
+        return {"loop": asdict(self.state), "guard": self.guard.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "train_loader": self.train_loader.state_dict(),
+                "rng": distributed.gather_objects(rng, self.dist)}
 
     def load_state_dict(self, state: dict) -> None:
         self.state = LoopState(**state["loop"])
         self.guard.load_state_dict(state["guard"])
-        if "optimizer" in state:
-            distributed.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.train_loader.load_state_dict(state["train_loader"])
         ranks = state["rng"]
@@ -146,17 +140,7 @@ class Trainer:
 
     def restore(self, ckpt: Path) -> None:
         """Continue from checkpoint ``ckpt``: weights, optimizer and the rest (on every rank)."""
-        state = checkpoint.load_trainer_state(ckpt)
-        if checkpoint.is_sharded(ckpt):
-            distributed.load_sharded_model(self.model, ckpt / checkpoint.SHARDED_MODEL)
-            distributed.load_sharded_optimizer(self.model, self.optimizer,
-                                               ckpt / checkpoint.SHARDED_OPTIMIZER)
-        else:
-            self.load_weights(self.model, ckpt)
-            if "optimizer" not in state:
-                raise GptforgeError(f"{ckpt}/trainer_state.pt holds no optimizer state; the "
-                                    "checkpoint is damaged")
-        self.load_state_dict(state)
+        self.load_state_dict(self.checkpointer.restore(ckpt, self.model, self.optimizer))
 
     # ---- one optimizer step ----------------------------------------------------------
     def train_step(self) -> tuple[float, float]:
@@ -179,7 +163,7 @@ class Trainer:
                     loss, _ = self.objective(self.train_model, batch)
                 self.scaler.scale(loss * weight).backward()
             total += loss.detach() * weight
-            for key, value in getattr(self.objective, "metrics", {}).items():
+            for key, value in self.objective.metrics.items():
                 metrics[key] = metrics.get(key, 0.0) + float(value) / accum
         self.scaler.unscale_(self.optimizer)
         max_norm = oc.grad_clip if oc.grad_clip > 0 else float("inf")
@@ -196,7 +180,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         # Tokens through the model: DPO batches hold two inputs (chosen and rejected rows).
-        inputs = getattr(self.objective, "inputs_per_batch", 1)
+        inputs = self.objective.inputs_per_batch
         self.state.tokens_seen += accum * inputs * batch[0].numel() * self.world_size
         self.last_metrics = metrics
         return mean_loss, float(grad_norm)
@@ -221,7 +205,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.anomalies += 1
         step = self.state.step + 1
-        last = checkpoint.latest_checkpoint(self.run_dir)
+        last = self.checkpointer.latest()
         policy = tc.on_anomaly
         if policy == "rollback" and last is None:
             policy = "stop"
@@ -298,7 +282,8 @@ class Trainer:
                 window_t0 += time.perf_counter() - paused
                 if self.stop_signal is not None:
                     log.info("stopped by signal %d at step %d; resume with "
-                             "`gptforge train --resume %s`", self.stop_signal, step, self.run_dir)
+                             "`gptforge %s --resume %s`", self.stop_signal, step, self.stage.name,
+                             self.run_dir)
                     return 128 + self.stop_signal
                 if stop_early:
                     log.info("early stop at step %d: val loss has not improved for %d evaluations",
@@ -385,35 +370,8 @@ class Trainer:
         log.info("sample at step %d:\n%s\n", step, text)
 
     def save(self) -> None:
-        """Save a checkpoint: collectives on every rank, then rank 0 finishes it.
-
-        Full: every rank takes part in gathering the weights and optimizer state to rank 0,
-        which writes them. Sharded: every rank writes its own part into the staging directory,
-        then rank 0 adds the small files and renames the directory into place.
-        """
-        weights, staged = None, None
-        if self.sharded:
-            staged = checkpoint.staging_dir(self.run_dir, self.state.step)
-            if self.dist.is_main:  # left over from a crash in the middle of this same save
-                shutil.rmtree(staged, ignore_errors=True)
-            distributed.barrier(self.dist)
-            distributed.save_sharded_model(self.model, staged / checkpoint.SHARDED_MODEL)
-            distributed.save_sharded_optimizer(self.model, self.optimizer,
-                                               staged / checkpoint.SHARDED_OPTIMIZER)
-        else:
-            weights = distributed.full_model_state(self.model)
-            if self.weights_filter is not None:
-                weights = self.weights_filter(weights)
-            weights = checkpoint.weights_to_save(self.model, weights)
-        trainer_state = self.state_dict(optimizer=not self.sharded)
-        if self.dist.is_main:
-            checkpoint.save_checkpoint(
-                self.run_dir, step=self.state.step, weights=weights, staged=staged,
-                model_config=self.model.config, tokenizer_dir=self.tokenizer_dir,
-                tokenizer_info=self.tokenizer_info, trainer_state=trainer_state,
-                extra_meta=self.extra_meta,
-                val_loss=self.state.last_val_loss
-                if self.state.last_eval_step == self.state.step else None)
-            checkpoint.prune_checkpoints(self.run_dir, self.cfg.train.keep_last,
-                                         self.cfg.train.keep_best)
-        distributed.barrier(self.dist)
+        """Save a checkpoint of this step (on every rank: it gathers or writes shards)."""
+        evaluated_now = self.state.last_eval_step == self.state.step
+        self.checkpointer.save(self.state.step, self.model, self.optimizer, self.state_dict(),
+                               model_config=self.model.config,
+                               val_loss=self.state.last_val_loss if evaluated_now else None)

@@ -29,13 +29,29 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-IGNORE_INDEX = -100
+from gptforge.model.loss import IGNORE_INDEX, target_log_probs, token_cross_entropy
 
 
-def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; targets equal to IGNORE_INDEX do not count."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                           ignore_index=IGNORE_INDEX)
+class Objective:
+    """What every objective offers the loop (subclasses override ``__call__`` and
+    ``loss_terms``, and the attributes where they differ)."""
+
+    name = "objective"
+    inputs_per_batch = 1
+    """Rows through the model per batch row (DPO runs a chosen and a rejected row)."""
+    reference: nn.Module | None = None
+    """A frozen model run beside the trained one (DPO), counted in the FLOPs per token."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, float] = {}  # extra figures of the last call, logged per step
+
+    def __call__(self, model: nn.Module, batch: tuple[torch.Tensor, ...]):
+        """(mean loss over the terms that count, number of tokens that count)."""
+        raise NotImplementedError
+
+    def loss_terms(self, batch: tuple[torch.Tensor, ...]) -> int:
+        """How many terms the loss of ``batch`` averages, known before the forward pass."""
+        raise NotImplementedError
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -56,7 +72,7 @@ def with_aux_gradient(loss: torch.Tensor, aux: torch.Tensor | None) -> torch.Ten
     return loss + (aux - aux.detach())
 
 
-class LanguageModeling:
+class LanguageModeling(Objective):
     """Next-token prediction on every position (pretraining)."""
 
     name = "lm"
@@ -86,14 +102,7 @@ def logits_of(model: nn.Module, x: torch.Tensor, segment_ids: torch.Tensor | Non
     return model(x) if segment_ids is None else model(x, segment_ids=segment_ids)
 
 
-def target_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) at each position (B, T), 0 where the target is IGNORE_INDEX."""
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                          ignore_index=IGNORE_INDEX, reduction="none")  # (B*T,)
-    return -nll.view(targets.shape)
-
-
-class MaskedLanguageModeling:
+class MaskedLanguageModeling(Objective):
     """Next-token prediction on the targets that are not IGNORE_INDEX (supervised fine-tuning).
 
     The batch is ``(x, y)`` or, from a packing loader, ``(x, y, segment_ids)``. The loss is the
@@ -116,7 +125,7 @@ class MaskedLanguageModeling:
         return int((batch[1] != IGNORE_INDEX).sum())
 
 
-class DirectPreference:
+class DirectPreference(Objective):
     """Direct Preference Optimization (Rafailov et al., 2023, https://arxiv.org/abs/2305.18290).
 
     For each pair the policy's log-probability of the chosen and the rejected answer is compared
@@ -141,9 +150,9 @@ class DirectPreference:
             raise ValueError(f"DPO beta must be positive, got {beta}")
         if sft_weight < 0:
             raise ValueError(f"DPO sft_weight must be >= 0, got {sft_weight}")
+        super().__init__()
         self.reference = reference.eval().requires_grad_(False)
         self.beta, self.sft_weight = beta, sft_weight
-        self.metrics: dict[str, float] = {}
 
     def __call__(self, model: nn.Module, batch: tuple[torch.Tensor, ...]):
         chosen_x, chosen_y, rejected_x, rejected_y = batch

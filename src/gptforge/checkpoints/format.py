@@ -62,9 +62,10 @@ def save_checkpoint(run_dir: Path, *, step: int, weights: dict[str, torch.Tensor
                     extra_meta: dict | None = None, staged: Path | None = None) -> Path:
     """Write checkpoint ``step`` atomically and point ``RUN_DIR/latest`` at it.
 
-    ``weights`` is a full state dict without tied aliases (see :func:`weights_to_save`), or None
-    for a sharded checkpoint, whose DCP directories the ranks have already written into
-    ``staged`` (see :func:`staging_dir`); the rest is added there and it is renamed into place.
+    ``weights`` is a full state dict without tied aliases (see ``state.weights_to_save``), or
+    None for a sharded checkpoint, whose DCP directories the ranks have already written into
+    ``staged`` (see :func:`staging_dir`); the rest is added there and it is renamed
+    into place.
     """
     from safetensors.torch import save_file
 
@@ -89,16 +90,6 @@ def save_checkpoint(run_dir: Path, *, step: int, weights: dict[str, torch.Tensor
         reason = "disk full" if err.errno == errno.ENOSPC else err.strerror or str(err)
         raise GptforgeError(f"could not write checkpoint {target}: {reason}{kept}") from err
     return target
-
-
-def weights_to_save(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` without the second name of tied parameters (safetensors stores a tensor once)."""
-    seen, aliases = set(), set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            aliases.add(name)
-        seen.add(id(param))
-    return {k: v for k, v in state.items() if k not in aliases}
 
 
 def is_sharded(ckpt: Path) -> bool:
@@ -199,7 +190,7 @@ def load_weights(model: nn.Module, ckpt: Path) -> None:
     from safetensors.torch import load_model
 
     if is_sharded(ckpt):
-        from gptforge.runtime.distributed import load_sharded_model
+        from gptforge.checkpoints.state import load_sharded_model
 
         load_sharded_model(model, Path(ckpt) / SHARDED_MODEL)
         return
@@ -216,27 +207,3 @@ def load_trainer_state(ckpt: Path) -> dict:
         raise GptforgeError(f"{ckpt} has no trainer_state.pt: it can be used for generation "
                             "but not resumed")
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def prune_checkpoints(run_dir: Path, keep_last: int, keep_best: int) -> list[Path]:
-    """Delete checkpoints that are neither among the newest ``keep_last`` nor the best
-    ``keep_best``."""
-    root = Path(run_dir) / CKPT_DIR
-    ckpts = sorted((p for p in root.glob("step-*") if (p / "model.json").is_file()),
-                   key=lambda p: int(p.name.split("-")[1]))
-    losses = {p: json.loads((p / "model.json").read_text()).get("val_loss") for p in ckpts}
-    keep = set(ckpts[-keep_last:]) if keep_last > 0 else set()
-    scored = sorted((loss, p) for p, loss in losses.items() if loss is not None)
-    keep |= {p for _, p in scored[:max(0, keep_best)]}
-    latest = latest_checkpoint(run_dir)
-    keep |= {latest} if latest else set()
-    removed = [p for p in ckpts if p not in keep]
-    # Also what a crash in the middle of a save left behind (called between saves, so no
-    # temporary directory here is still being written).
-    removed += [p for p in root.glob(".tmp-*") if p.is_dir()]
-    for path in removed:
-        shutil.rmtree(path, ignore_errors=True)
-    if scored:
-        best = scored[0][1]
-        atomic.write_text(Path(run_dir) / "best", f"{CKPT_DIR}/{best.name}\n")
-    return removed

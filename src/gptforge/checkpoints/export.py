@@ -9,7 +9,7 @@ be resumed.
 
 Each output format is one writer filling a temporary directory, which is renamed into place only
 when complete (``atomic.directory``): ``native`` (a gptforge checkpoint) or ``huggingface`` (a
-``transformers`` checkpoint directory, see ``hf_format.py``).
+``transformers`` checkpoint directory, see ``huggingface.py``).
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from gptforge import atomic, checkpoint
+from gptforge import atomic
+from gptforge.checkpoints.format import read_meta, resolve_checkpoint
+from gptforge.checkpoints.loading import base_checkpoint, build_model, lora_settings
+from gptforge.checkpoints.state import weights_to_save
 from gptforge.errors import GptforgeError
 from gptforge.model.gpt import GPT
-from gptforge.model_loading import base_checkpoint, build_model, lora_settings
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ def write_native(model: GPT, meta: dict, source: Path, out: Path) -> None:
     """A gptforge checkpoint directory (without trainer state) in ``out``."""
     from safetensors.torch import save_file
 
-    weights = checkpoint.weights_to_save(model, model.state_dict())
+    weights = weights_to_save(model, model.state_dict())
     save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
     exported = {k: v for k, v in meta.items() if k not in ("lora", "weights")}
@@ -46,7 +48,7 @@ def write_native(model: GPT, meta: dict, source: Path, out: Path) -> None:
 
 def write_huggingface(model: GPT, meta: dict, source: Path, out: Path) -> None:
     """A Hugging Face ``transformers`` checkpoint (GPT-2, Llama or Qwen3) in ``out``."""
-    from gptforge.hf_format import write_huggingface as write
+    from gptforge.checkpoints.huggingface import write_huggingface as write
 
     write(model, meta, source, out)
 
@@ -67,8 +69,8 @@ def export_checkpoint(source: str | Path, out: str | Path, *, merge_lora: bool =
     if format not in WRITERS:
         raise GptforgeError(f"unknown export format '{format}' (choose one of: "
                             f"{', '.join(WRITERS)})")
-    ckpt = checkpoint.resolve_checkpoint(source)
-    meta = checkpoint.read_meta(ckpt)
+    ckpt = resolve_checkpoint(source)
+    meta = read_meta(ckpt)
     if "lora" in meta and not merge_lora:
         raise GptforgeError(f"{ckpt} holds LoRA adapters, not a full model; add --merge-lora to "
                             "fold them into the base weights and export the merged model")

@@ -20,7 +20,13 @@ import dataclasses
 import os
 from pathlib import Path
 
-from gptforge import checkpoint
+from gptforge.checkpoints.format import (
+    has_weights,
+    load_weights,
+    model_config_of,
+    read_meta,
+    weights_sha256,
+)
 from gptforge.errors import GptforgeError
 from gptforge.model.gpt import GPT
 from gptforge.model.lora import apply_lora, lora_state_dict, merge_lora
@@ -40,10 +46,10 @@ def build_model(ckpt: str | Path, *, merge: bool = True) -> GPT:
     continue training.
     """
     ckpt = Path(ckpt)
-    meta = checkpoint.read_meta(ckpt)
-    model = GPT(checkpoint.model_config_of(meta, ckpt))
+    meta = read_meta(ckpt)
+    model = GPT(model_config_of(meta, ckpt))
     if "lora" not in meta:
-        checkpoint.load_weights(model, ckpt)
+        load_weights(model, ckpt)
         return model.eval()
     lora = lora_settings(meta, ckpt)
     load_base_weights(model, ckpt, lora)
@@ -75,7 +81,7 @@ def base_checkpoint(ckpt: Path, lora: dict) -> Path:
     base = Path(lora["base"]).expanduser()
     if not base.is_absolute():
         base = Path(os.path.normpath(Path(ckpt) / base))
-    if not checkpoint.has_weights(base):
+    if not has_weights(base):
         raise GptforgeError(f"{ckpt} holds LoRA adapters for the base checkpoint {base}, which "
                             "is missing (no weights there); put the base back or set "
                             f"lora.base in {ckpt}/model.json to where it is now")
@@ -85,19 +91,19 @@ def base_checkpoint(ckpt: Path, lora: dict) -> Path:
 def load_base_weights(model: GPT, ckpt: Path, lora: dict) -> Path:
     """Load the verified base weights of LoRA checkpoint ``ckpt``; return the base's path."""
     base = base_checkpoint(ckpt, lora)
-    actual = checkpoint.weights_sha256(base)
+    actual = weights_sha256(base)
     if actual != lora["base_sha256"]:
         raise GptforgeError(f"the weights of {base} have changed since the adapters in {ckpt} "
                             f"were trained on it (sha256 {actual[:12]}..., expected "
                             f"{str(lora['base_sha256'])[:12]}...); point lora.base at the "
                             "original base checkpoint")
-    base_meta = checkpoint.read_meta(base)
+    base_meta = read_meta(base)
     if "lora" in base_meta:
         raise GptforgeError(f"{base} (the base of {ckpt}) holds adapters itself; stacked "
                             f"adapters are not supported: export it with --merge-lora and "
                             "fine-tune from the export")
     _check_same_architecture(model, base_meta["model"], base, ckpt)
-    checkpoint.load_weights(model, base)
+    load_weights(model, base)
     return base
 
 

@@ -1,0 +1,124 @@
+"""The pretraining stage: prepared token shards (or a weighted mixture of them), next-token loss.
+
+It finds (or, for a built-in corpus, prepares) the data, takes the vocabulary from the data's
+tokenizer, starts from random weights, and reads batches of ``block_size`` windows from the shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from gptforge import atomic
+from gptforge.checkpoints.checkpointer import load_full_weights
+from gptforge.config.schema import Config
+from gptforge.errors import GptforgeError
+from gptforge.model.gpt import GPT
+from gptforge.runtime import distributed
+from gptforge.train.objectives import LanguageModeling
+
+log = logging.getLogger(__name__)
+
+
+def prepared_data(cfg: Config) -> tuple[Path, dict]:
+    """The data directory and its manifest, preparing a built-in corpus on first use."""
+    from gptforge.data.prepare import ensure_builtin, read_manifest
+
+    if cfg.data.mixture:  # the first dataset of a mixture stands for all (same tokenizer)
+        from gptforge.data.loader import parse_mixture
+        data_dir = Path(parse_mixture(cfg.data.mixture)[0][0])
+        return data_dir, read_manifest(data_dir)
+    data_dir = Path(cfg.data.dir)
+    if not (data_dir / "manifest.json").is_file():
+        if not cfg.data.corpus:
+            raise GptforgeError(
+                f"data.dir '{data_dir}' holds no prepared data (no manifest.json); run "
+                f"`gptforge prepare --input FILES --out {data_dir}` or set data.corpus=shakespeare")
+        log.info("preparing the built-in '%s' corpus into %s", cfg.data.corpus, data_dir)
+        ensure_builtin(cfg.data.corpus, data_dir, tokenizer=cfg.data.tokenizer,
+                       vocab_size=cfg.data.vocab_size or None)
+    return data_dir, read_manifest(data_dir)
+
+
+def with_vocab(cfg: Config, manifest: dict) -> Config:
+    vocab = int(manifest["tokenizer"]["vocab_size"])
+    if cfg.model.vocab_size == 0:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+    if cfg.model.vocab_size < vocab:
+        raise GptforgeError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
+                            f"tokenizer's {vocab}; set model.vocab_size=0 to take it from the data")
+    return cfg
+
+
+class Pretraining:
+    """The pretraining stage: prepared token shards (or a mixture), next-token objective."""
+
+    name = "train"
+
+    def setup(self, cfg: Config, dist_info) -> tuple[Config, Path, dict]:
+        """(config with the vocabulary filled in, tokenizer dir, tokenizer info)."""
+        if dist_info.is_main:
+            prepared_data(cfg)  # prepares a built-in corpus on first use
+        distributed.barrier(dist_info)
+        self.data_dir, self.manifest = prepared_data(cfg)
+        return with_vocab(cfg, self.manifest), self.data_dir / "tokenizer", \
+            self.manifest["tokenizer"]
+
+    def init_weights(self, cfg: Config, model: GPT) -> None:
+        """Nothing to load: pretraining starts from the random initialisation."""
+
+    def loaders(self, cfg: Config, dist_info, run_dir: Path):
+        return build_loaders(cfg, self.data_dir, self.manifest, dist_info, run_dir)
+
+    def build_objective(self, cfg: Config, model: GPT):
+        """The objective; called once the initial weights are in place."""
+        return LanguageModeling()
+
+    def checkpoint_extras(self, cfg: Config, model: GPT):
+        """All weights, nothing extra in model.json."""
+        return None, {}
+
+    def load_run_weights(self, model: GPT, ckpt: Path) -> None:
+        load_full_weights(model, ckpt)
+
+
+def build_loaders(cfg: Config, data_dir: Path, manifest: dict, dist_info, run_dir: Path):
+    """(train loader, val loader or None) for one prepared dataset or a weighted mixture."""
+    from gptforge.data.loader import BatchLoader, MixtureLoader, parse_mixture
+    from gptforge.data.prepare import read_manifest
+    from gptforge.data.shards import open_split
+
+    tc, block = cfg.train, cfg.model.block_size
+    kwargs = {"rank": dist_info.rank, "world_size": dist_info.world_size}
+    if not cfg.data.mixture:
+        train = BatchLoader(open_split(data_dir, "train"), block, tc.batch_size, seed=tc.seed,
+                            split="train", **kwargs)
+        val = None
+        if manifest["splits"].get("val", {}).get("tokens", 0) > 0:
+            val = BatchLoader(open_split(data_dir, "val"), block, tc.batch_size,
+                              seed=tc.seed + 1, split="val", shuffle_offset=False, **kwargs)
+        else:
+            log.warning("%s has no val split: no evaluation, best-checkpoint tracking or early "
+                        "stopping (prepare with --val-fraction > 0 for them)", data_dir)
+        return train, val
+    sources = parse_mixture(cfg.data.mixture)
+    dirs, weights = [Path(p) for p, _ in sources], [w for _, w in sources]
+    manifests = [read_manifest(d) for d in dirs]
+    for d, m in zip(dirs[1:], manifests[1:]):
+        if m["tokenizer"]["sha256"] != manifest["tokenizer"]["sha256"]:
+            raise GptforgeError(f"data.mixture: {d} was prepared with another tokenizer than "
+                                f"{dirs[0]}; prepare all with the same --tokenizer FILE")
+    train = MixtureLoader([open_split(d, "train") for d in dirs], weights, block, tc.batch_size,
+                          seed=tc.seed, split="train", **kwargs)
+    val = None
+    if all(m["splits"].get("val", {}).get("tokens", 0) > 0 for m in manifests):
+        val = MixtureLoader([open_split(d, "val") for d in dirs], weights, block, tc.batch_size,
+                            seed=tc.seed + 1, split="val", shuffle_offset=False, **kwargs)
+    if dist_info.is_main:
+        record = [{"dir": str(d), "weight": w, "train_tokens": m["splits"]["train"]["tokens"]}
+                  for d, w, m in zip(dirs, weights, manifests)]
+        atomic.write_text(run_dir / "mixture.json", json.dumps(record, indent=2) + "\n")
+    log.info("mixture: %s", ", ".join(f"{d} {w:.0%}" for d, w in zip(dirs, weights)))
+    return train, val
