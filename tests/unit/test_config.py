@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from gptforge.config import load_config, to_toml
@@ -64,3 +66,27 @@ def test_required_user_facing_keys_exist():
     for key in keys:
         section, name = key.split(".")
         assert f"[{section}]" in text and f"\n{name} = " in text, key
+
+
+@pytest.mark.parametrize("override, message", [
+    ("schedule.name=cosin", "schedule.name must be one of cosine, wsd, linear, constant, not "
+                            "'cosin'; did you mean 'cosine'?"),
+    ("train.on_anomaly=rolback", "did you mean 'rollback'?"),
+    ("runtime.parallel=fsdp2", "did you mean 'fsdp'?"),
+    ("train.ckpt_format=shard", "did you mean 'sharded'?"),
+    ("runtime.dtype=bf16", "runtime.dtype must be one of auto, float32, bfloat16, float16"),
+])
+def test_enum_like_settings_are_checked_when_the_config_loads(override, message):
+    """A wrong choice fails at load, before any data is prepared or model built."""
+    with pytest.raises(GptforgeError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_enum_like_settings_accept_every_choice_and_check_direct_construction():
+    from gptforge.config.schema import OptimConfig, ScheduleName, choices
+
+    for name in choices(ScheduleName):
+        assert load_config(None, [f"schedule.name={name}"]).schedule.name == name
+    assert load_config(None, ["optim.fused=true"]).optim.fused == "true"  # not a boolean
+    with pytest.raises(ValueError, match="optim.name must be one of"):
+        OptimConfig(name="sgd")

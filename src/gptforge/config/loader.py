@@ -109,6 +109,8 @@ def merge_tree(tree: dict, update: dict, label: str) -> None:
 
 
 def _coerce(value: Any, hint: Any, key: str, label: str) -> Any:
+    if typing.get_origin(hint) is typing.Literal:
+        return _choice(value, typing.get_args(hint), key, label)
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) \
         else ()
     if options:  # e.g. int | str: the first member type the value fits
@@ -132,10 +134,23 @@ def _coerce(value: Any, hint: Any, key: str, label: str) -> Any:
                         f"({type(value).__name__})")
 
 
-def _suggest(name: str, valid, prefix: str = "") -> str:
+def _choice(value: Any, allowed: tuple, key: str, label: str) -> str:
+    """A value of an enum-like setting, checked against its choices (the raw text of an
+    override, so ``optim.fused=true`` is the choice "true", not a boolean)."""
+    text = value.raw.strip() if isinstance(value, _RawText) else value
+    if isinstance(value, _RawText) and isinstance(value.parsed, str):
+        text = value.parsed
+    if isinstance(text, str) and text in allowed:
+        return text
+    raise GptforgeError(f"{label}: {key} must be one of {', '.join(allowed)}, not {text!r}"
+                        f"{_suggest(str(text), allowed, valid_list=False)}")
+
+
+def _suggest(name: str, valid, prefix: str = "", valid_list: bool = True) -> str:
     close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
-    return f"; did you mean '{prefix}{close[0]}'?" if close else \
-        f"; valid: {', '.join(prefix + v for v in valid)}"
+    if close:
+        return f"; did you mean '{prefix}{close[0]}'?"
+    return f"; valid: {', '.join(prefix + v for v in valid)}" if valid_list else ""
 
 
 def section_types() -> dict[str, type]:

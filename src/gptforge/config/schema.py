@@ -8,19 +8,64 @@ line overrides both. Each field's docstring is its documentation.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 from gptforge.model.config import ModelConfig
 
+# The choices of enum-like settings, defined once: the config checks them when it is built
+# (with "did you mean" help), and the code that acts on them may take the lists from here.
+TokenizerKind = Literal["char", "bpe", "sentencepiece"]
+CheckpointFormat = Literal["full", "sharded"]
+AnomalyPolicy = Literal["stop", "skip", "rollback"]
+OptimizerName = Literal["adamw", "muon", "adafactor"]
+FusedSetting = Literal["auto", "true", "false"]
+ScheduleName = Literal["cosine", "wsd", "linear", "constant"]
+WeightDecaySchedule = Literal["constant", "follow_lr", "linear"]
+DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
+ParallelStrategy = Literal["ddp", "fsdp"]
+
+
+def choices(kind) -> tuple[str, ...]:
+    """The values a ``Literal`` setting allows, e.g. ``choices(ScheduleName)``."""
+    return typing.get_args(kind)
+
+
+def check_choices(section) -> None:
+    """Raise ValueError if a ``Literal`` field of the dataclass ``section`` holds another value."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        allowed = choices(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else ()
+        value = getattr(section, f.name)
+        if allowed and value not in allowed:
+            close = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"{section.config_section}.{f.name} must be one of "
+                             f"{', '.join(allowed)}, not {value!r}{hint}")
+
+
+class _Section:
+    """A config section whose ``Literal`` fields are checked when it is built."""
+
+    config_section = ""
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Section):
+    config_section = "data"
+
     dir: str = "data/shakespeare_char"
     """Prepared data directory (``gptforge prepare --out``): manifest.json, tokenizer/, train/,
     val/."""
     corpus: str = ""
     """Built-in corpus to prepare into ``data.dir`` when it does not exist yet (``shakespeare``)."""
-    tokenizer: str = "char"
+    tokenizer: TokenizerKind = "char"
     """Tokenizer used when a built-in corpus is prepared: ``char``, ``bpe`` or ``sentencepiece``."""
     vocab_size: int = 0
     """Vocabulary size when a built-in corpus is prepared with bpe/sentencepiece (0 = default)."""
@@ -31,7 +76,9 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Section):
+    config_section = "train"
+
     batch_size: int | str = 16
     """Sequences per micro-batch (per process); ``"auto"`` (CUDA) finds the largest that fits in
     memory and derives grad_accum from ``train.global_batch_tokens``."""
@@ -54,7 +101,7 @@ class TrainConfig:
     """Keep the newest this-many checkpoints (the best ones are kept in addition)."""
     keep_best: int = 1
     """Keep the this-many checkpoints with the lowest val loss."""
-    ckpt_format: str = "full"
+    ckpt_format: CheckpointFormat = "full"
     """``full``: rank 0 gathers every tensor and writes ``model.safetensors`` and the optimizer
     alone; ``sharded``: every rank writes its own part with torch.distributed.checkpoint, nothing
     is gathered (for models too large for one process; needs a filesystem all nodes share).
@@ -63,7 +110,7 @@ class TrainConfig:
     """Stop after this many evaluations without a new best val loss (0 = never stop early)."""
     seed: int = 1337
     """Seed for weights, data order and dropout: the same seed gives the same run."""
-    on_anomaly: str = "stop"
+    on_anomaly: AnomalyPolicy = "stop"
     """What a non-finite loss/gradient or a loss spike does: ``stop`` (the last checkpoint stays
     intact), ``skip`` (drop that batch) or ``rollback`` (reload the last checkpoint, continue with
     the learning rate times ``train.rollback_lr_scale``)."""
@@ -83,6 +130,7 @@ class TrainConfig:
     """Samples generated at the end of training (one per evaluation during training)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not (self.batch_size == "auto" or (isinstance(self.batch_size, int)
                                               and self.batch_size > 0)):
             raise ValueError(f"train.batch_size must be a positive integer or 'auto', "
@@ -90,8 +138,10 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class OptimConfig:
-    name: str = "adamw"
+class OptimConfig(_Section):
+    config_section = "optim"
+
+    name: OptimizerName = "adamw"
     """Optimizer: ``adamw``; ``muon`` (Muon for matrices inside the blocks, AdamW for the rest);
     ``adafactor`` (factored second moments: less memory)."""
     lr: float = 1e-3
@@ -108,13 +158,15 @@ class OptimConfig:
     """Clip the global gradient norm to this (0 = no clipping)."""
     muon_momentum: float = 0.95
     """Muon's Nesterov momentum."""
-    fused: str = "auto"
+    fused: FusedSetting = "auto"
     """Fused AdamW kernel: ``auto`` (on where supported), ``true`` or ``false``."""
 
 
 @dataclass(frozen=True)
-class ScheduleConfig:
-    name: str = "cosine"
+class ScheduleConfig(_Section):
+    config_section = "schedule"
+
+    name: ScheduleName = "cosine"
     """Learning-rate schedule: ``cosine``, ``wsd`` (warmup-stable-decay), ``linear`` or
     ``constant``."""
     warmup_steps: int = 100
@@ -123,7 +175,7 @@ class ScheduleConfig:
     """Final learning rate as a fraction of ``optim.lr`` (cosine, wsd, linear)."""
     decay_fraction: float = 0.5
     """WSD only: share of the steps spent in the final linear decay."""
-    weight_decay: str = "constant"
+    weight_decay: WeightDecaySchedule = "constant"
     """Weight-decay schedule: ``constant``, ``follow_lr`` (scaled like the learning rate) or
     ``linear`` (linearly to 0 at the last step)."""
     batch_ramp_steps: int = 0
@@ -134,14 +186,16 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
-class RuntimeConfig:
+class RuntimeConfig(_Section):
+    config_section = "runtime"
+
     device: str = "auto"
     """``auto`` (cuda, then mps, then cpu), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
-    dtype: str = "auto"
+    dtype: DtypeName = "auto"
     """Compute dtype: ``auto``, ``float32``, ``bfloat16`` (autocast) or ``float16`` (autocast +
     loss scaling). ``auto`` picks bfloat16 on CUDA GPUs that support it and on CPUs with native
     bf16 (AMX/AVX512-BF16)."""
-    parallel: str = "ddp"
+    parallel: ParallelStrategy = "ddp"
     """With several processes (torchrun): ``ddp`` (replicate the model) or ``fsdp`` (FSDP2: shard
     parameters, gradients and optimizer state per block)."""
     activation_checkpointing: bool = False

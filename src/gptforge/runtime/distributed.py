@@ -22,10 +22,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gptforge.errors import GptforgeError
-
-STRATEGIES = ("ddp", "fsdp")
-
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -67,9 +63,6 @@ def wrap_model(model: nn.Module, strategy: str, info: DistInfo, precision) -> nn
     """The module to run: DDP-wrapped, or FSDP2-sharded in place (then ``model`` is returned)."""
     if not info.enabled:
         return model
-    if strategy not in STRATEGIES:
-        raise GptforgeError(f"runtime.parallel must be one of {', '.join(STRATEGIES)}, "
-                            f"not '{strategy}'")
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 

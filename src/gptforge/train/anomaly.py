@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-POLICIES = ("stop", "skip", "rollback")
 WARMUP_STEPS = 20  # steps before spikes are judged: the loss falls too fast early on
 EMA_DECAY = 0.95
 

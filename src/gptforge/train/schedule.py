@@ -25,16 +25,10 @@ from __future__ import annotations
 import math
 
 from gptforge.config.schema import ScheduleConfig
-from gptforge.errors import GptforgeError
-
-SCHEDULES = ("cosine", "wsd", "linear", "constant")
 
 
 def lr_at(step: int, peak_lr: float, max_steps: int, cfg: ScheduleConfig) -> float:
     """Learning rate for optimizer step ``step`` (0-based) of ``max_steps``."""
-    if cfg.name not in SCHEDULES:
-        raise GptforgeError(f"schedule.name: unknown schedule '{cfg.name}' "
-                            f"(use {', '.join(SCHEDULES)})")
     warmup = min(cfg.warmup_steps, max_steps)
     if step < warmup:
         return peak_lr * (step + 1) / (warmup + 1)
@@ -54,19 +48,13 @@ def lr_at(step: int, peak_lr: float, max_steps: int, cfg: ScheduleConfig) -> flo
     return floor + 0.5 * (peak_lr - floor) * (1.0 + math.cos(math.pi * progress))
 
 
-WEIGHT_DECAY_SCHEDULES = ("constant", "follow_lr", "linear")
-
-
 def weight_decay_factor(step: int, max_steps: int, lr_ratio: float, cfg: ScheduleConfig) -> float:
     """Multiplier on ``optim.weight_decay`` at ``step``; ``lr_ratio`` is lr / peak lr now."""
     if cfg.weight_decay == "constant":
         return 1.0
     if cfg.weight_decay == "follow_lr":
         return lr_ratio
-    if cfg.weight_decay == "linear":
-        return max(0.0, 1.0 - step / max(1, max_steps))
-    raise GptforgeError(f"schedule.weight_decay: unknown schedule '{cfg.weight_decay}' "
-                        f"(use {', '.join(WEIGHT_DECAY_SCHEDULES)})")
+    return max(0.0, 1.0 - step / max(1, max_steps))  # "linear"
 
 
 def grad_accum_at(step: int, grad_accum: int, cfg: ScheduleConfig) -> int:
