@@ -14,12 +14,12 @@ import pytest
 
 from gptforge.data import corpora
 from gptforge.data import prepare as prepare_module
+from gptforge.data.manifest import read_manifest
 from gptforge.data.prepare import (
     Piece,
     document_goes_to_val,
     ensure_builtin,
     prepare,
-    read_manifest,
 )
 from gptforge.data.shards import open_split, read_shard
 from gptforge.errors import GptforgeError

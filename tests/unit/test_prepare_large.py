@@ -13,7 +13,8 @@ import pytest
 
 from gptforge.data import journal as journal_module
 from gptforge.data import prepare as prepare_module
-from gptforge.data.prepare import prepare, read_manifest
+from gptforge.data.manifest import read_manifest
+from gptforge.data.prepare import prepare
 from gptforge.errors import GptforgeError
 
 SHARD_TOKENS = 120  # with val_fraction 0.3, the corpus below completes train and val shards

@@ -53,6 +53,7 @@ from gptforge.data.journal import (
     open_work_dir,
     partial_dir,
 )
+from gptforge.data.manifest import MANIFEST_NAME, MANIFEST_VERSION, read_manifest
 from gptforge.data.shards import FORMAT_VERSION as SHARD_FORMAT_VERSION
 from gptforge.data.shards import ShardWriter, shard_name, split_shard_paths, token_dtype
 from gptforge.data.sources import describe_file, iter_source_documents, resolve_sources
@@ -67,8 +68,6 @@ from gptforge.tokenizer.base import (
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 1
 # With at least this many documents whole documents go to val; with fewer, each one's tail does.
 MIN_DOCUMENTS_FOR_DOCUMENT_SPLIT = 20
 MAX_VAL_FRACTION = 0.5
@@ -736,44 +735,6 @@ def _dedup_note(manifest: dict) -> str:
     if removed is None:
         return ""
     return f"; {removed:,} duplicate document{'' if removed == 1 else 's'} removed"
-
-
-REQUIRED_KEYS = {"format_version": int, "tokenizer": dict, "token_dtype": str, "splits": dict}
-REQUIRED_TOKENIZER_KEYS = ("kind", "file", "sha256", "vocab_size", "eos_id")
-
-
-def read_manifest(data_dir: Path) -> dict:
-    """The manifest of a prepared data directory, checked for the fields readers rely on."""
-    path = Path(data_dir) / MANIFEST_NAME
-    rerun = f"run `gptforge prepare --out {data_dir} ...` to (re)build it"
-    if not path.is_file():
-        raise GptforgeError(f"{path}: no such file; {data_dir} is not a prepared data directory; "
-                            f"{rerun}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise GptforgeError(f"{path}: corrupt manifest ({err}); {rerun}") from None
-    problem = _manifest_problem(data)
-    if problem:
-        raise GptforgeError(f"{path}: {problem}; {rerun}")
-    return data
-
-
-def _manifest_problem(data: object) -> str | None:
-    if not isinstance(data, dict):
-        return "not a JSON object"
-    for key, kind in REQUIRED_KEYS.items():
-        if not isinstance(data.get(key), kind):
-            return f"missing or malformed '{key}'"
-    if data["format_version"] != MANIFEST_VERSION:
-        return (f"manifest format version {data['format_version']} is not supported (expected "
-                f"{MANIFEST_VERSION})")
-    missing = [k for k in REQUIRED_TOKENIZER_KEYS if k not in data["tokenizer"]]
-    if missing:
-        return f"'tokenizer' lacks {', '.join(missing)}"
-    if "train" not in data["splits"]:
-        return "'splits' has no 'train'"
-    return None
 
 
 # --------------------------------------------------------------------------- built-in corpora

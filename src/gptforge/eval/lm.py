@@ -206,21 +206,21 @@ def prepared_stream(data_dir: str | Path, split: str, tokenizer) -> TokenStream:
     The data must have been encoded with ``tokenizer`` (the checkpoint's): token ids of another
     tokenizer would be scored as if they meant something else.
     """
-    from gptforge.data.prepare import read_manifest
+    from gptforge.data.manifest import Manifest
     from gptforge.data.shards import open_split
 
-    manifest = read_manifest(Path(data_dir))
-    saved, ours = manifest["tokenizer"]["sha256"], tokenizer.fingerprint()
+    manifest = Manifest.read(data_dir)
+    saved, ours = manifest.tokenizer.sha256, tokenizer.fingerprint()
     if saved != ours:
         raise GptforgeError(
             f"{data_dir} was prepared with a different tokenizer than the checkpoint's "
             f"(sha256 {str(saved)[:12]}... vs {ours[:12]}...); evaluate on data prepared with "
             "the checkpoint's tokenizer (gptforge prepare --tokenizer CKPT/tokenizer ...), or "
             "pass the raw text with --text")
-    if split not in manifest["splits"]:
-        have = ", ".join(manifest["splits"]) or "none"
+    if split not in manifest.split_tokens:
+        have = ", ".join(manifest.split_tokens) or "none"
         raise GptforgeError(f"{data_dir} has no '{split}' split (it has: {have}); use --split")
-    if not manifest["splits"][split].get("tokens", 1):
+    if not manifest.tokens(split):
         raise GptforgeError(f"the {split} split of {data_dir} is empty; use another --split")
     shards = open_split(data_dir, split)
     front = np.array([tokenizer.eos_id], dtype=shards[0].dtype)

@@ -14,6 +14,7 @@ from pathlib import Path
 from gptforge import atomic
 from gptforge.checkpoints.checkpointer import load_full_weights
 from gptforge.config.schema import Config
+from gptforge.data.manifest import Manifest
 from gptforge.errors import GptforgeError
 from gptforge.model.gpt import GPT
 from gptforge.runtime import distributed
@@ -22,14 +23,13 @@ from gptforge.train.objectives import LanguageModeling
 log = logging.getLogger(__name__)
 
 
-def prepared_data(cfg: Config) -> tuple[Path, dict]:
-    """The data directory and its manifest, preparing a built-in corpus on first use."""
-    from gptforge.data.prepare import ensure_builtin, read_manifest
+def prepared_data(cfg: Config) -> Manifest:
+    """The manifest of the data to train on, preparing a built-in corpus on first use."""
+    from gptforge.data.prepare import ensure_builtin
 
     if cfg.data.mixture:  # the first dataset of a mixture stands for all (same tokenizer)
         from gptforge.data.loader import parse_mixture
-        data_dir = Path(parse_mixture(cfg.data.mixture)[0][0])
-        return data_dir, read_manifest(data_dir)
+        return Manifest.read(parse_mixture(cfg.data.mixture)[0][0])
     data_dir = Path(cfg.data.dir)
     if not (data_dir / "manifest.json").is_file():
         if not cfg.data.corpus:
@@ -39,11 +39,11 @@ def prepared_data(cfg: Config) -> tuple[Path, dict]:
         log.info("preparing the built-in '%s' corpus into %s", cfg.data.corpus, data_dir)
         ensure_builtin(cfg.data.corpus, data_dir, tokenizer=cfg.data.tokenizer,
                        vocab_size=cfg.data.vocab_size or None)
-    return data_dir, read_manifest(data_dir)
+    return Manifest.read(data_dir)
 
 
-def with_vocab(cfg: Config, manifest: dict) -> Config:
-    vocab = int(manifest["tokenizer"]["vocab_size"])
+def with_vocab(cfg: Config, manifest: Manifest) -> Config:
+    vocab = manifest.tokenizer.vocab_size
     if cfg.model.vocab_size == 0:
         return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
     if cfg.model.vocab_size < vocab:
@@ -62,15 +62,15 @@ class Pretraining:
         if dist_info.is_main:
             prepared_data(cfg)  # prepares a built-in corpus on first use
         distributed.barrier(dist_info)
-        self.data_dir, self.manifest = prepared_data(cfg)
-        return with_vocab(cfg, self.manifest), self.data_dir / "tokenizer", \
-            self.manifest["tokenizer"]
+        self.manifest = prepared_data(cfg)
+        return with_vocab(cfg, self.manifest), self.manifest.tokenizer_dir, \
+            self.manifest.tokenizer.info
 
     def init_weights(self, cfg: Config, model: GPT) -> None:
         """Nothing to load: pretraining starts from the random initialisation."""
 
     def loaders(self, cfg: Config, dist_info, run_dir: Path):
-        return build_loaders(cfg, self.data_dir, self.manifest, dist_info, run_dir)
+        return build_loaders(cfg, self.manifest, dist_info, run_dir)
 
     def build_objective(self, cfg: Config, model: GPT):
         """The objective; called once the initial weights are in place."""
@@ -84,19 +84,19 @@ class Pretraining:
         load_full_weights(model, ckpt)
 
 
-def build_loaders(cfg: Config, data_dir: Path, manifest: dict, dist_info, run_dir: Path):
+def build_loaders(cfg: Config, manifest: Manifest, dist_info, run_dir: Path):
     """(train loader, val loader or None) for one prepared dataset or a weighted mixture."""
     from gptforge.data.loader import BatchLoader, MixtureLoader, parse_mixture
-    from gptforge.data.prepare import read_manifest
     from gptforge.data.shards import open_split
 
+    data_dir = manifest.dir
     tc, block = cfg.train, cfg.model.block_size
     kwargs = {"rank": dist_info.rank, "world_size": dist_info.world_size}
     if not cfg.data.mixture:
         train = BatchLoader(open_split(data_dir, "train"), block, tc.batch_size, seed=tc.seed,
                             split="train", **kwargs)
         val = None
-        if manifest["splits"].get("val", {}).get("tokens", 0) > 0:
+        if manifest.tokens("val") > 0:
             val = BatchLoader(open_split(data_dir, "val"), block, tc.batch_size,
                               seed=tc.seed + 1, split="val", shuffle_offset=False, **kwargs)
         else:
@@ -105,19 +105,19 @@ def build_loaders(cfg: Config, data_dir: Path, manifest: dict, dist_info, run_di
         return train, val
     sources = parse_mixture(cfg.data.mixture)
     dirs, weights = [Path(p) for p, _ in sources], [w for _, w in sources]
-    manifests = [read_manifest(d) for d in dirs]
+    manifests = [Manifest.read(d) for d in dirs]
     for d, m in zip(dirs[1:], manifests[1:]):
-        if m["tokenizer"]["sha256"] != manifest["tokenizer"]["sha256"]:
+        if m.tokenizer.sha256 != manifest.tokenizer.sha256:
             raise GptforgeError(f"data.mixture: {d} was prepared with another tokenizer than "
                                 f"{dirs[0]}; prepare all with the same --tokenizer FILE")
     train = MixtureLoader([open_split(d, "train") for d in dirs], weights, block, tc.batch_size,
                           seed=tc.seed, split="train", **kwargs)
     val = None
-    if all(m["splits"].get("val", {}).get("tokens", 0) > 0 for m in manifests):
+    if all(m.tokens("val") > 0 for m in manifests):
         val = MixtureLoader([open_split(d, "val") for d in dirs], weights, block, tc.batch_size,
                             seed=tc.seed + 1, split="val", shuffle_offset=False, **kwargs)
     if dist_info.is_main:
-        record = [{"dir": str(d), "weight": w, "train_tokens": m["splits"]["train"]["tokens"]}
+        record = [{"dir": str(d), "weight": w, "train_tokens": m.tokens("train")}
                   for d, w, m in zip(dirs, weights, manifests)]
         atomic.write_text(run_dir / "mixture.json", json.dumps(record, indent=2) + "\n")
     log.info("mixture: %s", ", ".join(f"{d} {w:.0%}" for d, w in zip(dirs, weights)))
