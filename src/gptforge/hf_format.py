@@ -139,8 +139,8 @@ def _gpt2_weights(sd: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
 
 def _llama_weights(sd: dict, cfg: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
-    q_rows = cfg.n_head * cfg.head_dim
-    kv_rows = cfg.kv_heads * cfg.head_dim
+    q_rows = cfg.n_head * cfg.head_size
+    kv_rows = cfg.kv_heads * cfg.head_size
     out = {"model.embed_tokens.weight": sd["tok_emb.weight"],
            "model.norm.weight": sd["norm_f.weight"]}
     for i in range(cfg.n_layer):
@@ -195,7 +195,7 @@ def hf_config(cfg: ModelConfig, arch: str, specials: dict[str, int],
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
     llama = {"hidden_size": cfg.n_embd, "intermediate_size": cfg.hidden_dim,
              "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
-             "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
+             "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_size,
              "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
              "hidden_act": "silu", "attention_bias": cfg.bias, "attention_dropout": 0.0,
              # transformers before 5 reads rope_theta, 5 and later rope_parameters.
