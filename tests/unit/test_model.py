@@ -6,6 +6,7 @@ import torch
 from gptforge.inference.kv_cache import KVCache
 from gptforge.model import GPT, ModelConfig
 from gptforge.model.layers import MLP, apply_rope, rope_tables
+from gptforge.model.lora import apply_lora, lora_modules, merge_lora
 
 LLAMA = dict(norm="rmsnorm", pos_emb="rope", mlp="swiglu", n_kv_head=2, qk_norm=True,
              bias=False, tie_embeddings=False)
@@ -300,3 +301,17 @@ def test_a_tiny_model_with_each_switch_learns(arch):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_lora_can_target_the_attention_gate():
+    torch.manual_seed(0)
+    model = GPT(tiny(**SWITCHES["all"])).eval()
+    assert apply_lora(model, rank=2, alpha=4, dropout=0.0, targets=["gate"]) == \
+        ["blocks.0.attn.gate", "blocks.1.attn.gate"]
+    for _, layer in lora_modules(model):
+        torch.nn.init.normal_(layer.lora_b)  # an adapter that changes the output
+    assert_cached_decoding_matches_full_forward(model)
+    idx = torch.randint(0, 50, (1, 8))
+    adapted = model(idx)
+    merge_lora(model)
+    torch.testing.assert_close(model(idx), adapted, atol=1e-5, rtol=1e-4)
