@@ -57,6 +57,8 @@ def test_transformers_computes_the_same_logits(tmp_path, monkeypatch, name):
     transformers = pytest.importorskip("transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     arch, hf_class = ARCHS[name]
+    if not hasattr(transformers, hf_class):  # Qwen3-Next came with transformers 4.57
+        pytest.skip(f"this transformers {transformers.__version__} has no {hf_class}")
     model, tokenizer, out = tiny_export(tmp_path, **arch)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(hf).__name__ == hf_class
