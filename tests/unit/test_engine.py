@@ -21,6 +21,9 @@ GPT2 = dict(n_kv_head=0)
 LLAMA = dict(norm="rmsnorm", pos_emb="rope", mlp="swiglu", n_kv_head=2, bias=False,
              tie_embeddings=False)
 OTHER = dict(qk_norm=True, mlp="relu2", logit_softcap=15.0, n_kv_head=1)
+# The later switches (docs/architecture.md), two per model to keep the test short.
+GATED_HEAD_DIM = dict(LLAMA, attn_gate="channel", head_dim=12, mlp="geglu")
+SINUSOIDAL = dict(pos_emb="sinusoidal", attn_gate="head", mlp="reglu", n_kv_head=2)
 GREEDY = SamplingSettings(max_new_tokens=40, temperature=0)
 
 
@@ -42,7 +45,8 @@ def run(eng: Engine, prompt=(1, 2, 3), settings=GREEDY, **kw) -> list[list[int]]
     return [step.tolist() for step in eng.generate(list(prompt), settings, **kw)]
 
 
-@pytest.mark.parametrize("arch", [GPT2, LLAMA, OTHER], ids=["gpt2", "llama", "other"])
+@pytest.mark.parametrize("arch", [GPT2, LLAMA, OTHER, GATED_HEAD_DIM, SINUSOIDAL],
+                         ids=["gpt2", "llama", "other", "gated-head-dim", "sinusoidal"])
 def test_fast_path_matches_uncached_reference(arch, eager_step):
     model = tiny(block_size=64, **arch)
     reference = run(Engine(model), use_cache=False)
@@ -112,8 +116,9 @@ def test_sampling_is_reproducible_with_a_seed(eager_step):
     assert first == run(Engine(model), settings=settings, num_samples=2)
 
 
-def test_bf16_weights_stay_close_to_float32():
-    model = tiny(block_size=32, **LLAMA)
+@pytest.mark.parametrize("arch", [LLAMA, GATED_HEAD_DIM], ids=["llama", "gated-head-dim"])
+def test_bf16_weights_stay_close_to_float32(arch):
+    model = tiny(block_size=32, **arch)
     s = StepShape.of(model)
     logits = {}
     for dtype in (torch.float32, torch.bfloat16):

@@ -28,6 +28,14 @@ ARCHS = {
     "qwen3": ({**LLAMA, "qk_norm": True, "n_kv_head": 2}, "Qwen3ForCausalLM"),
     "mixtral": ({**LLAMA, "n_experts": 4, "moe_top_k": 2, "n_kv_head": 2},
                 "MixtralForCausalLM"),
+    # Architecture switches (docs/architecture.md) that a transformers class has.
+    "llama-geglu-head-dim": ({**LLAMA, "mlp": "geglu", "head_dim": 12}, "LlamaForCausalLM"),
+    "qwen3-reglu-head-dim": ({**LLAMA, "mlp": "reglu", "qk_norm": True, "n_kv_head": 2,
+                              "head_dim": 4}, "Qwen3ForCausalLM"),
+    "mixtral-geglu": ({**LLAMA, "mlp": "geglu", "n_experts": 4, "n_kv_head": 2, "head_dim": 16},
+                      "MixtralForCausalLM"),
+    "qwen3-next-gated": ({**LLAMA, "attn_gate": "channel", "qk_norm": True, "n_kv_head": 2,
+                          "head_dim": 12}, "Qwen3NextForCausalLM"),
 }
 TEXT = "hello, how are you? I am fine.\nABC <|user|>x<|end|>"
 
@@ -49,6 +57,8 @@ def test_transformers_computes_the_same_logits(tmp_path, monkeypatch, name):
     transformers = pytest.importorskip("transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     arch, hf_class = ARCHS[name]
+    if not hasattr(transformers, hf_class):  # Qwen3-Next came with transformers 4.57
+        pytest.skip(f"this transformers {transformers.__version__} has no {hf_class}")
     model, tokenizer, out = tiny_export(tmp_path, **arch)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(hf).__name__ == hf_class
@@ -116,6 +126,12 @@ def test_chat_template_renders_like_gptforge():
     ({**LLAMA, "qk_norm": True, "bias": True}, "model.bias=false"),
     ({**LLAMA, "n_experts": 4, "moe_top_k": 1}, "model.moe_top_k>=2"),
     ({**LLAMA, "n_experts": 4, "moe_every": 2}, "model.moe_every=1"),
+    (dict(head_dim=16), "model.head_dim=0"),
+    ({**LLAMA, "attn_gate": "channel"}, r"qwen3_next \(needs model.qk_norm=true\)"),
+    (dict(pos_emb="sinusoidal"), "^model.pos_emb=sinusoidal has no Hugging Face transformers "
+                                 "equivalent: GPT-2 learns its position table"),
+    ({**LLAMA, "attn_gate": "head", "qk_norm": True}, "^model.attn_gate=head has no Hugging Face "
+                                                      "transformers equivalent: Qwen3-Next"),
 ])
 def test_models_without_a_transformers_equivalent_are_refused(settings, needs):
     cfg = ModelConfig(vocab_size=50, n_layer=1, n_head=4, n_embd=32, block_size=8, **settings)
@@ -149,3 +165,17 @@ def test_cli_export_and_its_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no Hugging Face transformers equivalent" in err[0]
     assert not (tmp_path / "relu-hf").exists()
+
+
+def test_cli_refuses_a_sinusoidal_export_in_one_line(tmp_path, capsys):
+    tokenizer = make_tokenizer(tmp_path / "tok")
+    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=16,
+                            block_size=8, pos_emb="sinusoidal"))
+    save_model(tmp_path / "run", model, tokenizer, tmp_path / "tok")
+    assert main(["export", str(tmp_path / "run"), "--format", "huggingface",
+                 "--out", str(tmp_path / "hf")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.pos_emb=sinusoidal has no Hugging Face" in err[0]
+    assert not (tmp_path / "hf").exists()
+    # The native format keeps it: the fixed table is rebuilt from model.json, not stored.
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "native")]) == 0

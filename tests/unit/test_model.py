@@ -6,6 +6,7 @@ import torch
 from gptforge.inference.kv_cache import KVCache
 from gptforge.model import GPT, ModelConfig
 from gptforge.model.layers import MLP, apply_rope, rope_tables
+from gptforge.model.lora import apply_lora, lora_modules, merge_lora
 
 LLAMA = dict(norm="rmsnorm", pos_emb="rope", mlp="swiglu", n_kv_head=2, qk_norm=True,
              bias=False, tie_embeddings=False)
@@ -16,7 +17,23 @@ def tiny(**kw) -> ModelConfig:
     return ModelConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("arch", [{}, LLAMA, dict(mlp="relu2", logit_softcap=15.0)])
+# The later switches, each alone and in combinations (with GQA, RoPE, a head size of its own).
+SWITCHES = {
+    "gate-head": dict(attn_gate="head"),
+    "gate-channel-gqa": dict(attn_gate="channel", n_kv_head=2),
+    "sinusoidal": dict(pos_emb="sinusoidal"),
+    "geglu": dict(mlp="geglu"),
+    "reglu": dict(mlp="reglu", bias=False),
+    "head-dim": dict(head_dim=12),
+    "head-dim-llama": dict(LLAMA, head_dim=12),
+    "all": dict(LLAMA, head_dim=6, attn_gate="channel", mlp="geglu"),
+    "all-sinusoidal": dict(pos_emb="sinusoidal", head_dim=10, attn_gate="head", mlp="reglu",
+                           n_kv_head=1),
+}
+
+
+@pytest.mark.parametrize("arch", [{}, LLAMA, dict(mlp="relu2", logit_softcap=15.0),
+                                  *SWITCHES.values()], ids=["gpt2", "llama", "other", *SWITCHES])
 def test_kv_cache_decoding_matches_full_forward(arch):
     torch.manual_seed(0)
     assert_cached_decoding_matches_full_forward(GPT(tiny(**arch)).eval())
@@ -155,3 +172,146 @@ def test_longer_than_block_size_is_refused():
     model = GPT(tiny())
     with pytest.raises(ValueError, match="exceeds block_size"):
         model(torch.zeros(1, 25, dtype=torch.long))
+
+
+@pytest.mark.parametrize("arch", SWITCHES.values(), ids=SWITCHES)
+def test_packed_rows_compute_each_example_as_if_alone(arch):
+    torch.manual_seed(0)
+    model = GPT(tiny(**arch)).eval()
+    a, b = torch.randint(0, 50, (1, 9)), torch.randint(0, 50, (1, 6))
+    segments = torch.tensor([[0] * 9 + [1] * 6])
+    packed = model(torch.cat([a, b], dim=1), segment_ids=segments)
+    torch.testing.assert_close(packed, torch.cat([model(a), model(b)], dim=1),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_attention_gate_scales_each_head_or_channel_by_a_sigmoid():
+    """Gate logits of +30 (sigmoid ~ 1) reproduce the ungated model; a head gated to 0 adds
+    nothing, as if its columns of the output projection were zero."""
+    torch.manual_seed(0)
+    plain = GPT(tiny(n_layer=1)).eval()
+    idx = torch.randint(0, 50, (2, 10))
+    for kind, width in (("head", 4), ("channel", 32)):
+        gated = GPT(tiny(n_layer=1, attn_gate=kind)).eval()
+        assert gated.blocks[0].attn.gate.weight.shape == (width, 32)
+        state = {**plain.state_dict(), "blocks.0.attn.gate.weight": torch.zeros(width, 32),
+                 "blocks.0.attn.gate.bias": torch.full((width,), 30.0)}
+        gated.load_state_dict(state)
+        torch.testing.assert_close(gated(idx), plain(idx), atol=1e-5, rtol=1e-4)
+    off = state["blocks.0.attn.gate.bias"].clone()
+    off[:8] = -30.0  # the channels of head 0
+    gated.load_state_dict({**state, "blocks.0.attn.gate.bias": off})
+    cut = plain.state_dict()
+    cut["blocks.0.attn.proj.weight"][:, :8] = 0.0
+    plain.load_state_dict(cut)
+    torch.testing.assert_close(gated(idx), plain(idx), atol=1e-5, rtol=1e-4)
+
+
+def test_sinusoidal_positions_are_the_papers_fixed_table():
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...); not a parameter, not in
+    the state dict, and a token's logits depend on where it stands."""
+    model = GPT(tiny(pos_emb="sinusoidal", n_embd=16, n_head=2))
+    table = model.pos_table
+    for pos, i in ((0, 0), (5, 0), (7, 3), (23, 7)):
+        angle = pos / 10000 ** (2 * i / 16)
+        assert math.isclose(table[pos, 2 * i], math.sin(angle), abs_tol=1e-6)
+        assert math.isclose(table[pos, 2 * i + 1], math.cos(angle), abs_tol=1e-6)
+    assert "pos_table" not in model.state_dict()
+    assert all("pos" not in name for name, _ in model.named_parameters())
+    logits = model(torch.full((1, 4), 7)).detach()
+    assert not torch.allclose(logits[0, 0], logits[0, 3])
+
+
+def gelu_tanh(g: torch.Tensor) -> torch.Tensor:
+    return 0.5 * g * (1 + torch.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g ** 3)))
+
+
+@pytest.mark.parametrize("kind, act", [
+    ("geglu", gelu_tanh),
+    ("reglu", lambda g: g.clamp(min=0)),
+    ("swiglu", lambda g: g * torch.sigmoid(g)),
+])
+def test_gated_mlps_compute_act_of_gate_times_value(kind, act):
+    """GLU variants (Shazeer, 2020): down(act(x W_gate) * (x W_value)); the gate rows come first."""
+    torch.manual_seed(0)
+    mlp = MLP(tiny(mlp=kind, bias=False))
+    assert mlp.up.weight.shape == (2 * 128, 32)  # 8/3 * 32 rounded up to 64, twice
+    x = torch.randn(3, 32)
+    w_gate, w_value = mlp.up.weight[:128], mlp.up.weight[128:]
+    expected = (act(x @ w_gate.T) * (x @ w_value.T)) @ mlp.down.weight.T
+    torch.testing.assert_close(mlp(x), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_head_dim_apart_from_n_embd_over_n_head():
+    """16 heads of 8 in a 96-wide model (n_embd / n_head would be 6): attention works in 128
+    channels; the FLOPs count the wider projections and attention products."""
+    cfg = tiny(n_embd=96, n_head=16, n_kv_head=4, head_dim=8, bias=False, attn_gate="head")
+    assert (cfg.head_size, cfg.attn_width) == (8, 128)
+    model = GPT(cfg)
+    attn = model.blocks[0].attn
+    assert attn.qkv.weight.shape == ((16 + 2 * 4) * 8, 96)
+    assert attn.proj.weight.shape == (96, 128)
+    C, L = 96, 2
+    per_block = 2 * C + C * 24 * 8 + 128 * C + 16 * C + 2 * 4 * C * C  # norms qkv proj gate mlp
+    matmul_params = L * per_block + C + 64 * C  # blocks, final norm, tied output layer
+    assert model.flops_per_token(seq_len=10) == 6 * matmul_params + 12 * L * 128 * 10
+    assert tiny(n_embd=30, n_head=4, head_dim=8).head_size == 8  # no divisibility needed
+
+
+def test_old_model_json_without_the_new_fields_loads_as_before():
+    old = {k: v for k, v in tiny(**LLAMA).to_dict().items()
+           if k not in ("head_dim", "attn_gate")}
+    cfg = ModelConfig.from_dict(old)
+    assert (cfg.head_size, cfg.attn_gate, cfg.pos_emb) == (8, "none", "rope")
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(attn_gate="elementwise"), "model.attn_gate must be one of none, head, channel"),
+    (dict(mlp="swish"), "model.mlp must be one of gelu, relu2, swiglu, geglu, reglu"),
+    (dict(pos_emb="alibi"), "model.pos_emb must be one of learned, rope, sinusoidal"),
+    (dict(head_dim=-1), "model.head_dim must be >= 0"),
+    (dict(n_embd=30), "or set model.head_dim"),
+    (dict(pos_emb="rope", head_dim=7), "even head size, not 7"),
+    (dict(pos_emb="sinusoidal", n_embd=33, n_head=3), "sinusoidal needs an even model.n_embd"),
+])
+def test_invalid_switches_are_refused_with_the_setting_named(settings, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(**settings)
+
+
+@pytest.mark.parametrize("arch", [SWITCHES[k] for k in ("gate-head", "sinusoidal", "geglu",
+                                                         "head-dim-llama", "all")],
+                         ids=["gate", "sinusoidal", "geglu", "head-dim", "all"])
+def test_a_tiny_model_with_each_switch_learns(arch):
+    """Twenty Adam steps on one batch lower the loss by more than half (gradients reach every
+    new weight: the gate's too)."""
+    torch.manual_seed(0)
+    model = GPT(tiny(**arch))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    idx = torch.randint(0, 50, (4, 17))
+    losses = []
+    for _ in range(20):
+        logits = model(idx[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        if "attn_gate" in arch:
+            assert model.blocks[0].attn.gate.weight.grad.abs().sum() > 0
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_lora_can_target_the_attention_gate():
+    torch.manual_seed(0)
+    model = GPT(tiny(**SWITCHES["all"])).eval()
+    assert apply_lora(model, rank=2, alpha=4, dropout=0.0, targets=["gate"]) == \
+        ["blocks.0.attn.gate", "blocks.1.attn.gate"]
+    for _, layer in lora_modules(model):
+        torch.nn.init.normal_(layer.lora_b)  # an adapter that changes the output
+    assert_cached_decoding_matches_full_forward(model)
+    idx = torch.randint(0, 50, (1, 8))
+    adapted = model(idx)
+    merge_lora(model)
+    torch.testing.assert_close(model(idx), adapted, atol=1e-5, rtol=1e-4)

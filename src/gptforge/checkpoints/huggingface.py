@@ -16,8 +16,15 @@ can be written as a ``transformers`` checkpoint directory and loaded with
             ``MixtralForCausalLM``
 ==========  ===========================================================================
 
-Anything else (squared-ReLU MLPs, logit soft-capping, top-1 routing, ...) has no matching
-``transformers`` class, and :func:`architecture_of` says which setting is in the way.
+and ``qwen3_next``: ``qwen3`` with gated attention per channel (``model.attn_gate=channel``) is
+``Qwen3NextForCausalLM`` with every layer full attention (none of its linear-attention layers)
+and dense MLPs.
+
+The Llama family's MLP may be any gated linear unit (SwiGLU, GEGLU, ReGLU: ``hidden_act`` silu,
+gelu_pytorch_tanh, relu), and its heads may be wider or narrower than ``n_embd / n_head``
+(``head_dim``). Anything else (squared-ReLU MLPs, logit soft-capping, top-1 routing, sinusoidal
+positions, a gate per attention head, ...) has no matching ``transformers`` class, and
+:func:`architecture_of` says which setting is in the way.
 
 What changes between the two layouts is names and shapes, never values:
 
@@ -26,6 +33,9 @@ What changes between the two layouts is names and shapes, never values:
   GPT-2 keeps one (``c_attn``) in the same row order.
 - gptforge's SwiGLU ``mlp.up`` computes gate and value in one matrix (gate rows first); Llama has
   ``gate_proj`` and ``up_proj``.
+- Qwen3-Next computes the attention gate in ``q_proj`` with the queries: per head, the head's
+  query rows then its gate rows; gptforge has a separate ``attn.gate``. Its RMSNorms scale by
+  ``1 + weight`` (weights stored minus one).
 - GPT-2's linear layers are ``Conv1D`` modules, which store the weight as (in, out): the transpose
   of ``nn.Linear``'s (out, in).
 - The embedding keeps gptforge's padded vocabulary (a multiple of 64 rows); the tokenizer's ids
@@ -49,7 +59,10 @@ from gptforge.model.config import ModelConfig
 from gptforge.tokenizer.base import EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS, load_tokenizer
 from gptforge.tokenizer.chat_template import END_TOKEN, ROLE_TOKENS, ROLES
 
-ARCHITECTURES = ("gpt2", "llama", "qwen3", "mixtral")
+ARCHITECTURES = ("gpt2", "llama", "qwen3", "mixtral", "qwen3_next")
+
+# transformers' ``hidden_act`` for the gate of each gated MLP (LlamaMLP: act(gate) * up).
+HIDDEN_ACTS = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh", "reglu": "relu"}
 
 # The chat template of tokenizer/chat_template.py in Jinja, the language of transformers'
 # apply_chat_template: <|role|>content<|end|> per message, then <|assistant|> to generate.
@@ -68,26 +81,31 @@ CHAT_TEMPLATE = (
 def architecture_of(cfg: ModelConfig) -> str:
     """The ``transformers`` architecture that computes exactly what ``cfg`` does, or an error
     naming the settings that no supported architecture has."""
+    _refuse_unmatched_switches(cfg)
     rope_swiglu = [(cfg.norm == "rmsnorm", "model.norm=rmsnorm"),
                    (cfg.pos_emb == "rope", "model.pos_emb=rope"),
-                   (cfg.mlp == "swiglu", "model.mlp=swiglu")]
+                   (cfg.gated_mlp, "model.mlp=swiglu, geglu or reglu")]
     dense = (cfg.n_experts == 0, "model.n_experts=0 (no mixture of experts)")
+    ungated = (cfg.attn_gate == "none", "model.attn_gate=none")
     common = [(cfg.logit_softcap == 0, "model.logit_softcap=0")]
     wanted = {
-        "gpt2": [dense, (cfg.norm == "layernorm", "model.norm=layernorm"),
-                 (cfg.pos_emb == "learned", "model.pos_emb=learned"),
+        "gpt2": [dense, ungated, (cfg.norm == "layernorm", "model.norm=layernorm"),
                  (cfg.mlp == "gelu", "model.mlp=gelu"),
+                 (cfg.attn_width == cfg.n_embd, "model.head_dim=0 (n_embd / n_head)"),
+                 (cfg.pos_emb == "learned", "model.pos_emb=learned"),
                  (cfg.kv_heads == cfg.n_head, "model.n_kv_head=0 (no grouped-query attention)"),
                  (not cfg.qk_norm, "model.qk_norm=false")],
-        "llama": [dense, *rope_swiglu, (not cfg.qk_norm, "model.qk_norm=false")],
-        "qwen3": [dense, *rope_swiglu, (cfg.qk_norm, "model.qk_norm=true"),
+        "llama": [dense, ungated, *rope_swiglu, (not cfg.qk_norm, "model.qk_norm=false")],
+        "qwen3": [dense, ungated, *rope_swiglu, (cfg.qk_norm, "model.qk_norm=true"),
                   (not cfg.bias, "model.bias=false")],
         # Mixtral renormalises the top-k router weights; gptforge does too for k >= 2 only
         # (with k = 1 it keeps the raw probability, as the Switch Transformer does).
-        "mixtral": [*rope_swiglu, (cfg.n_experts > 0, "model.n_experts>0"),
+        "mixtral": [ungated, *rope_swiglu, (cfg.n_experts > 0, "model.n_experts>0"),
                     (cfg.moe_every == 1, "model.moe_every=1 (experts in every block)"),
                     (cfg.moe_top_k >= 2, "model.moe_top_k>=2"),
                     (not cfg.qk_norm, "model.qk_norm=false"), (not cfg.bias, "model.bias=false")],
+        "qwen3_next": [dense, *rope_swiglu, (cfg.attn_gate == "channel", "model.attn_gate=channel"),
+                       (cfg.qk_norm, "model.qk_norm=true"), (not cfg.bias, "model.bias=false")],
     }
     missing = {}
     for arch, checks in wanted.items():
@@ -101,6 +119,20 @@ def architecture_of(cfg: ModelConfig) -> str:
                         f"{closest}")
 
 
+def _refuse_unmatched_switches(cfg: ModelConfig) -> None:
+    """One line for the switches that no ``transformers`` class has at all, with the reason."""
+    if cfg.pos_emb == "sinusoidal":
+        raise GptforgeError(
+            "model.pos_emb=sinusoidal has no Hugging Face transformers equivalent: GPT-2 learns "
+            "its position table and the Llama family rotates queries and keys; export with "
+            "--format native")
+    if cfg.attn_gate == "head":
+        raise GptforgeError(
+            "model.attn_gate=head has no Hugging Face transformers equivalent: Qwen3-Next, the "
+            "only gated attention there, gates each channel; train with model.attn_gate=channel "
+            "or export with --format native")
+
+
 # ---- weights -------------------------------------------------------------------------------
 
 def hf_state_dict(model: torch.nn.Module, arch: str) -> dict[str, torch.Tensor]:
@@ -108,6 +140,8 @@ def hf_state_dict(model: torch.nn.Module, arch: str) -> dict[str, torch.Tensor]:
     cfg: ModelConfig = model.config
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     out = _gpt2_weights(sd, cfg) if arch == "gpt2" else _llama_weights(sd, cfg, arch)
+    if arch == "qwen3_next":
+        out = _qwen3_next_weights(out, sd, cfg)
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
     return {k: v.contiguous() for k, v in out.items()}
@@ -139,8 +173,8 @@ def _gpt2_weights(sd: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
 
 def _llama_weights(sd: dict, cfg: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
-    q_rows = cfg.n_head * cfg.head_dim
-    kv_rows = cfg.kv_heads * cfg.head_dim
+    q_rows = cfg.n_head * cfg.head_size
+    kv_rows = cfg.kv_heads * cfg.head_size
     out = {"model.embed_tokens.weight": sd["tok_emb.weight"],
            "model.norm.weight": sd["norm_f.weight"]}
     for i in range(cfg.n_layer):
@@ -170,10 +204,23 @@ def _llama_weights(sd: dict, cfg: ModelConfig, arch: str) -> dict[str, torch.Ten
                 out[f"{moe}experts.{e}.w1.weight"] = gate
                 out[f"{moe}experts.{e}.w3.weight"] = up
                 out[f"{moe}experts.{e}.w2.weight"] = sd[f"{ours}mlp.experts.{e}.down.weight"]
-        if arch == "qwen3":
+        if arch in ("qwen3", "qwen3_next"):
             out[theirs + "self_attn.q_norm.weight"] = sd[ours + "attn.q_norm.weight"]
             out[theirs + "self_attn.k_norm.weight"] = sd[ours + "attn.k_norm.weight"]
     return out
+
+
+def _qwen3_next_weights(out: dict, sd: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Qwen3 names turned into Qwen3-Next's: each head's gate rows after its query rows in
+    ``q_proj``, and every RMSNorm weight minus one (Qwen3-Next scales by ``1 + weight``)."""
+    nh, hs = cfg.n_head, cfg.head_size
+    for i in range(cfg.n_layer):
+        q_name = f"model.layers.{i}.self_attn.q_proj.weight"
+        q = out[q_name].view(nh, hs, cfg.n_embd)
+        gate = sd[f"blocks.{i}.attn.gate.weight"].view(nh, hs, cfg.n_embd)
+        out[q_name] = torch.cat([q, gate], dim=1).reshape(2 * nh * hs, cfg.n_embd)
+    return {k: v - 1 if k.endswith("norm.weight") else v
+            for k, v in out.items()}
 
 
 # ---- config.json ---------------------------------------------------------------------------
@@ -195,9 +242,10 @@ def hf_config(cfg: ModelConfig, arch: str, specials: dict[str, int],
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
     llama = {"hidden_size": cfg.n_embd, "intermediate_size": cfg.hidden_dim,
              "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
-             "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
+             "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_size,
              "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
-             "hidden_act": "silu", "attention_bias": cfg.bias, "attention_dropout": 0.0,
+             "hidden_act": HIDDEN_ACTS.get(cfg.mlp, "silu"), "attention_bias": cfg.bias,
+             "attention_dropout": 0.0,
              # transformers before 5 reads rope_theta, 5 and later rope_parameters.
              "rope_theta": cfg.rope_theta,
              "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}}
@@ -210,6 +258,12 @@ def hf_config(cfg: ModelConfig, arch: str, specials: dict[str, int],
                 "num_local_experts": cfg.n_experts, "num_experts_per_tok": cfg.moe_top_k,
                 "router_aux_loss_coef": cfg.moe_aux_loss_coef, "output_router_logits": False,
                 "router_jitter_noise": 0.0, "sliding_window": None}
+    if arch == "qwen3_next":  # full attention and a dense MLP in every layer
+        rope = {**llama["rope_parameters"], "partial_rotary_factor": 1.0}
+        return {"architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next", **common,
+                **llama, "rope_parameters": rope, "partial_rotary_factor": 1.0,
+                "layer_types": ["full_attention"] * cfg.n_layer, "num_experts": 0,
+                "mlp_only_layers": list(range(cfg.n_layer))}
     return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **common, **llama,
             "use_sliding_window": False}
 

@@ -37,7 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptforge.inference.kv_cache import KVCache
-from gptforge.model.layers import apply_rope
+from gptforge.model.attention import gate_heads
+from gptforge.model.config import GATED_MLPS
+from gptforge.model.layers import apply_rope, mlp_activation
 
 
 class StepShape(NamedTuple):
@@ -56,15 +58,21 @@ class StepShape(NamedTuple):
     mlp: str
     bias: bool
     qk_norm: bool
-    rope: bool
+    pos_emb: str
     logit_softcap: float
+    attn_gate: str
 
     @classmethod
     def of(cls, model: nn.Module) -> StepShape:
         c = model.config
-        return cls(c.n_layer, c.n_embd, c.n_head, c.kv_heads, c.head_dim, c.hidden_dim,
+        return cls(c.n_layer, c.n_embd, c.n_head, c.kv_heads, c.head_size, c.hidden_dim,
                    c.padded_vocab_size, c.block_size, c.norm, c.norm_eps, c.mlp, c.bias,
-                   c.qk_norm, c.pos_emb == "rope", c.logit_softcap)
+                   c.qk_norm, c.pos_emb, c.logit_softcap, c.attn_gate)
+
+    @property
+    def gate_width(self) -> int:
+        """Rows of the attention gate: one per head or per channel, 0 without a gate."""
+        return {"head": self.n_head, "channel": self.n_head * self.head_dim}.get(self.attn_gate, 0)
 
 
 def layout(s: StepShape) -> tuple[list[tuple[str, tuple]], list[tuple[str, tuple]]]:
@@ -73,19 +81,20 @@ def layout(s: StepShape) -> tuple[list[tuple[str, tuple]], list[tuple[str, tuple
     The names are the model's parameter/buffer names; the lm_head is listed among the matrices
     even when it is tied to the token embedding (which stays float32, for the lookup).
     """
-    C, hs = s.n_embd, s.head_dim
-    up_width = 2 * s.hidden if s.mlp == "swiglu" else s.hidden
+    C, hs, A, G = s.n_embd, s.head_dim, s.n_head * s.head_dim, s.gate_width
+    up_width = 2 * s.hidden if s.mlp in GATED_MLPS else s.hidden
     mats, vecs = [], [("tok_emb.weight", (s.padded_vocab, C))]
-    if s.rope:
-        vecs += [("rope_cos", (s.block_size, hs // 2)), ("rope_sin", (s.block_size, hs // 2))]
-    else:
-        vecs.append(("pos_emb.weight", (s.block_size, C)))
+    vecs += {"rope": [("rope_cos", (s.block_size, hs // 2)), ("rope_sin", (s.block_size, hs // 2))],
+             "sinusoidal": [("pos_table", (s.block_size, C))],
+             "learned": [("pos_emb.weight", (s.block_size, C))]}[s.pos_emb]
     norm_bias = s.norm == "layernorm" and s.bias
     for i in range(s.n_layer):
         b = f"blocks.{i}."
         mats += [(b + "attn.qkv.weight", ((s.n_head + 2 * s.n_kv_head) * hs, C)),
-                 (b + "attn.proj.weight", (C, C)), (b + "mlp.up.weight", (up_width, C)),
+                 (b + "attn.proj.weight", (C, A)), (b + "mlp.up.weight", (up_width, C)),
                  (b + "mlp.down.weight", (C, s.hidden))]
+        if G:
+            mats.append((b + "attn.gate.weight", (G, C)))
         vecs += [(b + "norm1.weight", (C,)), (b + "norm2.weight", (C,))]
         if norm_bias:
             vecs += [(b + "norm1.bias", (C,)), (b + "norm2.bias", (C,))]
@@ -95,6 +104,8 @@ def layout(s: StepShape) -> tuple[list[tuple[str, tuple]], list[tuple[str, tuple
             vecs += [(b + "attn.qkv.bias", ((s.n_head + 2 * s.n_kv_head) * hs,)),
                      (b + "attn.proj.bias", (C,)), (b + "mlp.up.bias", (up_width,)),
                      (b + "mlp.down.bias", (C,))]
+            if G:
+                vecs.append((b + "attn.gate.bias", (G,)))
     mats.append(("lm_head.weight", (s.padded_vocab, C)))
     vecs.append(("norm_f.weight", (C,)))
     if norm_bias:
@@ -191,19 +202,16 @@ def _attention(s: StepShape, p: dict, b: str, x: torch.Tensor, rope, pos: torch.
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     k_cache[:, :, pos] = k.to(k_cache.dtype)  # in place: the caches are inputs of the graph
     v_cache[:, :, pos] = v.to(v_cache.dtype)
-    y = attend_one(q.view(B, nh, hs), k_cache, v_cache, visible)
-    return matvec(y.view(B, T, C), p[b + "attn.proj.weight"], p.get(b + "attn.proj.bias"))
+    y = attend_one(q.view(B, nh, hs), k_cache, v_cache, visible)  # (B, nh, hs)
+    if s.gate_width:
+        y = gate_heads(y, matvec(x.view(B, C), p[b + "attn.gate.weight"],
+                                 p.get(b + "attn.gate.bias")))
+    return matvec(y.reshape(B, T, nh * hs), p[b + "attn.proj.weight"],
+                  p.get(b + "attn.proj.bias"))
 
 
 def _mlp(s: StepShape, p: dict, b: str, x: torch.Tensor) -> torch.Tensor:
-    h = matvec(x, p[b + "mlp.up.weight"], p.get(b + "mlp.up.bias"))
-    if s.mlp == "swiglu":
-        gate, value = h.chunk(2, dim=-1)
-        h = F.silu(gate) * value
-    elif s.mlp == "relu2":
-        h = F.relu(h).square()
-    else:
-        h = F.gelu(h, approximate="tanh")
+    h = mlp_activation(s.mlp, matvec(x, p[b + "mlp.up.weight"], p.get(b + "mlp.up.bias")))
     return matvec(h, p[b + "mlp.down.weight"], p.get(b + "mlp.down.bias"))
 
 
@@ -218,10 +226,10 @@ def decode_step(s: StepShape, mats: torch.Tensor, vecs: torch.Tensor, idx: torch
     p = unpack(s, mats, vecs)
     x = F.embedding(idx, p["tok_emb.weight"])  # (B, 1, C)
     rope = None
-    if s.rope:
+    if s.pos_emb == "rope":
         rope = (p["rope_cos"][pos], p["rope_sin"][pos])  # (1, hs/2) each
     else:
-        x = x + F.embedding(pos, p["pos_emb.weight"])
+        x = x + F.embedding(pos, p["pos_table" if s.pos_emb == "sinusoidal" else "pos_emb.weight"])
     max_len = k_caches[0].size(2)
     visible = (torch.arange(max_len, device=idx.device) <= pos).view(1, max_len)
     for i in range(s.n_layer):

@@ -36,7 +36,7 @@ class KVCache:
     def for_model(cls, model, batch_size: int, dtype: torch.dtype | None = None) -> KVCache:
         cfg = model.config
         weight = model.lm_head.weight
-        return cls(cfg.n_layer, batch_size, cfg.kv_heads, cfg.head_dim, cfg.block_size,
+        return cls(cfg.n_layer, batch_size, cfg.kv_heads, cfg.head_size, cfg.block_size,
                    dtype=dtype or weight.dtype, device=weight.device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):

@@ -9,6 +9,13 @@ things from it (duck typing keeps ``model/`` free of inference code): ``cache.po
 positions already stored, and ``cache.update(layer, k, v)``, which stores the new keys/values and
 returns all of them so far.
 
+*Gated attention* (``attn_gate``; Qiu et al., 2025, https://arxiv.org/abs/2505.06708, used in
+Qwen3-Next): the heads' output is multiplied by ``sigmoid(x @ W_gate)`` before the output
+projection, with ``x`` the block's normed input, one gate per head or per channel. The paper finds
+it adds a cheap non-linearity between the value and output projections and lets a head output
+nearly nothing, which removes the "attention sink" on the first token and steadies training.
+The gate is its own linear layer ``attn.gate`` (a LoRA target like ``qkv``).
+
 For packed rows (several fine-tuning examples back to back in one row, see
 ``data/finetune_loader.py``) the model passes a block-diagonal causal mask instead: a token attends
 to the earlier tokens of its own example only, so each example is computed as if it were alone.
@@ -32,20 +39,22 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
-        qkv_width = (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_size
+        qkv_width = (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_size
         self.qkv = nn.Linear(cfg.n_embd, qkv_width, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.attn_width, cfg.n_embd, bias=cfg.bias)
+        gates = {"head": cfg.n_head, "channel": cfg.attn_width}.get(cfg.attn_gate)
+        self.gate = nn.Linear(cfg.n_embd, gates, bias=cfg.bias) if gates else None
         self.use_rope = cfg.pos_emb == "rope"
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(cfg.head_size, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_size, cfg.norm_eps) if cfg.qk_norm else None
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 kv_cache=None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``attn_mask`` (B, 1, T, T), True = may attend, replaces the causal mask (packed rows)."""
-        B, T, C = x.shape
+        B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
              self.n_kv_head * self.head_dim], dim=-1)
@@ -74,8 +83,10 @@ class CausalSelfAttention(nn.Module):
             y = y.to(q.dtype)
         else:
             y = F.scaled_dot_product_attention(q, k, v, **options)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.resid_dropout(self.proj(y))
+        y = y.transpose(1, 2)  # (B, T, nh, hs)
+        if self.gate is not None:
+            y = gate_heads(y, self.gate(x))
+        return self.resid_dropout(self.proj(y.reshape(B, T, self.n_head * self.head_dim)))
 
     @staticmethod
     def _cached_mask(start: int, T: int, device: torch.device) -> torch.Tensor | None:
@@ -89,3 +100,12 @@ class CausalSelfAttention(nn.Module):
         q_pos = torch.arange(start, start + T, device=device)[:, None]
         k_pos = torch.arange(start + T, device=device)[None, :]
         return k_pos <= q_pos  # (T, start+T), True = may attend
+
+
+def gate_heads(y: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
+    """Heads' output y (..., nh, hs) times sigmoid of the gate logits (..., nh) for one gate per
+    head, or (..., nh * hs) for one per channel."""
+    gates = torch.sigmoid(gate_logits).to(y.dtype)
+    if gates.size(-1) == y.size(-2):  # per head: broadcast over the head's channels
+        return y * gates.unsqueeze(-1)
+    return y * gates.view(y.shape)

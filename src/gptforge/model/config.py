@@ -9,6 +9,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+POS_EMBS = ("learned", "rope", "sinusoidal")
+GATED_MLPS = ("swiglu", "geglu", "reglu")
+MLPS = ("gelu", "relu2", *GATED_MLPS)
+ATTN_GATES = ("none", "head", "channel")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -19,12 +24,17 @@ class ModelConfig:
     n_layer: int = 6
     """Number of transformer blocks."""
     n_head: int = 6
-    """Attention heads (query heads) per block; must divide ``n_embd``."""
+    """Attention heads (query heads) per block; must divide ``n_embd`` unless ``head_dim`` is
+    set."""
     n_kv_head: int = 0
     """Key/value heads for grouped-query attention; 0 means equal to ``n_head`` (plain
     multi-head)."""
     n_embd: int = 384
     """Width of the residual stream."""
+    head_dim: int = 0
+    """Width of each attention head; 0 means ``n_embd / n_head``. Set apart from it, attention
+    works in ``n_head * head_dim`` channels and its output projection maps them back to
+    ``n_embd`` (Qwen3: 16 heads of 128 with ``n_embd`` 1024)."""
     block_size: int = 256
     """Context length in tokens: the longest sequence the model is trained on and can attend
     over."""
@@ -33,13 +43,21 @@ class ModelConfig:
     norm_eps: float = 1e-5
     """Epsilon inside the normalisation."""
     pos_emb: str = "learned"
-    """Positions: ``learned`` absolute embeddings (GPT-2) or ``rope`` rotary embeddings (Llama)."""
+    """Positions: ``learned`` absolute embeddings (GPT-2), ``rope`` rotary embeddings (Llama) or
+    ``sinusoidal`` fixed sine/cosine embeddings added to the tokens' (Vaswani et al., 2017; not
+    learned, not saved)."""
     rope_theta: float = 10000.0
     """Base of the rotary frequencies (only for ``pos_emb = "rope"``)."""
     mlp: str = "gelu"
-    """Feed-forward block: ``gelu`` (GPT-2), ``swiglu`` (Llama) or ``relu2`` (squared ReLU)."""
+    """Feed-forward block: ``gelu`` (GPT-2), ``relu2`` (squared ReLU), or a gated linear unit
+    (Shazeer, 2020): ``swiglu`` (Llama), ``geglu`` or ``reglu``."""
     mlp_hidden: int = 0
-    """Hidden width of the MLP; 0 means 4*n_embd for gelu/relu2 and about 8/3*n_embd for swiglu."""
+    """Hidden width of the MLP; 0 means 4*n_embd for gelu/relu2 and about 8/3*n_embd for the gated
+    ones (swiglu, geglu, reglu)."""
+    attn_gate: str = "none"
+    """Sigmoid gate on the attention output before its projection, computed from the block's
+    normed input (Qiu et al., 2025, "Gated Attention for Large Language Models"; Qwen3-Next):
+    ``none``, ``head`` (one gate per head) or ``channel`` (one per channel)."""
     qk_norm: bool = False
     """Normalise queries and keys per head before attention (stabilises training at high lr)."""
     bias: bool = True
@@ -70,18 +88,25 @@ class ModelConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.n_layer > 0, "model.n_layer must be positive"),
-            (self.n_head > 0 and self.n_embd % self.n_head == 0,
-             f"model.n_embd ({self.n_embd}) must be a multiple of model.n_head ({self.n_head})"),
+            (self.n_head > 0 and (self.head_dim > 0 or self.n_embd % self.n_head == 0),
+             f"model.n_embd ({self.n_embd}) must be a multiple of model.n_head ({self.n_head}), "
+             "or set model.head_dim"),
+            (self.head_dim >= 0, "model.head_dim must be >= 0 (0 = n_embd / n_head)"),
             (self.kv_heads > 0 and self.n_head % self.kv_heads == 0,
              f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head "
              f"({self.kv_heads})"),
             (self.block_size > 0, "model.block_size must be positive"),
             (self.norm in ("layernorm", "rmsnorm"), "model.norm must be 'layernorm' or 'rmsnorm'"),
-            (self.pos_emb in ("learned", "rope"), "model.pos_emb must be 'learned' or 'rope'"),
-            (self.mlp in ("gelu", "swiglu", "relu2"),
-             "model.mlp must be 'gelu', 'swiglu' or 'relu2'"),
+            (self.pos_emb in POS_EMBS,
+             f"model.pos_emb must be one of {', '.join(POS_EMBS)}, not {self.pos_emb!r}"),
+            (self.mlp in MLPS, f"model.mlp must be one of {', '.join(MLPS)}, not {self.mlp!r}"),
+            (self.attn_gate in ATTN_GATES,
+             f"model.attn_gate must be one of {', '.join(ATTN_GATES)}, not {self.attn_gate!r}"),
             (0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)"),
-            (self.pos_emb != "rope" or self.head_dim % 2 == 0, "rope needs an even head size"),
+            (self.pos_emb != "rope" or self.head_size % 2 == 0,
+             f"model.pos_emb=rope needs an even head size, not {self.head_size}"),
+            (self.pos_emb != "sinusoidal" or self.n_embd % 2 == 0,
+             "model.pos_emb=sinusoidal needs an even model.n_embd (sine and cosine pairs)"),
             (self.n_experts >= 0, "model.n_experts must be >= 0 (0 = dense MLP)"),
             (self.n_experts == 0 or 1 <= self.moe_top_k <= self.n_experts,
              f"model.moe_top_k ({self.moe_top_k}) must be between 1 and model.n_experts "
@@ -100,8 +125,20 @@ class ModelConfig:
         return self.n_kv_head or self.n_head
 
     @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+    def head_size(self) -> int:
+        """Width of each attention head: ``head_dim``, or ``n_embd / n_head`` when it is 0."""
+        return self.head_dim or self.n_embd // max(1, self.n_head)
+
+    @property
+    def attn_width(self) -> int:
+        """Channels attention works in: ``n_head * head_size`` (``n_embd`` unless ``head_dim``
+        sets the head size apart)."""
+        return self.n_head * self.head_size
+
+    @property
+    def gated_mlp(self) -> bool:
+        """Whether the MLP is a gated linear unit (its up projection holds gate and value)."""
+        return self.mlp in GATED_MLPS
 
     @property
     def padded_vocab_size(self) -> int:
@@ -112,7 +149,7 @@ class ModelConfig:
     def hidden_dim(self) -> int:
         if self.mlp_hidden:
             return self.mlp_hidden
-        if self.mlp == "swiglu":  # keep parameters equal to a 4x GELU MLP, rounded to 64
+        if self.gated_mlp:  # keep parameters equal to a 4x GELU MLP, rounded to 64
             return (int(8 * self.n_embd / 3) + 63) // 64 * 64
         return 4 * self.n_embd
 

@@ -2,7 +2,9 @@
 
 GPT-2 (Radford et al., 2019) and Llama (Touvron et al., 2023) differ only in a few choices, all of
 them fields of :class:`ModelConfig`: the norm, how positions enter, the MLP, biases, grouped-query
-attention and tied embeddings. A mixture-of-experts MLP (``n_experts > 0``, see ``moe.py``) can
+attention and tied embeddings. Later variants are switches too: fixed sinusoidal positions, GEGLU
+and ReGLU MLPs, a head width set apart from ``n_embd / n_head`` and gated attention (see
+docs/architecture.md). A mixture-of-experts MLP (``n_experts > 0``, see ``moe.py``) can
 take the dense MLP's place in some or all blocks. This file holds the architecture and nothing
 else: no optimizer, no loss, no distributed code, no file I/O (see ``train/`` and ``runtime/``).
 
@@ -22,7 +24,7 @@ from torch import nn
 
 from gptforge.model.attention import CausalSelfAttention
 from gptforge.model.config import ModelConfig
-from gptforge.model.layers import MLP, build_norm, rope_tables
+from gptforge.model.layers import MLP, build_norm, rope_tables, sinusoidal_table
 from gptforge.model.moe import MoEMLP
 
 
@@ -84,11 +86,14 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        # Fixed tables are not saved in checkpoints: they are recomputed from the config.
         if cfg.pos_emb == "rope":
-            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
-            # Not saved in checkpoints: recomputed from the config.
+            cos, sin = rope_tables(cfg.head_size, cfg.block_size, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+        if cfg.pos_emb == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(cfg.block_size, cfg.n_embd),
+                                 persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -127,19 +132,13 @@ class GPT(nn.Module):
                              f"{self.config.block_size}")
         if segment_ids is not None and kv_cache is not None:
             raise ValueError("segment_ids (packed rows) cannot be combined with a kv_cache")
-        x = self.tok_emb(idx)  # (B, T, C)
-        rope, attn_mask = None, None
+        attn_mask = None
         if segment_ids is not None:  # packed rows: positions restart in each segment
             pos = segment_positions(segment_ids)  # (B, T)
             attn_mask = segment_attention_mask(segment_ids)  # (B, 1, T, T)
-            if self.pos_emb is not None:
-                x = x + self.pos_emb(pos)  # (B, T, C)
-            else:  # (B, 1, T, hs/2): each row's own positions, broadcast over heads
-                rope = (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))
-        elif self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
         else:
-            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+            pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        x, rope = self._embed(idx, pos)
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope, kv_cache, attn_mask)
@@ -152,6 +151,18 @@ class GPT(nn.Module):
         if cap > 0:
             logits = cap * torch.tanh(logits / cap)
         return logits
+
+    def _embed(self, idx: torch.Tensor, pos: torch.Tensor):
+        """Token embeddings (B, T, C) with absolute positions added, and the rotary tables for
+        positions ``pos`` ((T,) shared by the rows, or (B, T) per row), None without RoPE."""
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.pos_emb is not None:
+            return x + self.pos_emb(pos), None
+        if self.config.pos_emb == "sinusoidal":
+            return x + self.pos_table[pos].to(x.dtype), None
+        if pos.dim() == 2:  # (B, 1, T, hs/2): each row's own positions, broadcast over heads
+            return x, (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))
+        return x, (self.rope_cos[pos], self.rope_sin[pos])  # (T, hs/2)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameters (shared tensors counted once); optionally without the position table."""
@@ -197,8 +208,10 @@ class GPT(nn.Module):
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B.
 
-        6 FLOPs per non-embedding-lookup parameter (2 forward, 4 backward) plus attention's
-        score and value products, 12 * n_layer * n_embd * T per token at context length T. That
+        6 FLOPs per non-embedding-lookup parameter (2 forward, 4 backward; the attention gate's
+        matrix is one of them) plus attention's score and value products,
+        12 * n_layer * n_head * head_size * T per token at context length T (n_embd = n_head *
+        head_size unless ``head_dim`` sets it apart). That
         term counts the whole T x T score matrix, the half a causal kernel skips included (PaLM's
         and nanoGPT's convention), so MFU figures compare with theirs.
         Only *active* parameters count (``num_active_params``): a token runs through top_k
@@ -214,10 +227,10 @@ class GPT(nn.Module):
 
     def forward_flops_per_token(self, seq_len: int | None = None) -> int:
         """FLOPs of a forward pass per token: 2 per active matmul parameter, plus the attention
-        products' 4 * n_layer * n_embd * T (see :meth:`flops_per_token`)."""
+        products' 4 * n_layer * n_head * head_size * T (see :meth:`flops_per_token`)."""
         cfg = self.config
         T = seq_len or cfg.block_size
-        return 2 * self._matmul_params() + 4 * cfg.n_layer * cfg.n_embd * T
+        return 2 * self._matmul_params() + 4 * cfg.n_layer * cfg.attn_width * T
 
     def _matmul_params(self, keep=lambda p: True) -> int:
         """Active parameters a token multiplies with (not the position or input-embedding

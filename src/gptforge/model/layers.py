@@ -1,7 +1,8 @@
-"""Building blocks of a transformer block: normalisation, rotary positions, feed-forward.
+"""Building blocks of a transformer block: normalisation, positions, feed-forward.
 
 Each is a small ``nn.Module`` (or pure function) chosen by name from :class:`ModelConfig`, so one
-GPT class covers GPT-2 (LayerNorm, learned positions, GELU) and Llama (RMSNorm, RoPE, SwiGLU).
+GPT class covers GPT-2 (LayerNorm, learned positions, GELU), Llama (RMSNorm, RoPE, SwiGLU) and
+the original Transformer's fixed sinusoidal positions.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptforge.model.config import ModelConfig
+from gptforge.model.config import GATED_MLPS, ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -46,6 +47,19 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
     return angles.cos(), angles.sin()
 
 
+def sinusoidal_table(max_len: int, dim: int) -> torch.Tensor:
+    """Fixed position embeddings (max_len, dim) of "Attention Is All You Need" (Vaswani et al.,
+    2017, https://arxiv.org/abs/1706.03762, section 3.5): channel 2i holds
+    sin(pos / 10000^(2i/dim)), channel 2i+1 the cosine of the same angle.
+
+    Unlike the paper, the token embeddings are not multiplied by sqrt(dim) before the sum: they
+    start at the model's own ``init_std``, as learned position embeddings do.
+    """
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, dim/2)
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).view(max_len, dim)  # interleaved
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (B, nh, T, hs) by the angles for its T positions; cos/sin are (T, hs/2).
 
@@ -56,25 +70,41 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+# The nonlinearity of each MLP kind; for the gated ones, the one applied to the gate.
+ACTIVATIONS = {
+    "gelu": lambda h: F.gelu(h, approximate="tanh"),  # GPT-2's "gelu_new"
+    "relu2": lambda h: F.relu(h).square(),  # Primer (So et al., 2021)
+    "swiglu": F.silu,
+    "geglu": lambda h: F.gelu(h, approximate="tanh"),
+    "reglu": F.relu,
+}
+
+
+def mlp_activation(kind: str, h: torch.Tensor) -> torch.Tensor:
+    """The MLP's hidden activation from the up projection's output ``h``.
+
+    A gated linear unit (Shazeer, 2020, "GLU Variants Improve Transformer",
+    https://arxiv.org/abs/2002.05202) computes ``act(gate) * value``: ``h`` holds the gate in its
+    first half and the value in its second (one matmul for both).
+    """
+    if kind in GATED_MLPS:
+        gate, value = h.chunk(2, dim=-1)
+        return ACTIVATIONS[kind](gate) * value
+    return ACTIVATIONS[kind](h)
+
+
 class MLP(nn.Module):
-    """Position-wise feed-forward network: GELU, squared ReLU, or SwiGLU (Shazeer, 2020)."""
+    """Position-wise feed-forward network: GELU, squared ReLU, or a gated linear unit
+    (SwiGLU, GEGLU, ReGLU)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.kind = cfg.mlp
         hidden = cfg.hidden_dim
-        up_width = 2 * hidden if cfg.mlp == "swiglu" else hidden  # gate and value in one matmul
+        up_width = 2 * hidden if cfg.gated_mlp else hidden  # gate and value in one matmul
         self.up = nn.Linear(cfg.n_embd, up_width, bias=cfg.bias)
         self.down = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.up(x)
-        if self.kind == "swiglu":
-            gate, value = h.chunk(2, dim=-1)
-            h = F.silu(gate) * value
-        elif self.kind == "relu2":
-            h = F.relu(h).square()
-        else:
-            h = F.gelu(h, approximate="tanh")
-        return self.dropout(self.down(h))
+        return self.dropout(self.down(mlp_activation(self.kind, self.up(x))))
