@@ -21,7 +21,10 @@ every operation costs microseconds of dispatch. This module compiles one decodin
   the float32 model after some tokens (near-ties), so it is opt-in.
 
 The prompt (prefill) is not compiled: it runs once through the model's own forward, which fills the
-same :class:`KVCache`. The step restates the model's forward for one token; its tensors are looked
+same :class:`KVCache`. The step is the model's forward for one token, built from the same
+per-operation functions as the model's modules (``model/layers.py``: ``normalize``, ``apply_rope``,
+``mlp_activation``; ``model/attention.py``: ``gate_heads``), so an architecture switch is written
+once; only the matrix products and the attention over the cache are its own. Its tensors are looked
 up by the model's parameter names and shapes (:func:`layout`), so a model it does not know fails
 loudly at packing time, and the engine's tests compare it with the model token for token.
 """
@@ -39,7 +42,7 @@ from torch import nn
 from gptforge.inference.kv_cache import KVCache
 from gptforge.model.attention import gate_heads
 from gptforge.model.config import GATED_MLPS
-from gptforge.model.layers import apply_rope, mlp_activation
+from gptforge.model.layers import apply_rope, mlp_activation, normalize
 
 
 class StepShape(NamedTuple):
@@ -181,9 +184,7 @@ def attend_one(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 
 def _norm(s: StepShape, x: torch.Tensor, p: dict, name: str) -> torch.Tensor:
-    if s.norm == "rmsnorm":
-        return F.rms_norm(x, (s.n_embd,), p[name + ".weight"], s.norm_eps)
-    return F.layer_norm(x, (s.n_embd,), p[name + ".weight"], p.get(name + ".bias"), s.norm_eps)
+    return normalize(s.norm, x, p[name + ".weight"], p.get(name + ".bias"), s.norm_eps)
 
 
 def _attention(s: StepShape, p: dict, b: str, x: torch.Tensor, rope, pos: torch.Tensor,
@@ -196,8 +197,8 @@ def _attention(s: StepShape, p: dict, b: str, x: torch.Tensor, rope, pos: torch.
     k = k.view(B, nkv, 1, hs)
     v = v.view(B, nkv, 1, hs)
     if s.qk_norm:
-        q = F.rms_norm(q, (hs,), p[b + "attn.q_norm.weight"], s.norm_eps)
-        k = F.rms_norm(k, (hs,), p[b + "attn.k_norm.weight"], s.norm_eps)
+        q = normalize("rmsnorm", q, p[b + "attn.q_norm.weight"], None, s.norm_eps)
+        k = normalize("rmsnorm", k, p[b + "attn.k_norm.weight"], None, s.norm_eps)
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     k_cache[:, :, pos] = k.to(k_cache.dtype)  # in place: the caches are inputs of the graph

@@ -26,7 +26,17 @@ class RMSNorm(nn.Module):
         # Under bf16 autocast x arrives in bf16 and the weight is fp32; the fused kernel needs
         # one dtype (mixed, PyTorch falls back to a 3-4x slower path and warns).
         weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
-        return F.rms_norm(x, (x.size(-1),), weight, self.eps)
+        return normalize("rmsnorm", x, weight, None, self.eps)
+
+
+def normalize(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              eps: float) -> torch.Tensor:
+    """The norm ``kind`` ("rmsnorm" or "layernorm") over the last dimension of ``x``, as a
+    function of its tensors: what the modules below compute, for code that holds the weights
+    outside a module (the compiled decode step)."""
+    if kind == "rmsnorm":
+        return F.rms_norm(x, (x.size(-1),), weight, eps)
+    return F.layer_norm(x, (x.size(-1),), weight, bias, eps)
 
 
 def build_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
