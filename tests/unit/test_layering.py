@@ -1,4 +1,4 @@
-"""The package layering stays as docs/ARCHITECTURE describes: a graph without cycles, ``model/``
+"""The package layering stays as the README's code map describes: a graph without cycles, ``model/``
 importing only torch, and no arrow from data or evaluation into training.
 
 Imports are read from the source (every ``import``, at the top of a file or inside a function), so

@@ -27,10 +27,12 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from gptforge import atomic
@@ -84,12 +86,43 @@ def save_checkpoint(run_dir: Path, *, step: int, weights: dict[str, torch.Tensor
             shutil.copytree(tokenizer_dir, tmp / "tokenizer")
             torch.save(trainer_state, tmp / "trainer_state.pt")
         atomic.write_text(run_dir / "latest", f"{CKPT_DIR}/{target.name}\n")
-    except OSError as err:
+    except (OSError, RuntimeError, SafetensorError) as err:
+        # torch.save reports a failed write as RuntimeError, safetensors as SafetensorError.
         previous = latest_checkpoint(run_dir)
         kept = f"; the last checkpoint {previous} is intact" if previous else ""
-        reason = "disk full" if err.errno == errno.ENOSPC else err.strerror or str(err)
-        raise GptforgeError(f"could not write checkpoint {target}: {reason}{kept}") from err
+        raise GptforgeError(f"could not write checkpoint {target}: {_write_failure(err)}{kept}") \
+            from err
     return target
+
+
+def _write_failure(err: Exception) -> str:
+    """A short reason for a failed write ("disk full" whatever layer reported it)."""
+    text = str(err)
+    if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in text \
+            or "StorageFull" in text:
+        return "disk full"
+    if isinstance(err, OSError):
+        return err.strerror or text
+    return _first_line(text)
+
+
+def _first_line(text: str) -> str:
+    return (text.strip().splitlines() or [""])[0][:300]
+
+
+def _damaged(path: Path, err: Exception) -> GptforgeError:
+    return GptforgeError(f"{path} is damaged ({_first_line(str(err))}); copy the checkpoint "
+                         "again or use another one")
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a cut-short or foreign file is one clear error."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise _damaged(path, err) from None
 
 
 def is_sharded(ckpt: Path) -> bool:
@@ -125,9 +158,7 @@ def has_weights(ckpt: Path) -> bool:
 
 def read_weights(ckpt: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     """The checkpoint's weights as a full state dict for ``model`` (tied aliases filled in)."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(Path(ckpt) / "model.safetensors"))
+    state = read_safetensors(Path(ckpt) / "model.safetensors")
     first: dict[int, str] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         if id(param) in first and name not in state and first[id(param)] in state:
@@ -164,10 +195,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def read_meta(ckpt: Path) -> dict:
     try:
-        meta = json.loads((Path(ckpt) / "model.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise GptforgeError(f"{ckpt}/model.json is unreadable ({err}); "
+        meta = json.loads((Path(ckpt) / "model.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise GptforgeError(f"{ckpt}/model.json is unreadable ({_first_line(str(err))}); "
                             "the checkpoint is damaged") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise GptforgeError(f"{ckpt}/model.json is not a gptforge checkpoint description (a JSON "
+                            "object with a 'model' object); the checkpoint is damaged")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise GptforgeError(f"{ckpt}: checkpoint format {version} is not supported by this "
@@ -194,11 +228,14 @@ def load_weights(model: nn.Module, ckpt: Path) -> None:
 
         load_sharded_model(model, Path(ckpt) / SHARDED_MODEL)
         return
+    path = Path(ckpt) / "model.safetensors"
     try:
-        load_model(model, str(Path(ckpt) / "model.safetensors"), strict=True)
+        load_model(model, str(path), strict=True)
+    except SafetensorError as err:
+        raise _damaged(path, err) from None
     except (RuntimeError, OSError) as err:
-        first = str(err).strip().splitlines()[0][:300]
-        raise GptforgeError(f"{ckpt}: weights do not fit the model ({first})") from None
+        raise GptforgeError(f"{ckpt}: weights do not fit the model "
+                            f"({_first_line(str(err))})") from None
 
 
 def load_trainer_state(ckpt: Path) -> dict:
@@ -206,4 +243,15 @@ def load_trainer_state(ckpt: Path) -> dict:
     if not path.is_file():
         raise GptforgeError(f"{ckpt} has no trainer_state.pt: it can be used for generation "
                             "but not resumed")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refused an object: never run it
+        raise GptforgeError(f"{path} was refused: it holds objects other than tensors and plain "
+                            "containers, which a gptforge checkpoint never does (a foreign or "
+                            "tampered file); resume from another checkpoint") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise _damaged(path, err) from None
+    if not isinstance(state, dict):
+        raise GptforgeError(f"{path} is damaged (not a dictionary); resume from another "
+                            "checkpoint")
+    return state

@@ -20,11 +20,14 @@ import dataclasses
 import os
 from pathlib import Path
 
+import torch
+
 from gptforge.checkpoints.format import (
     has_weights,
     load_weights,
     model_config_of,
     read_meta,
+    read_safetensors,
     weights_sha256,
 )
 from gptforge.errors import GptforgeError
@@ -50,6 +53,7 @@ def build_model(ckpt: str | Path, *, merge: bool = True) -> GPT:
     model = GPT(model_config_of(meta, ckpt))
     if "lora" not in meta:
         load_weights(model, ckpt)
+        check_finite(model, ckpt)
         return model.eval()
     lora = lora_settings(meta, ckpt)
     load_base_weights(model, ckpt, lora)
@@ -58,12 +62,21 @@ def build_model(ckpt: str | Path, *, merge: bool = True) -> GPT:
     except ValueError as err:
         raise GptforgeError(f"{ckpt}/model.json: invalid lora settings ({err})") from None
     load_adapters(model, ckpt)
+    check_finite(model, ckpt)
     if merge:
         merge_lora(model)
         untied = model.config.tie_embeddings and model.lm_head.weight is not model.tok_emb.weight
         if untied:  # an adapter on a tied output layer gave it weights of its own
             model.config = dataclasses.replace(model.config, tie_embeddings=False)
     return model.eval()
+
+
+def check_finite(model: GPT, ckpt: Path) -> None:
+    """Refuse weights holding NaN or infinity: such a model only ever outputs garbage."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise GptforgeError(f"{ckpt}: weight {name} holds NaN or infinite values (the run "
+                                "had diverged when it was saved); use an earlier checkpoint")
 
 
 def lora_settings(meta: dict, ckpt: Path) -> dict:
@@ -118,12 +131,7 @@ def _check_same_architecture(model: GPT, base_config: dict, base: Path, ckpt: Pa
 
 def load_adapters(model: GPT, ckpt: Path) -> None:
     """Load the adapter tensors of ``ckpt`` strictly: exactly the model's adapters, same shapes."""
-    from safetensors.torch import load_file
-
-    try:
-        adapters = load_file(str(Path(ckpt) / "model.safetensors"))
-    except OSError as err:
-        raise GptforgeError(f"{ckpt}/model.safetensors is unreadable ({err})") from None
+    adapters = read_safetensors(Path(ckpt) / "model.safetensors")
     expected = set(lora_state_dict(model))
     if set(adapters) != expected:
         diff = sorted(set(adapters) ^ expected)[:3]
