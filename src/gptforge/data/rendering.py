@@ -92,10 +92,10 @@ def lookup(record: dict, name: str, where: str, option: str) -> Any:
     path: list[str] = []
     for key in name.split("."):
         if not isinstance(value, dict) or key not in value:
-            inside = f" in '{'.'.join(path)}'" if path else ""
+            inside = f" in '{'.'.join(path)}' (for '{name}')" if path else ""
             fields = ", ".join(map(str, value)) if isinstance(value, dict) else json_type(value)
-            raise GptforgeError(f"{where}: no field '{key}'{inside} for '{name}' (fields: "
-                                f"{fields or 'none'}); fix {option}")
+            raise GptforgeError(f"{where}: no field '{key}'{inside} (fields: {fields or 'none'});"
+                                f" fix {option}")
         value = value[key]
         path.append(key)
     return value

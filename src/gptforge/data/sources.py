@@ -39,7 +39,7 @@ SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".json", ".parquet")
 _GLOB_CHARS = frozenset("*?[")
 _PARQUET_BATCH_ROWS = 1024
 TEXT_UNITS = ("file", "lines", "paragraphs")  # what one document of a .txt/.md file is
-_PARAGRAPH_BREAK = re.compile(r"\n[ \t\r]*\n")
+_PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t\r]*\n)+")  # one or more blank lines
 
 
 @dataclass(frozen=True)
