@@ -206,6 +206,40 @@ def test_changed_settings_or_inputs_start_over(corpus, tmp_path, monkeypatch, ca
     assert_same_output(tmp_path / "fresh", out)
 
 
+def test_filters_rates_and_templates_resume_to_the_same_output(tmp_path, monkeypatch, caplog):
+    from gptforge.data.filters import FilterSettings
+
+    records = [{"title": f"Poem {i}", "lines": story(i).splitlines()} for i in range(70)]
+    records += [{"title": "Again", "lines": story(i).splitlines()} for i in range(0, 70, 9)]
+    records += [{"title": "x", "lines": []}] * 3  # too short
+    poems = tmp_path / "poems.jsonl"
+    poems.write_text("".join(json.dumps(r) + "\n" for r in records))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("".join(f"note {i}: the fox ran {'far ' * (i % 3)}off\n" for i in range(30)))
+    inputs = [poems, notes]
+    options = {"template": "{title}\n{lines}", "text_unit": "lines", "seed": 3,
+               "input_rates": [f"{notes}=1.5"],
+               "filters": FilterSettings(min_chars=12, near_dedup=0.7)}
+    reference = run(inputs, tmp_path / "reference", **options)
+    removed = reference["filters"]["removed"]
+    assert removed["near_duplicate"]["documents"] >= 8 and removed["min_chars"]["documents"] == 3
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        interrupt_after_shards(patch, 4)
+        with pytest.raises(Interrupt):
+            run(inputs, out, **options)
+    caplog.set_level(logging.INFO)
+    run(inputs, out, **options)
+    assert "starting over" not in caplog.text
+    assert_same_output(tmp_path / "reference", out)
+    with monkeypatch.context() as patch:
+        interrupt_after_shards(patch, 2)
+        with pytest.raises(Interrupt):
+            run(inputs, tmp_path / "other", **options)
+    run(inputs, tmp_path / "other", **{**options, "input_rates": None})
+    assert "(changed: input_rates); starting over" in caplog.text
+
+
 def test_restart_discards_the_earlier_work(corpus, tmp_path, monkeypatch, caplog):
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
