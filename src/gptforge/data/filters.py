@@ -227,7 +227,7 @@ class NearDuplicateFilter:
     The signature is cut into ``bands`` bands of ``rows`` entries; two documents of Jaccard
     similarity s share at least one band with probability ``1 - (1 - s^r)^b``, an S-curve that
     rises steeply around ``threshold`` (see :func:`lsh_bands`). Only band keys of kept documents
-    are remembered (one 64-bit key per band, in a set, about 70 bytes each), never texts or
+    are remembered (one 64-bit key per band, in a set, about 90 bytes each), never texts or
     signatures; a matching band is taken as a duplicate without computing the similarity, so a
     pair just below the threshold is dropped now and then, and one just above kept.
     """
