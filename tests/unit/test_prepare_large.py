@@ -440,6 +440,24 @@ def test_hf_sources_mix_with_files_in_order(tmp_path, hf_offline):
     assert got[2][0] == "hf:json row 2"
 
 
+def test_hf_rows_render_through_a_template_or_an_array_column(tmp_path, hf_offline):
+    from gptforge.data.rendering import RecordTemplate
+    from gptforge.data.sources import DocumentShape, iter_documents
+
+    rows = [{"title": "静夜思", "lines": ["床前明月光", "疑是地上霜"]}, {"title": "t", "lines": []}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shape = DocumentShape(template=RecordTemplate("{title}\n{lines}"))
+    got = list(iter_documents(["hf:json"], hf_data_files=[str(tmp_path / "p.jsonl")],
+                              shape=shape))
+    assert got == [("hf:json row 0", "静夜思\n床前明月光\n疑是地上霜"), ("hf:json row 1", "t\n")]
+    got = list(iter_documents(["hf:json"], "lines", [str(tmp_path / "p.jsonl")]))
+    assert got == [("hf:json row 0", "床前明月光\n疑是地上霜")]
+    with pytest.raises(GptforgeError, match=r"hf:json row 0: no field 'author' \(fields: "
+                                            r"title, lines\); fix --template"):
+        list(iter_documents(["hf:json"], hf_data_files=[str(tmp_path / "p.jsonl")],
+                            shape=DocumentShape(template=RecordTemplate("{author}"))))
+
+
 def test_missing_datasets_package_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
     with pytest.raises(GptforgeError, match=r"pip install 'gptforge\[hf\]'"):
