@@ -215,14 +215,21 @@ def test_minhash_estimates_the_exact_jaccard_similarity():
     rng = random.Random(0)
     words = words_text(rng, 400)
     base = " ".join(words)
-    hasher = MinHasher(perms=256, shingle_chars=5, seed=3)
-    for rate in (0.02, 0.1, 0.3, 0.6):
-        other = mutated(words, rate, rng)
-        exact = jaccard(base, other)
-        estimate = float(np.mean(hasher.signature(base) == hasher.signature(other)))
-        sigma = (exact * (1 - exact) / 256) ** 0.5
-        assert abs(estimate - exact) < 4 * sigma + 0.01, (rate, exact, estimate)
+    errors = []
+    for seed in (3, 4):
+        hasher = MinHasher(perms=256, shingle_chars=5, seed=seed)
+        for rate in (0.02, 0.1, 0.3, 0.6):
+            other = mutated(words, rate, rng)
+            exact = jaccard(base, other)
+            estimate = float(np.mean(hasher.signature(base) == hasher.signature(other)))
+            sigma = (exact * (1 - exact) / 256) ** 0.5
+            assert abs(estimate - exact) < 4 * sigma + 0.01, (rate, exact, estimate)
+            errors.append(estimate - exact)
+    # Unbiased: the mean error of 8 estimates has a standard deviation of about 0.01 (weakly
+    # mixed shingle hashes once gave +0.055).
+    assert abs(np.mean(errors)) < 0.03, errors
     # Case and white space do not make a copy different.
+    hasher = MinHasher(perms=256, shingle_chars=5)
     recased = base.upper().replace(" ", "\n ")
     assert np.array_equal(hasher.signature(base), hasher.signature(recased))
 

@@ -358,7 +358,6 @@ class FilterChain:
 
 
 def option_name(filter_name: str) -> str:
-    """The command-line option that sets a filter."""
-    return "--dedup" if filter_name == "duplicate" else \
-        "--near-dedup" if filter_name == "near_duplicate" else \
-        "--" + filter_name.replace("_", "-")
+    """The command-line option that sets a filter (most are named after their option)."""
+    special = {"duplicate": "--dedup", "near_duplicate": "--near-dedup"}
+    return special.get(filter_name, "--" + filter_name.replace("_", "-"))
