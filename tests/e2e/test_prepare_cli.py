@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -17,6 +18,7 @@ import pytest
 from gptforge.cli import main
 from gptforge.data import corpora
 from gptforge.data.prepare import read_manifest
+from gptforge.data.shards import read_shard
 from gptforge.tokenizer import load_tokenizer
 
 TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(200))
@@ -208,7 +210,7 @@ def test_prepare_reads_a_hf_dataset_of_local_files(tmp_path, capfd, monkeypatch)
             "--text-field", "content", "--tokenizer", "char", "--workers", 1, "--no-progress"]
     code, out, err = cli([*base, "--out", tmp_path / "data"], capfd)
     assert code == 0, err
-    assert "4 duplicate documents removed" in out
+    assert re.search(r"filter duplicate +removed +4 of 34 documents \(11\.8%\)", out), out
     manifest = read_manifest(tmp_path / "data")
     assert manifest["dedup"] == {"duplicates_removed": 4}
     assert manifest["sources"][0]["files"][0]["path"] == str(tmp_path / "rows.parquet")
@@ -221,3 +223,66 @@ def test_prepare_reads_a_hf_dataset_of_local_files(tmp_path, capfd, monkeypatch)
                           tmp_path / "bad"], capfd)
     assert code == 1 and err == ["error: hf:parquet@train: no column 'body' (columns: content); "
                                  "use --text-field"]
+
+
+POEMS = [{"title": "静夜思", "author": "李白",
+          "paragraphs": ["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。"]},
+         {"title": "春晓", "author": "孟浩然",
+          "paragraphs": ["春眠不觉晓，处处闻啼鸟。", "夜来风雨声，花落知多少。"]}]
+
+
+def test_poetry_json_array_through_a_template_decodes_back_exactly(tmp_path, capfd):
+    poems = [{**p, "title": f"{p['title']}{i}"} for i in range(12) for p in POEMS]
+    (tmp_path / "poems.json").write_text(json.dumps(poems, ensure_ascii=False), encoding="utf-8")
+    code, out, err = cli(["prepare", "--input", tmp_path / "poems.json", "--template",
+                          r"{title}\n{author}\n{paragraphs}", "--tokenizer", "char", "--out",
+                          tmp_path / "data", "--workers", 1, "--no-progress",
+                          "--min-script-share", "cjk:0.9"], capfd)
+    assert code == 0, err
+    assert re.search(r"filter min_script_share +removed +0 of 24 documents", out), out
+    manifest = read_manifest(tmp_path / "data")
+    tok = load_tokenizer(tmp_path / "data" / manifest["tokenizer"]["file"])
+    texts = []
+    for split in ("train", "val"):
+        ids = [int(i) for shard in sorted((tmp_path / "data" / split).glob("*.bin"))
+               for i in read_shard(shard)]
+        texts += tok.decode(ids).split("<|endoftext|>")[:-1]
+    expected = [f"{p['title']}\n{p['author']}\n" + "\n".join(p["paragraphs"]) for p in poems]
+    assert sorted(texts) == sorted(expected)
+    assert manifest["settings"]["template"] == "{title}\n{author}\n{paragraphs}"
+
+
+def test_dry_run_prints_rendered_documents_and_filter_counts_and_writes_nothing(tmp_path, capfd):
+    (tmp_path / "poems.json").write_text(json.dumps(POEMS * 2, ensure_ascii=False),
+                                         encoding="utf-8")
+    code, out, err = cli(["prepare", "--input", tmp_path / "poems.json", "--text-field",
+                          "paragraphs", "--tokenizer", "bpe", "--out", tmp_path / "data",
+                          "--dry-run", 1], capfd)
+    assert code == 0, err
+    assert out.startswith(f"--- document 1: {tmp_path / 'poems.json'}[0] (25 chars)\n"
+                          "床前明月光，疑是地上霜。\n举头望明月，低头思故乡。\n"
+                          "--- dry run: 2 documents")
+    assert "春晓" not in out and "nothing written" in out
+    assert re.search(r"filter duplicate +removed +2 of 4 documents \(50\.0%\)", out), out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["poems.json"]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--template", "{title}\\n{autor}"],
+     "{tmp}/poems.json[0]: no field 'autor' (fields: title, author, paragraphs); fix --template"),
+    (["--text-field", "paragraphs", "--min-chars", "26", "--max-bad-char-share", "0"],
+     "error: the filters removed all 2 documents, 2 of them by --min-chars; loosen that setting"),
+    (["--text-field", "paragraphs", "--split", "lines"],
+     "--split lines applies to .txt and .md files, and the inputs have none"),
+    (["--text-field", "paragraphs", "--input-rate", "poems.json=2"],
+     "'poems.json' is not one of the --input items"),
+    (["--text-field", "paragraphs", "--min-script-share", "cjk"], "write SCRIPT:SHARE"),
+])
+def test_bad_corpus_options_give_one_error_line(tmp_path, capfd, args, expected):
+    (tmp_path / "poems.json").write_text(json.dumps(POEMS, ensure_ascii=False), encoding="utf-8")
+    code, out, err = cli(["prepare", "--input", tmp_path / "poems.json", *args, "--tokenizer",
+                          "char", "--out", tmp_path / "out", "--workers", 1], capfd)
+    assert code == 1
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert expected.format(tmp=tmp_path) in err[0]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

@@ -89,19 +89,20 @@ def test_documents_are_encoded_as_they_are_read_not_held_twenty_at_a_time(tmp_pa
         (tmp_path / f"doc{i:02d}.txt").write_text(f"document {i}\n")
     passes: list[list[str]] = []  # the labels each pass over the inputs has read so far
     read_at_encode: list[int] = []
-    real_documents, real_encode = prepare_module.iter_source_documents, prepare_module.encode_pieces
+    real_encode = prepare_module.encode_pieces
 
-    def documents(*args, **kwargs):
-        passes.append([])
-        for label, text in real_documents(*args, **kwargs):
-            passes[-1].append(label)
-            yield label, text
+    class Mixture(prepare_module.Mixture):  # one object per pass over the inputs
+        def __iter__(self):
+            passes.append([])
+            for label, text, copies in super().__iter__():
+                passes[-1].append(label)
+                yield label, text, copies
 
     def encode(*args, **kwargs):
         read_at_encode.append(len(passes[-1]))
         return real_encode(*args, **kwargs)
 
-    monkeypatch.setattr(prepare_module, "iter_source_documents", documents)
+    monkeypatch.setattr(prepare_module, "Mixture", Mixture)
     monkeypatch.setattr(prepare_module, "encode_pieces", encode)
     monkeypatch.setattr(prepare_module, "BATCH_CHARS", 1)  # each piece is a batch of its own
     manifest = run(sorted(tmp_path.glob("*.txt")), tmp_path / "out")

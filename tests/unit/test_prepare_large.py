@@ -207,6 +207,40 @@ def test_changed_settings_or_inputs_start_over(corpus, tmp_path, monkeypatch, ca
     assert_same_output(tmp_path / "fresh", out)
 
 
+def test_filters_rates_and_templates_resume_to_the_same_output(tmp_path, monkeypatch, caplog):
+    from gptforge.data.filters import FilterSettings
+
+    records = [{"title": f"Poem {i}", "lines": story(i).splitlines()} for i in range(70)]
+    records += [{"title": "Again", "lines": story(i).splitlines()} for i in range(0, 70, 9)]
+    records += [{"title": "x", "lines": []}] * 3  # too short
+    poems = tmp_path / "poems.jsonl"
+    poems.write_text("".join(json.dumps(r) + "\n" for r in records))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("".join(f"note {i}: the fox ran {'far ' * (i % 3)}off\n" for i in range(30)))
+    inputs = [poems, notes]
+    options = {"template": "{title}\n{lines}", "text_unit": "lines", "seed": 3,
+               "input_rates": [f"{notes}=1.5"],
+               "filters": FilterSettings(min_chars=12, near_dedup=0.7)}
+    reference = run(inputs, tmp_path / "reference", **options)
+    removed = reference["filters"]["removed"]
+    assert removed["near_duplicate"]["documents"] >= 8 and removed["min_chars"]["documents"] == 3
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        interrupt_after_shards(patch, 4)
+        with pytest.raises(Interrupt):
+            run(inputs, out, **options)
+    caplog.set_level(logging.INFO)
+    run(inputs, out, **options)
+    assert "starting over" not in caplog.text
+    assert_same_output(tmp_path / "reference", out)
+    with monkeypatch.context() as patch:
+        interrupt_after_shards(patch, 2)
+        with pytest.raises(Interrupt):
+            run(inputs, tmp_path / "other", **options)
+    run(inputs, tmp_path / "other", **{**options, "input_rates": None})
+    assert "(changed: input_rates); starting over" in caplog.text
+
+
 def test_restart_discards_the_earlier_work(corpus, tmp_path, monkeypatch, caplog):
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
@@ -405,6 +439,24 @@ def test_hf_sources_mix_with_files_in_order(tmp_path, hf_offline):
                               "text", [str(tmp_path / "b.jsonl")]))
     assert [text for _, text in got] == ["first", "second", "third", "fourth"]
     assert got[2][0] == "hf:json row 2"
+
+
+def test_hf_rows_render_through_a_template_or_an_array_column(tmp_path, hf_offline):
+    from gptforge.data.rendering import RecordTemplate
+    from gptforge.data.sources import DocumentShape, iter_documents
+
+    rows = [{"title": "静夜思", "lines": ["床前明月光", "疑是地上霜"]}, {"title": "t", "lines": []}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shape = DocumentShape(template=RecordTemplate("{title}\n{lines}"))
+    got = list(iter_documents(["hf:json"], hf_data_files=[str(tmp_path / "p.jsonl")],
+                              shape=shape))
+    assert got == [("hf:json row 0", "静夜思\n床前明月光\n疑是地上霜"), ("hf:json row 1", "t\n")]
+    got = list(iter_documents(["hf:json"], "lines", [str(tmp_path / "p.jsonl")]))
+    assert got == [("hf:json row 0", "床前明月光\n疑是地上霜")]
+    with pytest.raises(GptforgeError, match=r"hf:json row 0: no field 'author' \(fields: "
+                                            r"title, lines\); fix --template"):
+        list(iter_documents(["hf:json"], hf_data_files=[str(tmp_path / "p.jsonl")],
+                            shape=DocumentShape(template=RecordTemplate("{author}"))))
 
 
 def test_missing_datasets_package_says_how_to_install_it(tmp_path, monkeypatch):

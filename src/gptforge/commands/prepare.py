@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 from gptforge.data.corpora import CORPORA
+from gptforge.data.filters import SCRIPTS
+from gptforge.data.sources import TEXT_UNITS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Read documents, train or load a tokenizer, split train/val and write token "
                     "shards plus manifest.json into --out. See docs/data.md.")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", nargs="+", metavar="PATH",
+    source.add_argument("--input", nargs="+", action="extend", metavar="PATH",
                         help="files, directories or globs (.txt .md .jsonl .json .parquet), or "
                              "Hugging Face datasets: hf:NAME[:CONFIG][@SPLIT]")
     source.add_argument("--corpus", choices=sorted(CORPORA),
@@ -52,7 +54,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="local files for an hf: file loader, e.g. --input hf:json "
                              "--hf-data-files 'data/*.jsonl'")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_corpus_options(parser)
     parser.set_defaults(func=run)
+
+
+def add_corpus_options(parser: argparse.ArgumentParser) -> None:
+    """Options for the shape of the documents, sampling rates, quality filters and dry runs."""
+    group = parser.add_argument_group("documents, sampling and filters (see docs/data.md)")
+    group.add_argument("--template", metavar="TEXT",
+                       help="render each JSON/Parquet record from several fields, e.g. "
+                            "'{title}\n{author}\n{paragraphs}' (arrays joined by newlines, "
+                            "a.b for nested fields; \n and \t are understood)")
+    group.add_argument("--split", choices=TEXT_UNITS, default="file", dest="text_unit",
+                       help="one document per .txt/.md file, per line, or per paragraph "
+                            "(default: file)")
+    group.add_argument("--input-rate", action="append", metavar="PATH=RATE",
+                       help="take the documents of the --input item PATH RATE times: 0.5 half, "
+                            "2 twice (seeded); repeat the option for several inputs")
+    group.add_argument("--min-chars", type=int, metavar="N",
+                       help="drop documents shorter than N characters")
+    group.add_argument("--max-bad-char-share", type=float, metavar="F",
+                       help="drop documents with more than this share of U+FFFD replacement or "
+                            "control characters")
+    group.add_argument("--max-punctuation-share", type=float, metavar="F",
+                       help="drop documents whose visible characters are more than this share "
+                            "punctuation")
+    group.add_argument("--min-script-share", metavar="SCRIPT:F",
+                       help=f"drop documents with less than share F of their letters in SCRIPT "
+                            f"({', '.join(SCRIPTS)}), e.g. cjk:0.5")
+    group.add_argument("--near-dedup", type=float, metavar="J",
+                       help="drop near-duplicates: documents whose MinHash estimate of Jaccard "
+                            "similarity to an earlier one is about J or more, e.g. 0.8")
+    group.add_argument("--near-dedup-shingle", type=int, default=5, metavar="N",
+                       help="characters per shingle for --near-dedup (default: 5)")
+    group.add_argument("--near-dedup-perms", type=int, default=128, metavar="N",
+                       help="MinHash functions for --near-dedup (default: 128)")
+    group.add_argument("--dry-run", nargs="?", type=int, const=3, metavar="N",
+                       help="write nothing: print the first N documents (default 3) as rendered "
+                            "and what the filters and rates did")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,9 +105,52 @@ def run(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
         shard_tokens=args.shard_tokens, token_dtype=args.token_dtype,
         sp_model_type=args.sp_model_type, progress=not args.no_progress, corpus=args.corpus,
-        dedup=args.dedup, resume=not args.restart, hf_data_files=args.hf_data_files)
+        dedup=args.dedup, resume=not args.restart, hf_data_files=args.hf_data_files,
+        **corpus_arguments(args))
+    if manifest.get("dry_run"):
+        print_preview(manifest)
+        return 0
     print_summary(manifest, out)
     return 0
+
+
+def corpus_arguments(args: argparse.Namespace) -> dict:
+    """The keyword arguments of :func:`prepare` that :func:`add_corpus_options` sets."""
+    from gptforge.data.filters import FilterSettings
+    from gptforge.data.rendering import unescape
+
+    filters = FilterSettings(
+        min_chars=args.min_chars, max_bad_char_share=args.max_bad_char_share,
+        max_punctuation_share=args.max_punctuation_share,
+        min_script_share=args.min_script_share, near_dedup=args.near_dedup,
+        near_dedup_shingle=args.near_dedup_shingle, near_dedup_perms=args.near_dedup_perms)
+    return {"template": unescape(args.template) if args.template is not None else None,
+            "text_unit": args.text_unit, "input_rates": args.input_rate, "filters": filters,
+            "dry_run": args.dry_run is not None, "preview_documents": args.dry_run or 0}
+
+
+def print_preview(preview: dict) -> None:
+    """A dry run's samples, each cut short, then the counts."""
+    for number, sample in enumerate(preview["samples"], start=1):
+        more = sample["chars"] - len(sample["text"])
+        print(f"--- document {number}: {sample['label']} ({sample['chars']:,} chars)")
+        print(sample["text"] + (f"\n[... {more:,} more chars]" if more else ""))
+    print(f"--- dry run: {preview['documents']:,} documents kept, {preview['taken']:,} taken "
+          f"with the rates, {preview['chars']:,} chars; nothing written")
+    print_corpus_report(preview)
+    sys.stdout.flush()
+
+
+def print_corpus_report(report: dict) -> None:
+    """What each filter removed and what each rated source gave (manifest or dry run)."""
+    filters = report.get("filters")
+    if filters:
+        for name, removed in filters["removed"].items():
+            print(f"  filter {name:<22} removed {removed['documents']:>9,} of "
+                  f"{filters['documents']:,} documents ({removed['share']:.1%})")
+    for source in report.get("sampling") or []:
+        print(f"  rate {source['rate']:g} on {source['source']}: {source['documents']:,} "
+              f"documents -> {source['taken']:,}")
 
 
 def print_summary(manifest: dict, out: Path) -> None:
@@ -79,9 +161,7 @@ def print_summary(manifest: dict, out: Path) -> None:
         shards = f"{split['shards']} shard{'' if split['shards'] == 1 else 's'}"
         print(f"  {name:<5} {split['tokens']:>14,} tokens  {split['documents']:>9,} documents  "
               f"{shards}")
-    removed = manifest.get("dedup", {}).get("duplicates_removed")
-    if removed is not None:
-        print(f"  {removed:,} duplicate document{'' if removed == 1 else 's'} removed")
+    print_corpus_report(manifest)
     print(f"  {stats['bytes_per_token']:.2f} bytes/token; tokenizer {stats['tokenizer_s']:.1f} s, "
           f"encoding {stats['encode_s']:.1f} s ({stats['tokens_per_s']:,} tokens/s); "
           f"total {manifest['duration_s']:.1f} s")

@@ -8,7 +8,8 @@ filter runs before the train/val split, so a duplicate can never end up on the o
 Each document is remembered by a 16-byte BLAKE2b digest of its UTF-8 text in a Python ``set``:
 about 85 bytes of memory per distinct document (the digest object plus its set slot), so 1 GB per
 12 million documents. With 128-bit digests, a false match among a billion documents has a
-probability below 10^-20. Only exact copies are caught; near-duplicates need MinHash or the like.
+probability below 10^-20. Only exact copies are caught; near-duplicates are caught by
+:class:`~gptforge.data.filters.NearDuplicateFilter`.
 """
 
 from __future__ import annotations
@@ -30,13 +31,17 @@ class DuplicateFilter:
         self.duplicates_removed = 0
 
     def __call__(self, documents: Iterable[tuple[str, str]]) -> Iterator[tuple[str, str]]:
-        seen = self._seen
         for label, text in documents:
-            # surrogatepass: a lone surrogate is reported by the encoder, with the document named
-            key = hashlib.blake2b(text.encode("utf-8", "surrogatepass"),
-                                  digest_size=DIGEST_BYTES).digest()
-            if key in seen:
-                self.duplicates_removed += 1
-                continue
-            seen.add(key)
-            yield label, text
+            if self.keep(text):
+                yield label, text
+
+    def keep(self, text: str) -> bool:
+        """Whether ``text`` is new; it is remembered, a repeat is counted."""
+        # surrogatepass: a lone surrogate is reported by the encoder, with the document named
+        key = hashlib.blake2b(text.encode("utf-8", "surrogatepass"),
+                              digest_size=DIGEST_BYTES).digest()
+        if key in self._seen:
+            self.duplicates_removed += 1
+            return False
+        self._seen.add(key)
+        return True

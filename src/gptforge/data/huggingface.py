@@ -35,8 +35,13 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from gptforge.data.rendering import RecordTemplate, field_text
 from gptforge.errors import GptforgeError
+
+if TYPE_CHECKING:
+    from gptforge.data.sources import DocumentShape
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +83,29 @@ class HFSource:
                 "revision": self.revision,
                 "files": [describe_file(path) for path in self.local_files()]}
 
-    def check(self, text_field: str) -> None:
+    def check(self, text_field: str, template: RecordTemplate | None = None) -> None:
         """Load it now, so a bad name, config, split or column stops prepare before any work."""
         dataset = self._load()
-        if dataset.column_names is not None and text_field not in dataset.column_names:
-            raise self._missing_column(text_field, dataset.column_names)
+        columns = dataset.column_names
+        if columns is None:
+            return
+        needed = template.columns(columns) if template is not None else [text_field]
+        for column in needed:
+            if column not in columns:
+                raise self._missing_column(column, columns)
 
-    def documents(self, text_field: str) -> Iterator[tuple[str, str]]:
-        """Yield ``(label, text)`` per row; null values are skipped, other non-strings refused."""
+    def documents(self, text_field: str,
+                  shape: DocumentShape | None = None) -> Iterator[tuple[str, str]]:
+        """Yield ``(label, text)`` per row; null values are skipped, other non-strings refused.
+
+        ``shape`` may render a row through a template instead of taking one column.
+        """
         dataset = self._load()
         columns = dataset.column_names  # None when the loader cannot tell before reading
+        if shape is not None and shape.template is not None:
+            for index, row in enumerate(self._rows(dataset)):
+                yield f"{self.spec} row {index}", shape.record_text(row, f"{self.spec} row {index}")
+            return
         if columns is not None and text_field not in columns:
             raise self._missing_column(text_field, columns)
         for index, row in enumerate(self._rows(dataset)):
@@ -95,6 +113,8 @@ class HFSource:
             if text_field not in row:
                 raise self._missing_column(text_field, list(row), where)
             text = row[text_field]
+            if isinstance(text, list):
+                text = field_text(text, text_field, where)
             if text is None:
                 continue
             if not isinstance(text, str):

@@ -13,8 +13,11 @@ of worker processes. The output directory::
 
 It is built in ``OUT.partial/`` beside OUT and renamed into place at the end, so an interrupted
 run leaves OUT as it was, and a directory with a manifest is always complete. A journal there
-(:mod:`~gptforge.data.journal`) lets a run that was interrupted continue where it stopped, and
-exact duplicate documents are dropped before the split (:mod:`~gptforge.data.dedup`).
+(:mod:`~gptforge.data.journal`) lets a run that was interrupted continue where it stopped.
+
+Before the split, documents pass the quality filters (:mod:`~gptforge.data.filters`: exact and
+near duplicates, length, damaged text, punctuation, script) and are taken at their source's
+sampling rate (:mod:`~gptforge.data.mixing`); a *dry run* does only that, and shows what came out.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from fractions import Fraction
 from pathlib import Path
@@ -42,7 +46,7 @@ import numpy as np
 
 from gptforge import atomic
 from gptforge.data.corpora import fetch_corpus, get_corpus
-from gptforge.data.dedup import DuplicateFilter
+from gptforge.data.filters import FilterSettings
 from gptforge.data.journal import (
     JOURNAL_NAME,
     JOURNAL_VERSION,
@@ -54,9 +58,11 @@ from gptforge.data.journal import (
     partial_dir,
 )
 from gptforge.data.manifest import MANIFEST_NAME, MANIFEST_VERSION, read_manifest
+from gptforge.data.mixing import Mixture, parse_rates
+from gptforge.data.rendering import RecordTemplate
 from gptforge.data.shards import FORMAT_VERSION as SHARD_FORMAT_VERSION
 from gptforge.data.shards import ShardWriter, shard_name, split_shard_paths, token_dtype
-from gptforge.data.sources import describe_file, iter_source_documents, resolve_sources
+from gptforge.data.sources import TEXT_SUFFIXES, DocumentShape, describe_file, resolve_sources
 from gptforge.errors import GptforgeError
 from gptforge.tokenizer.base import (
     KINDS,
@@ -71,6 +77,7 @@ log = logging.getLogger(__name__)
 # With at least this many documents whole documents go to val; with fewer, each one's tail does.
 MIN_DOCUMENTS_FOR_DOCUMENT_SPLIT = 20
 MAX_VAL_FRACTION = 0.5
+PREVIEW_CHARS = 400  # a dry run shows at most this much of each sample document
 # Text longer than this is cut at line breaks before encoding, for parallelism and bounded memory.
 CHUNK_CHARS = 1 << 20
 BATCH_CHARS = 1 << 20  # characters of text per encoding task
@@ -100,7 +107,7 @@ class Piece(NamedTuple):
 # --------------------------------------------------------------------------- the split
 
 
-def split_method(documents: Iterable[tuple[str, str]]) -> str:
+def split_method(documents: Iterable[tuple]) -> str:
     """``"document"`` for 20 documents or more, else ``"position"`` (see :func:`plan_split`).
 
     Reads no further than the 20th document and keeps none, so a pass of its own over the inputs
@@ -110,9 +117,11 @@ def split_method(documents: Iterable[tuple[str, str]]) -> str:
     return "document" if count == MIN_DOCUMENTS_FOR_DOCUMENT_SPLIT else "position"
 
 
-def plan_split(documents: Iterable[tuple[str, str]], method: str, val_fraction: float,
+def plan_split(documents: Iterable[tuple[str, str, int]], method: str, val_fraction: float,
                seed: int) -> Iterator[Piece]:
-    """Assign documents to train/val by ``method`` (:func:`split_method`); the stream of pieces.
+    """Assign ``(label, text, copies)`` documents to train/val by ``method``
+    (:func:`split_method`); the stream of pieces, each piece ``copies`` times over, so that the
+    copies of a document (:mod:`~gptforge.data.mixing`) are all on the same side.
 
     With >= 20 documents, whole documents go to val (see :func:`document_goes_to_val`): decided
     per document from its index alone, so the stream never has to be seen in full. With fewer
@@ -150,21 +159,23 @@ def _val_score(seed: int, window: int) -> float:
     return int.from_bytes(digest, "little") / 2**64
 
 
-def _split_by_document(documents: Iterable[tuple[str, str]], val_fraction: float,
+def _split_by_document(documents: Iterable[tuple[str, str, int]], val_fraction: float,
                        seed: int) -> Iterator[Piece]:
-    for index, (label, text) in enumerate(documents):
+    for index, (label, text, copies) in enumerate(documents):
         to_val = document_goes_to_val(index, val_fraction, seed)
-        yield Piece("val" if to_val else "train", label, text)
+        for _ in range(copies):
+            yield Piece("val" if to_val else "train", label, text)
 
 
-def _split_by_position(documents: Iterable[tuple[str, str]],
+def _split_by_position(documents: Iterable[tuple[str, str, int]],
                        val_fraction: float) -> Iterator[Piece]:
-    for label, text in documents:
+    for label, text, copies in documents:
         cut = _cut_point(text, val_fraction)
-        if cut > 0:
-            yield Piece("train", label, text[:cut])
-        if cut < len(text):
-            yield Piece("val", label, text[cut:])
+        for _ in range(copies):
+            if cut > 0:
+                yield Piece("train", label, text[:cut])
+            if cut < len(text):
+                yield Piece("val", label, text[cut:])
 
 
 def _cut_point(text: str, val_fraction: float) -> int:
@@ -177,6 +188,71 @@ def _cut_point(text: str, val_fraction: float) -> int:
     after = text.find("\n", cut, min(len(text), cut + window))
     starts = [i + 1 for i in (before, after) if i >= 0]
     return min(starts, key=lambda s: abs(s - cut)) if starts else cut
+
+
+# --------------------------------------------------------------------------- the documents
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """What prepare reads: the sources, how their records become documents, the quality filters
+    and the sampling rate of each source."""
+
+    sources: list
+    shape: DocumentShape
+    rates: list[float]
+    filters: FilterSettings
+    seed: int
+
+    def mixture(self) -> Mixture:
+        """A new pass over the documents, ``(label, text, copies)`` (with new filters)."""
+        return Mixture(self.sources, self.rates, self.seed, self.shape, self.filters.build())
+
+
+def _corpus_settings(template: str | None, text_unit: str, input_rates: list[str] | None,
+                     filters: FilterSettings | None) -> dict:
+    """The settings of :class:`Corpus` beyond the text field and dedup, for the journal and the
+    manifest."""
+    chosen = {k: v for k, v in asdict(filters or FilterSettings()).items() if k != "dedup"}
+    return {"template": template, "text_unit": text_unit,
+            "input_rates": [str(r) for r in input_rates] if input_rates else None,
+            "filters": chosen}
+
+
+def build_corpus(settings: dict, sources: list) -> Corpus:
+    """The :class:`Corpus` of ``settings``, every option checked (one line for each problem)."""
+    filters = FilterSettings(**settings["filters"], dedup=settings["dedup"])
+    filters.check()
+    template = RecordTemplate(settings["template"]) if settings["template"] is not None else None
+    shape = DocumentShape(settings["text_field"], template, settings["text_unit"])
+    if shape.text_unit != "file" and not any(
+            isinstance(s, Path) and s.suffix.lower() in TEXT_SUFFIXES for s in sources):
+        raise GptforgeError(f"--split {shape.text_unit} applies to .txt and .md files, and the "
+                            "inputs have none")
+    rates = parse_rates(settings["input_rates"], settings["inputs"], sources,
+                        settings["hf_data_files"])
+    return Corpus(sources, shape, rates, filters, settings["seed"])
+
+
+def preview(corpus: Corpus, count: int = 3) -> dict:
+    """A dry run: one pass over the documents, keeping the first ``count`` (cut to
+    ``PREVIEW_CHARS``) and counting what the filters and rates did."""
+    documents = corpus.mixture()
+    samples, read, taken, chars = [], 0, 0, 0
+    for label, text, copies in documents:
+        if len(samples) < count:
+            samples.append({"label": label, "text": text[:PREVIEW_CHARS], "chars": len(text)})
+        read, taken, chars = read + 1, taken + copies, chars + copies * len(text)
+    return {"dry_run": True, "samples": samples, "documents": read, "taken": taken,
+            "chars": chars, **_corpus_report(documents, {"dedup": corpus.filters.dedup})}
+
+
+def _corpus_report(documents: Mixture, settings: dict) -> dict:
+    """What the filters removed and the rates took, for the manifest and the summary."""
+    report = documents.chain.report()
+    return {"dedup": {"duplicates_removed": report["removed"]["duplicate"]["documents"]
+                      if settings["dedup"] else None},
+            "filters": report, "sampling": documents.report()}
 
 
 # --------------------------------------------------------------------------- encoding
@@ -402,7 +478,10 @@ def prepare(inputs: list[str], out_dir: Path, tokenizer: str = "char",
             shard_tokens: int = 100_000_000, token_dtype: str = "auto",
             sp_model_type: str = "bpe", progress: bool = True,
             corpus: str | None = None, dedup: bool = True, resume: bool = True,
-            hf_data_files: list[str] | None = None) -> dict:
+            hf_data_files: list[str] | None = None, template: str | None = None,
+            text_unit: str = "file", input_rates: list[str] | None = None,
+            filters: FilterSettings | None = None, dry_run: bool = False,
+            preview_documents: int = 3) -> dict:
     """Tokenize ``inputs`` into the data directory ``out_dir``; returns the manifest.
 
     ``inputs`` are files, directories, globs and ``hf:NAME[:CONFIG][@SPLIT]`` datasets (which
@@ -412,6 +491,14 @@ def prepare(inputs: list[str], out_dir: Path, tokenizer: str = "char",
     ``dedup`` drops documents identical to an earlier one. ``resume`` continues the work an
     interrupted run with the same settings left in ``OUT.partial``; False starts over. ``corpus``
     only records which built-in corpus the inputs are.
+
+    How records become documents: ``template`` (e.g. ``"{title}\n{paragraphs}"``) renders each
+    record from several fields instead of taking ``text_field``; ``text_unit`` makes each line
+    (``"lines"``) or paragraph (``"paragraphs"``) of a text file a document. ``input_rates``
+    (``["PATH=RATE", ...]``) take the documents of an input item that many times, and
+    ``filters`` drop documents by quality (exact duplicates are ``dedup``'s, whatever
+    ``filters.dedup`` says). ``dry_run`` writes nothing and returns, instead of the manifest,
+    the first ``preview_documents`` documents and what the filters and rates did.
     """
     started = time.perf_counter()
     settings = {"inputs": [str(i) for i in inputs], "corpus": corpus, "tokenizer": str(tokenizer),
@@ -419,12 +506,16 @@ def prepare(inputs: list[str], out_dir: Path, tokenizer: str = "char",
                 "val_fraction": val_fraction, "seed": seed, "workers": workers,
                 "shard_tokens": shard_tokens, "token_dtype": token_dtype,
                 "sp_model_type": sp_model_type, "dedup": bool(dedup),
-                "hf_data_files": [str(f) for f in hf_data_files] if hf_data_files else None}
+                "hf_data_files": [str(f) for f in hf_data_files] if hf_data_files else None,
+                **_corpus_settings(template, text_unit, input_rates, filters)}
     _check_settings(settings)
     out_dir = Path(out_dir).expanduser().absolute()
     sources = resolve_sources(settings["inputs"], settings["hf_data_files"])
+    corpus = build_corpus(settings, sources)
+    if dry_run:
+        return preview(corpus, preview_documents)
     _check_output_dir(out_dir, _local_files(sources))
-    described = [_describe(source, text_field) for source in sources]
+    described = [_describe(source, corpus.shape) for source in sources]
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # a file in the way, no permission
@@ -432,7 +523,7 @@ def prepare(inputs: list[str], out_dir: Path, tokenizer: str = "char",
                             f"({err.strerror})") from None
     work = open_work_dir(out_dir, _identity(settings, described), restart=not resume)
     try:
-        manifest = _prepare_into(work, sources, settings, described, progress, started)
+        manifest = _prepare_into(work, corpus, settings, described, progress, started)
         _move_into_place(work.path, out_dir)
     except BaseException as err:
         work.discard_unless_worth_keeping(quiet=isinstance(err, GptforgeError))
@@ -444,24 +535,14 @@ def prepare(inputs: list[str], out_dir: Path, tokenizer: str = "char",
     return manifest
 
 
-def _prepare_into(work: WorkDir, sources: list, settings: dict, described: list[dict],
+def _prepare_into(work: WorkDir, corpus: Corpus, settings: dict, described: list[dict],
                   progress: bool, started: float) -> dict:
     journal = work.journal
     before = dict(journal.timings)  # time spent by earlier, interrupted runs
 
-    def documents() -> Iterator[tuple[str, str]]:
-        return iter_source_documents(sources, settings["text_field"])
-
-    def deduplicated(duplicates: DuplicateFilter | None) -> Iterator[tuple[str, str]]:
-        return duplicates(documents()) if duplicates is not None else documents()
-
-    def pieces(duplicates: DuplicateFilter | None) -> tuple[str, Iterator[Piece]]:
-        method = split_method(deduplicated(new_filter()))  # a pass (and a filter) of its own
-        return method, plan_split(deduplicated(duplicates), method, settings["val_fraction"],
-                                  settings["seed"])
-
-    def new_filter() -> DuplicateFilter | None:
-        return DuplicateFilter() if settings["dedup"] else None
+    def pieces(documents: Mixture) -> tuple[str, Iterator[Piece]]:
+        method = split_method(corpus.mixture())  # a pass (and a filter chain) of its own
+        return method, plan_split(documents, method, settings["val_fraction"], settings["seed"])
 
     def checkpoint() -> None:
         journal.splits = {name: w.done for name, w in writers.items()}
@@ -471,14 +552,14 @@ def _prepare_into(work: WorkDir, sources: list, settings: dict, described: list[
         work.save()
 
     tokenizer_started = time.perf_counter()
-    tok, tokenizer_file = _work_tokenizer(work, settings, documents,
-                                          lambda: pieces(new_filter()), progress)
+    tok, tokenizer_file = _work_tokenizer(work, settings, corpus.mixture,
+                                          lambda: pieces(corpus.mixture()), progress)
     journal.timings["tokenizer_s"] = (before.get("tokenizer_s", 0.0)
                                       + time.perf_counter() - tokenizer_started)
     work.save()
     dtype = token_dtype(tok.vocab_size, settings["token_dtype"])
-    duplicates = new_filter()
-    method, stream = pieces(duplicates)
+    documents = corpus.mixture()
+    method, stream = pieces(documents)
     writers = {split: SplitWriter(work.path / split, dtype, settings["shard_tokens"],
                                   journal.splits[split], checkpoint)
                for split in ("train", "val")}
@@ -496,8 +577,7 @@ def _prepare_into(work: WorkDir, sources: list, settings: dict, described: list[
         del splits["val"]
     manifest = _manifest(tok, tokenizer_file.relative_to(work.path), dtype, method, splits,
                          described, settings, journal.timings)
-    manifest["dedup"] = {"duplicates_removed": duplicates.duplicates_removed
-                         if duplicates is not None else None}
+    manifest.update(_corpus_report(documents, settings))
     atomic.write_bytes(work.path / MANIFEST_NAME,
                        (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode())
     return manifest
@@ -522,8 +602,8 @@ def _get_tokenizer(settings: dict, documents, pieces, progress: bool) -> Tokeniz
     spec, vocab_size = settings["tokenizer"], settings["vocab_size"]
     if spec in KINDS:
         if spec == "char":
-            # Every document, duplicates included: they hold no character the others lack.
-            texts: Iterable[str] = (text for _, text in documents())
+            # Every document taken, whatever its split, so val holds no unknown character.
+            texts: Iterable[str] = (text for _, text, _ in documents())
             where = "all documents"
         else:
             texts = (p.text for p in pieces()[1] if p.split == "train")
@@ -661,10 +741,10 @@ def _local_files(sources: list) -> list[Path]:
     return files
 
 
-def _describe(source, text_field: str) -> dict:
+def _describe(source, shape: DocumentShape) -> dict:
     if isinstance(source, Path):
         return describe_file(source)
-    source.check(text_field)
+    source.check(shape.text_field, shape.template)
     return source.describe()
 
 

@@ -3,6 +3,9 @@
 A *document* is a unit of text that ends with an end-of-text token in the token stream: a whole
 ``.txt``/``.md`` file, one line of a ``.jsonl`` file, one item of a ``.json`` array, one row of a
 ``.parquet`` file. Documents are streamed, never collected, so corpora larger than memory work.
+A :class:`DocumentShape` can say otherwise: one document per line (or per blank-line separated
+paragraph) of a text file, and the text of a record taken from a field that is an array of
+strings, or rendered from several fields by a template (:mod:`~gptforge.data.rendering`).
 
 Every problem with the input is reported as a one-line :class:`GptforgeError` naming the file and,
 where there is one, the line or row, because a bad line in a 10 GB file is otherwise hopeless to
@@ -19,10 +22,13 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gptforge.data.rendering import RecordTemplate, field_text, json_type, lookup
 from gptforge.errors import GptforgeError
 from gptforge.tokenizer.base import surrogate_problem
 
@@ -32,6 +38,51 @@ TEXT_SUFFIXES = (".txt", ".md")
 SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".json", ".parquet")
 _GLOB_CHARS = frozenset("*?[")
 _PARQUET_BATCH_ROWS = 1024
+TEXT_UNITS = ("file", "lines", "paragraphs")  # what one document of a .txt/.md file is
+_PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t\r]*\n)+")  # one or more blank lines
+
+
+@dataclass(frozen=True)
+class DocumentShape:
+    """How the inputs' files and records become documents.
+
+    ``text_field`` is the field (column) holding a record's text; ``template``, when set, renders
+    the text from several fields instead; ``text_unit`` is what one document of a ``.txt`` or
+    ``.md`` file is: the whole ``file``, each of its ``lines``, or each ``paragraphs`` (text
+    between blank lines).
+    """
+
+    text_field: str = "text"
+    template: RecordTemplate | None = None
+    text_unit: str = "file"
+
+    def __post_init__(self) -> None:
+        if self.text_unit not in TEXT_UNITS:
+            raise GptforgeError(f"--split {self.text_unit!r}: choose {', '.join(TEXT_UNITS)}")
+
+    def record_text(self, record: Any, where: str) -> str | None:
+        """The text of one record, a JSON value or a row; None when it has none (null)."""
+        if self.template is not None:
+            text = self.template.render(record, where)
+        elif isinstance(record, dict):
+            if self.text_field not in record and "." not in self.text_field:
+                fields = ", ".join(map(str, record)) or "none"
+                raise GptforgeError(f"{where}: no field '{self.text_field}' (fields: {fields}); "
+                                    "use --text-field")
+            value = lookup(record, self.text_field, where, "--text-field")
+            text = field_text(value, self.text_field, where)
+        elif isinstance(record, str):
+            text = record
+        else:
+            raise GptforgeError(f"{where}: expected an object with field '{self.text_field}' or "
+                                f"a string, got {json_type(record)}")
+        if text is not None:
+            _check_encodable(text, where)
+        return text
+
+
+def _shape(text_field: str, shape: DocumentShape | None) -> DocumentShape:
+    return shape if shape is not None else DocumentShape(text_field)
 
 
 def resolve_inputs(inputs: list[str]) -> list[Path]:
@@ -120,30 +171,44 @@ def resolve_sources(inputs: list[str], hf_data_files: list[str] | None = None) -
 
 
 def iter_documents(inputs: list[str], text_field: str = "text",
-                   hf_data_files: list[str] | None = None) -> Iterator[tuple[str, str]]:
+                   hf_data_files: list[str] | None = None,
+                   shape: DocumentShape | None = None) -> Iterator[tuple[str, str]]:
     """Yield ``(label, text)`` for every non-empty document of ``inputs``, in order.
 
     ``label`` says where the document came from (``path``, ``path:line``, ``path[index]``,
     ``path:row N``) for error messages. Documents that are empty or only whitespace, and null
-    values in JSON and Parquet, are skipped; finding no document at all is an error.
+    values in JSON and Parquet, are skipped; finding no document at all is an error. ``shape``
+    (default: the text of ``text_field``) says how files and records become documents.
     """
-    yield from iter_source_documents(resolve_sources(inputs, hf_data_files), text_field)
+    yield from iter_source_documents(resolve_sources(inputs, hf_data_files), text_field, shape)
 
 
-def iter_source_documents(sources: list, text_field: str = "text") -> Iterator[tuple[str, str]]:
+def iter_source_documents(sources: list, text_field: str = "text",
+                          shape: DocumentShape | None = None) -> Iterator[tuple[str, str]]:
     """:func:`iter_documents` over what :func:`resolve_sources` returned."""
     count = 0
     for source in sources:
-        documents = read_file(source, text_field) if isinstance(source, Path) \
-            else source.documents(text_field)
-        for label, text in documents:
-            if text and not text.isspace():
-                count += 1
-                yield label, text
+        for label, text in source_documents(source, _shape(text_field, shape)):
+            count += 1
+            yield label, text
     if count == 0:
-        kind = "file" if all(isinstance(s, Path) for s in sources) else "input"
-        raise GptforgeError(f"no text in the inputs: the {len(sources)} {kind}(s) hold only empty "
-                            "documents")
+        raise no_text_error(sources)
+
+
+def no_text_error(sources: list) -> GptforgeError:
+    """The error for inputs that hold no document at all."""
+    kind = "file" if all(isinstance(s, Path) for s in sources) else "input"
+    return GptforgeError(f"no text in the inputs: the {len(sources)} {kind}(s) hold only empty "
+                         "documents")
+
+
+def source_documents(source, shape: DocumentShape) -> Iterator[tuple[str, str]]:
+    """The non-empty documents of one source (a file path or an ``hf:`` source)."""
+    documents = read_file(source, shape=shape) if isinstance(source, Path) \
+        else source.documents(shape.text_field, shape)
+    for label, text in documents:
+        if text and not text.isspace():
+            yield label, text
 
 
 def describe_file(path: Path) -> dict:
@@ -160,21 +225,57 @@ def describe_file(path: Path) -> dict:
     return {"path": str(path), "bytes": size, "sha256": digest.hexdigest()}
 
 
-def read_file(path: Path, text_field: str = "text") -> Iterator[tuple[str, str]]:
+def read_file(path: Path, text_field: str = "text",
+              shape: DocumentShape | None = None) -> Iterator[tuple[str, str]]:
     """Yield ``(label, text)`` for each document in one file, by its suffix."""
+    shape = _shape(text_field, shape)
     suffix = path.suffix.lower()
     _check_suffix(path)
     if suffix in TEXT_SUFFIXES:
+        if shape.text_unit == "lines":
+            return _read_lines(path)
+        if shape.text_unit == "paragraphs":
+            return _read_paragraphs(path)
         return _read_text(path)
     if suffix == ".jsonl":
-        return _read_jsonl(path, text_field)
+        return _read_jsonl(path, shape)
     if suffix == ".json":
-        return _read_json(path, text_field)
-    return _read_parquet(path, text_field)
+        return _read_json(path, shape)
+    return _read_parquet(path, shape)
 
 
 def _read_text(path: Path) -> Iterator[tuple[str, str]]:
     yield str(path), decode_utf8(_read_bytes(path), str(path))
+
+
+def _read_lines(path: Path) -> Iterator[tuple[str, str]]:
+    """One document per line, without its line end; streamed, so the file may be any size."""
+    try:
+        f = path.open("rb")
+    except OSError as err:
+        raise GptforgeError(f"{path}: cannot read ({err.strerror})") from None
+    with f:
+        offset = 0
+        for lineno, raw in enumerate(f, start=1):
+            line = decode_utf8(raw, f"{path}:{lineno}", offset)
+            offset += len(raw)
+            yield f"{path}:{lineno}", line.rstrip("\r\n")
+
+
+def _read_paragraphs(path: Path) -> Iterator[tuple[str, str]]:
+    """One document per paragraph (text between blank lines), labelled by its first line."""
+    text = decode_utf8(_read_bytes(path), str(path))
+    start = counted = 0
+    line = 1
+    for match in [*_PARAGRAPH_BREAK.finditer(text), None]:
+        end = match.start() if match is not None else len(text)
+        block = text[start:end].lstrip("\r\n")
+        if block.strip():
+            first = end - len(block)
+            line += text.count("\n", counted, first)
+            counted = first
+            yield f"{path}:{line}", block.rstrip("\r\n")
+        start = match.end() if match is not None else end
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -238,46 +339,28 @@ def json_value(path: Path) -> Any:
         raise GptforgeError(f"{path}: invalid JSON (nested too deeply)") from None
 
 
-def _read_jsonl(path: Path, field: str) -> Iterator[tuple[str, str]]:
+def _read_jsonl(path: Path, shape: DocumentShape) -> Iterator[tuple[str, str]]:
     for where, value in jsonl_records(path):
-        text = _document_text(value, field, where)
+        text = shape.record_text(value, where)
         if text is not None:
             yield where, text
 
 
-def _read_json(path: Path, field: str) -> Iterator[tuple[str, str]]:
+def _read_json(path: Path, shape: DocumentShape) -> Iterator[tuple[str, str]]:
     value = json_value(path)
     if isinstance(value, dict):
-        doc = _document_text(value, field, str(path))
+        doc = shape.record_text(value, str(path))
         if doc is not None:
             yield str(path), doc
         return
     if not isinstance(value, list):
         raise GptforgeError(f"{path}: expected a JSON array of documents or one object with field "
-                            f"'{field}', got {_json_type(value)}")
+                            f"'{shape.text_field}', got {json_type(value)}")
     for index, item in enumerate(value):
         where = f"{path}[{index}]"
-        doc = _document_text(item, field, where)
+        doc = shape.record_text(item, where)
         if doc is not None:
             yield where, doc
-
-
-def _document_text(value: Any, field: str, where: str) -> str | None:
-    """The text of one JSON document: a string, or an object's ``field``; None when null."""
-    if isinstance(value, dict):
-        if field not in value:
-            fields = ", ".join(map(str, value)) or "none"
-            raise GptforgeError(f"{where}: no field '{field}' (fields: {fields}); use --text-field")
-        value = value[field]
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            raise GptforgeError(f"{where}: field '{field}' is {_json_type(value)}, not a string")
-    elif not isinstance(value, str):
-        raise GptforgeError(f"{where}: expected an object with field '{field}' or a string, got "
-                            f"{_json_type(value)}")
-    _check_encodable(value, where)
-    return value
 
 
 def _check_encodable(text: str, where: str) -> None:
@@ -286,13 +369,7 @@ def _check_encodable(text: str, where: str) -> None:
         raise GptforgeError(f"{where}: {problem}; fix the \\uXXXX escape")
 
 
-def _json_type(value: Any) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-             int: "a number", float: "a number", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
-
-
-def _read_parquet(path: Path, field: str) -> Iterator[tuple[str, str]]:
+def _read_parquet(path: Path, shape: DocumentShape) -> Iterator[tuple[str, str]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -301,15 +378,9 @@ def _read_parquet(path: Path, field: str) -> Iterator[tuple[str, str]]:
     except (pa.ArrowException, OSError) as err:
         raise GptforgeError(f"{path}: not a readable Parquet file ({_first_line(err)})") \
             from None
-    schema = parquet.schema_arrow
-    if field not in schema.names:
-        raise GptforgeError(f"{path}: no column '{field}' (columns: {', '.join(schema.names)}); "
-                            "use --text-field")
-    column_type = schema.field(field).type
-    if not _is_string_type(column_type):
-        raise GptforgeError(f"{path}: column '{field}' holds {column_type}, not strings")
+    columns = _parquet_columns(path, parquet.schema_arrow, shape)
     row = 0
-    batches = parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[field])
+    batches = parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns)
     while True:
         try:  # the footer was fine, but a data page can still be damaged
             batch = next(batches)
@@ -319,10 +390,39 @@ def _read_parquet(path: Path, field: str) -> Iterator[tuple[str, str]]:
             raise GptforgeError(f"{path}:row {row}: cannot read the Parquet data "
                                 f"({_first_line(err)}); the file is damaged: re-download or "
                                 "re-export it") from None
-        for text in batch.column(0).to_pylist():
+        if shape.template is None:
+            texts = batch.column(0).to_pylist()
+        else:
+            texts = [shape.record_text(record, f"{path}:row {row + i}")
+                     for i, record in enumerate(batch.to_pylist())]
+        for text in texts:
+            if isinstance(text, list):  # a column of string lists, checked by the schema
+                text = "\n".join(t for t in text if t is not None)
             if text is not None:
                 yield f"{path}:row {row}", text
             row += 1
+
+
+def _parquet_columns(path: Path, schema, shape: DocumentShape) -> list[str]:
+    """The columns to read: the template's, or the text column (strings or lists of them)."""
+    import pyarrow as pa
+
+    if shape.template is not None:
+        columns = shape.template.columns(schema.names)
+        missing = [c for c in columns if c not in schema.names]
+        if missing:
+            raise GptforgeError(f"{path}: no column '{missing[0]}' for --template (columns: "
+                                f"{', '.join(schema.names)})")
+        return columns
+    field = shape.text_field
+    if field not in schema.names:
+        raise GptforgeError(f"{path}: no column '{field}' (columns: {', '.join(schema.names)}); "
+                            "use --text-field")
+    column_type = schema.field(field).type
+    is_list = pa.types.is_list(column_type) or pa.types.is_large_list(column_type)
+    if not _is_string_type(column_type.value_type if is_list else column_type):
+        raise GptforgeError(f"{path}: column '{field}' holds {column_type}, not strings")
+    return [field]
 
 
 def _first_line(err: BaseException) -> str:
