@@ -66,9 +66,13 @@ def prepare(generator: TextGenerator, request: GenerationRequest) -> Job:
                             f"takes {len(prompt)}, so max_tokens can be at most {room} (got "
                             f"{max_tokens}); lower it or shorten the prompt",
                        param="max_tokens", code="context_length_exceeded")
-    settings = SamplingSettings(max_new_tokens=max_tokens, temperature=request.temperature,
-                                top_k=request.top_k, top_p=request.top_p,
-                                repetition_penalty=request.repetition_penalty, seed=request.seed)
+    try:  # protocol.py has checked every field; this is a second line of defence, never a 500
+        settings = SamplingSettings(max_new_tokens=max_tokens, temperature=request.temperature,
+                                    top_k=request.top_k, top_p=request.top_p,
+                                    repetition_penalty=request.repetition_penalty,
+                                    seed=request.seed)
+    except GptforgeError as err:
+        raise ApiError(400, str(err)) from None
     return Job(request, prompt, settings)
 
 
