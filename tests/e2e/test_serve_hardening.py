@@ -19,6 +19,7 @@ import time
 
 import pytest
 
+from gptforge.cli import main
 from tests.e2e.test_serve import HELLO, call, events, log_lines, start_server
 from tests.tiny_checkpoints import make_base
 
@@ -162,6 +163,12 @@ def test_client_resets_cost_one_log_line_each(server, caplog, capfd):
     assert "client went away" in headers[0] and "client went away" in body[0]
     assert not [r for r in caplog.records if r.exc_info]
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_backlog_option(server, capsys):
+    assert server.request_queue_size == 128  # what server_activate passes to listen()
+    assert main(["serve", "/nonexistent/run", "--backlog", "0"]) == 1
+    assert capsys.readouterr().err == "error: --backlog must be >= 1, got 0\n"
 
 
 @pytest.mark.slow
