@@ -157,9 +157,11 @@ class RequestHandler(BaseHTTPRequestHandler):
             super().handle_one_request()
         except CLIENT_GONE as err:
             self.close_connection = True
-            if not self.dispatched:  # else _dispatch has logged the request
-                log.info("%s %s %s (client went away: %s)", self.command or "-",
-                         self.path if self.command else "-", CLIENT_CLOSED, type(err).__name__)
+            if self.command is None:  # an idle keep-alive connection reset: no request to log
+                log.debug("%s reset an idle connection", self.address_string())
+            elif not self.dispatched:  # else _dispatch has logged the request
+                log.info("%s %s %s (client went away: %s)", self.command, self.path,
+                         CLIENT_CLOSED, type(err).__name__)
 
     def _dispatch(self) -> None:
         started = time.perf_counter()
@@ -338,7 +340,8 @@ class RequestHandler(BaseHTTPRequestHandler):
         if len(values) > 1 or not re.fullmatch(r"[0-9]{1,18}", next(iter(values))):
             self.close_connection = True  # where the body ends is unknown
             raise ApiError(400, "Content-Length must be one non-negative decimal number of "
-                                f"bytes, got {', '.join(sorted(values))[:60]!r}")
+                                f"bytes (at most 18 digits), got "
+                                f"{', '.join(sorted(values))[:60]!r}")
         return int(next(iter(values)))
 
     def _check_model(self, name: str | None) -> None:
