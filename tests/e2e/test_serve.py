@@ -315,7 +315,7 @@ def check_the_openai_client(openai, client, reference):
         {"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "messages[0].content",
      "only text parts"),
     ("/v1/chat/completions", {"messages": HELLO, "temperature": "hot"}, 400, "temperature",
-     "must be a number"),
+     "must be a finite number"),
     ("/v1/chat/completions", {"messages": HELLO, "temperature": 2.5}, 400, "temperature",
      "<= 2"),
     ("/v1/chat/completions", {"messages": HELLO, "max_tokens": 0}, 400, "max_tokens", ">= 1"),

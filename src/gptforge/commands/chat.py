@@ -7,7 +7,10 @@ starting with ``/`` are commands (see ``HELP``); ``/exit`` or end of input quits
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+
+log = logging.getLogger(__name__)
 
 HELP = """commands:
   /reset        forget the conversation (the system message stays)
@@ -37,11 +40,15 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import gptforge
+    from gptforge.commands.generate import check_sampling
     from gptforge.errors import GptforgeError
     from gptforge.inference.chat import ChatSession
 
-    if (args.max_new_tokens is not None and args.max_new_tokens < 1) or args.temperature < 0:
-        raise GptforgeError("--max-new-tokens must be >= 1 and --temperature >= 0")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise GptforgeError("--max-new-tokens must be >= 1")
+    check_sampling(dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        repetition_penalty=args.repetition_penalty))
+    warn_if_not_chat_tuned(args.checkpoint)
     generator = gptforge.load(args.checkpoint, device=args.device, compile=args.compile)
     session = ChatSession(generator, system=args.system, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -70,6 +77,20 @@ def run(args: argparse.Namespace) -> int:
         except GptforgeError as err:  # e.g. a character the tokenizer cannot encode
             print(f"error: {err}", file=sys.stderr)
     return 0
+
+
+def warn_if_not_chat_tuned(path: str) -> None:
+    """Say so when the checkpoint never went through SFT or DPO (its model.json has no
+    ``fine_tuned`` or LoRA entry): such a model continues the conversation's text as a document
+    instead of answering, which looks like a bug when nothing says why."""
+    from gptforge import checkpoint
+
+    ckpt = checkpoint.resolve_checkpoint(path)
+    meta = checkpoint.read_meta(ckpt)
+    if not {"fine_tuned", "lora", "merged_lora"} & set(meta):
+        log.warning("warning: %s has not been fine-tuned for chat (it was only pretrained), so its "
+                    "replies may just continue the text; fine-tune it first with gptforge sft "
+                    "(docs/lora_and_chat.md)", ckpt)
 
 
 def print_reply(session, text: str) -> None:

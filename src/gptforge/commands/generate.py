@@ -28,20 +28,39 @@ def run(args: argparse.Namespace) -> int:
     import gptforge
     from gptforge.errors import GptforgeError
 
-    if args.max_new_tokens < 0 or args.num_samples < 1 or args.temperature < 0:
-        raise GptforgeError("--max-new-tokens must be >= 0, --num-samples >= 1, "
-                            "--temperature >= 0")
-    generator = gptforge.load(args.checkpoint, device=args.device, compile=args.compile)
+    if args.max_new_tokens < 0 or args.num_samples < 1:
+        raise GptforgeError("--max-new-tokens must be >= 0, --num-samples >= 1")
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p,
                     repetition_penalty=args.repetition_penalty)
+    check_sampling(settings)
+    generator = gptforge.load(args.checkpoint, device=args.device, compile=args.compile)
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         sys.stdout.write(args.prompt)
-        for piece in generator.stream(args.prompt, seed=seed, **settings):
-            sys.stdout.write(piece)
+        try:
+            for piece in generator.stream(args.prompt, seed=seed, **settings):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:  # end the line, so "interrupted" and the shell prompt do not
+            sys.stdout.write("\n")  # land after the text
             sys.stdout.flush()
+            raise
         sys.stdout.write("\n")
+    sys.stdout.flush()
     return 0
+
+
+def check_sampling(settings: dict) -> None:
+    """Refuse nan, inf or a negative temperature (and the like) before anything is loaded, in
+    the options' names: "--top-p must be a finite number, got nan"."""
+    from gptforge.errors import GptforgeError
+    from gptforge.inference.engine import SamplingSettings
+
+    try:
+        SamplingSettings(**settings)
+    except GptforgeError as err:
+        field, _, rest = str(err).partition(" ")  # each message starts with the field's name
+        raise GptforgeError(f"--{field.replace('_', '-')} {rest}") from None

@@ -33,6 +33,9 @@ def register(subparsers) -> None:
                         "none: no key needed)")
     p.add_argument("--model-name", default=None, metavar="NAME",
                    help="the model's id in the API (default: the checkpoint directory's name)")
+    p.add_argument("--backlog", type=int, default=128, metavar="N",
+                   help="connections the kernel queues before they are accepted (default: 128); "
+                        "raise it for larger bursts of simultaneous clients")
     p.set_defaults(func=run)
 
 
@@ -44,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise GptforgeError(f"--port must be between 0 and 65535, got {args.port}")
+    if args.backlog < 1:
+        raise GptforgeError(f"--backlog must be >= 1, got {args.backlog}")
     generator = gptforge.load(args.checkpoint, device=args.device, compile=args.compile)
     if args.compile:  # compile now rather than in the first request
         log.info("compiling the decode step (20-30 s, once)")
@@ -53,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     name = args.model_name or Path(args.checkpoint).resolve().name
     try:
         server = ModelServer(generator, args.host, args.port, model_name=name,
-                             api_key=args.api_key or None)
+                             api_key=args.api_key or None, backlog=args.backlog)
     except OSError as err:
         raise GptforgeError(f"cannot listen on {args.host}:{args.port}: "
                             f"{err.strerror or err}") from None

@@ -26,6 +26,7 @@ as from an empty cache, since a position's keys and values depend only on the to
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -49,10 +50,33 @@ class SamplingSettings:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not is_finite_number(getattr(self, name)):
+                raise GptforgeError(f"{name} must be a finite number, got "
+                                    f"{brief_repr(getattr(self, name))}")
+        if self.temperature < 0:
+            raise GptforgeError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         # Dividing by 0 makes seen tokens certain, a negative penalty flips their logits' signs.
         if not self.repetition_penalty > 0:
             raise GptforgeError(f"repetition_penalty must be > 0 (1 = off, > 1 penalises "
                                 f"repeats), got {self.repetition_penalty}")
+
+
+def is_finite_number(value) -> bool:
+    """Whether ``value`` is a real number a float can hold: not NaN or infinite, not a bool, and
+    not an integer too large for a float (``math.isfinite`` raises on those)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def brief_repr(value) -> str:
+    """``value`` for an error message: a 400-digit integer is not worth printing whole."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
 
 
 class Engine:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from gptforge.errors import GptforgeError
 from gptforge.inference.chat import default_max_new_tokens, reply_steps
-from gptforge.inference.engine import SamplingSettings
+from gptforge.inference.engine import SamplingSettings, brief_repr
 from gptforge.inference.kv_cache import KVCache
 from gptforge.inference.textgen import TextDecoder, TextGenerator
 from gptforge.serve.protocol import ApiError, GenerationRequest
@@ -64,11 +64,15 @@ def prepare(generator: TextGenerator, request: GenerationRequest) -> Job:
     elif max_tokens > room:
         raise ApiError(400, f"this model's context window is {block_size} tokens; the prompt "
                             f"takes {len(prompt)}, so max_tokens can be at most {room} (got "
-                            f"{max_tokens}); lower it or shorten the prompt",
+                            f"{brief_repr(max_tokens)}); lower it or shorten the prompt",
                        param="max_tokens", code="context_length_exceeded")
-    settings = SamplingSettings(max_new_tokens=max_tokens, temperature=request.temperature,
-                                top_k=request.top_k, top_p=request.top_p,
-                                repetition_penalty=request.repetition_penalty, seed=request.seed)
+    try:  # protocol.py has checked every field; this is a second line of defence, never a 500
+        settings = SamplingSettings(max_new_tokens=max_tokens, temperature=request.temperature,
+                                    top_k=request.top_k, top_p=request.top_p,
+                                    repetition_penalty=request.repetition_penalty,
+                                    seed=request.seed)
+    except GptforgeError as err:
+        raise ApiError(400, str(err)) from None
     return Job(request, prompt, settings)
 
 

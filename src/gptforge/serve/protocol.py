@@ -11,8 +11,9 @@ chat front-ends that send their own extras keep working. docs/serving.md lists e
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
+
+from gptforge.inference.engine import brief_repr, is_finite_number
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +193,8 @@ def _number(body: dict, name: str, low: float, high: float | None, default: floa
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ApiError(400, f"{name} must be a number, got {value!r}", param=name)
+    if not is_finite_number(value):  # also NaN, Infinity and integers too large for a float
+        raise ApiError(400, f"{name} must be a finite number, got {brief_repr(value)}", param=name)
     too_low = value <= low if open_low else value < low
     if too_low or (high is not None and value > high):
         bounds = f"{'>' if open_low else '>='} {low:g}"
@@ -209,10 +210,10 @@ def _integer(body: dict, name: str, low: int, high: int | None, default: int | N
     if isinstance(value, float) and value.is_integer():
         value = int(value)  # 100.0 from a JavaScript client
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ApiError(400, f"{name} must be an integer, got {value!r}", param=name)
+        raise ApiError(400, f"{name} must be an integer, got {brief_repr(value)}", param=name)
     if value < low or (high is not None and value > high):
         bounds = f">= {low}" + (f" and <= {high}" if high is not None else "")
-        raise ApiError(400, f"{name} must be {bounds}, got {value}", param=name)
+        raise ApiError(400, f"{name} must be {bounds}, got {brief_repr(value)}", param=name)
     return value
 
 

@@ -13,11 +13,16 @@ generated. A streamed reply holds the lock until it is sent, at the client's rea
 a client that stops reading for ``RequestHandler.timeout`` seconds is dropped.
 
 Streaming is Server-Sent Events (``data: {json}\\n\\n`` ... ``data: [DONE]\\n\\n``) over
-HTTP/1.1 chunked transfer encoding, so the connection stays usable afterwards. Before each token
-the handler checks whether the client has closed its connection; if it has, generation stops
+HTTP/1.1 chunked transfer encoding, so the connection stays usable afterwards (an HTTP/1.0 client
+gets an HTTP/1.0 reply whose body ends where the connection closes). Before each token the
+handler checks whether the client has closed its connection; if it has, generation stops
 there (for streamed and whole replies alike) and the request is logged with status 499.
 Shutting down (:meth:`ModelServer.close`) stops a generation the same way, then closes the open
 connections and waits for their threads.
+
+Load: the listening socket queues up to ``backlog`` (default 128) connections not yet accepted;
+http.server's default of 5 made bursts of a few dozen simultaneous clients lose connections.
+A client that resets its connection at any point costs one log line, never a traceback.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -43,6 +50,8 @@ from gptforge.serve.protocol import ApiError
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4 * 2**20
+BACKLOG = 128  # connections the kernel queues before they are accepted (capped by somaxconn)
+CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 CLIENT_CLOSED = 499  # nginx's status for a request the client gave up on (logged, never sent)
 ROUTES = {  # path: (method, handler method)
     "/health": ("GET", "_health"),
@@ -61,8 +70,9 @@ class ModelServer(ThreadingHTTPServer):
     daemon_threads = True  # a connection never holds up exit (close() joins the threads)
 
     def __init__(self, generator: TextGenerator, host: str = "127.0.0.1", port: int = 8000, *,
-                 model_name: str, api_key: str | None = None):
+                 model_name: str, api_key: str | None = None, backlog: int = BACKLOG):
         self.generator, self.model_name, self.api_key = generator, model_name, api_key
+        self.request_queue_size = backlog  # read by server_activate's listen()
         self.generation_lock = threading.Lock()
         self.stopping = threading.Event()  # set at shutdown: the running generation stops
         self._connections: dict[socket.socket, threading.Thread] = {}  # open ones, for close()
@@ -82,6 +92,15 @@ class ModelServer(ThreadingHTTPServer):
         finally:
             with self._connections_lock:
                 self._connections.pop(request, None)
+
+    def handle_error(self, request, client_address) -> None:
+        """An exception that escaped the handler: one log line for a client that went away,
+        the traceback (in the log, not on stderr) for anything else."""
+        err = sys.exc_info()[1]
+        if isinstance(err, CLIENT_GONE):
+            log.info("- - %s (client went away: %s)", CLIENT_CLOSED, type(err).__name__)
+        else:
+            log.exception("internal error on the connection from %s", client_address[0])
 
     def close(self, timeout: float = 10.0) -> None:
         """Shut down after ``serve_forever`` has returned: stop listening, end the generation
@@ -127,16 +146,34 @@ class RequestHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._dispatch()
 
-    do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = do_GET  # answered with 404 or 405
+    do_HEAD = do_GET  # HEAD of a GET route: its headers without the body
+    do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_GET  # answered with 404 or 405
+
+    def handle_one_request(self) -> None:
+        """http.server's, except that a client resetting the connection while the request line
+        or headers are read (before :meth:`_dispatch` logs the request) costs one log line."""
+        self.command, self.dispatched = None, False
+        try:
+            super().handle_one_request()
+        except CLIENT_GONE as err:
+            self.close_connection = True
+            if self.command is None:  # an idle keep-alive connection reset: no request to log
+                log.debug("%s reset an idle connection", self.address_string())
+            elif not self.dispatched:  # else _dispatch has logged the request
+                log.info("%s %s %s (client went away: %s)", self.command, self.path,
+                         CLIENT_CLOSED, type(err).__name__)
 
     def _dispatch(self) -> None:
         started = time.perf_counter()
-        self.status, self.tokens, self.note = 0, "", ""
+        self.status, self.tokens, self.note, self.dispatched = 0, "", "", True
+        if self.request_version == "HTTP/1.0":
+            # Reply in HTTP/1.0: no chunked encoding, and a streamed body ends at the close.
+            self.protocol_version, self.close_connection = "HTTP/1.0", True
         try:
             self._route()
         except ApiError as err:
             self._send_error(err)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        except CLIENT_GONE:
             self._client_went_away()
         except Exception:  # a bug: the traceback stays in the server log
             log.exception("internal error answering %s %s", self.command, self.path)
@@ -157,9 +194,11 @@ class RequestHandler(BaseHTTPRequestHandler):
             raise ApiError(404, f"Invalid URL ({self.command} {path})", code="not_found")
         if path != "/health":
             self._check_key()
-        if self.command != method:
-            raise ApiError(405, f"{path} takes {method}, not {self.command}",
-                           code="method_not_allowed", headers={"Allow": method})
+        allowed = "GET, HEAD" if method == "GET" else method
+        if self.command not in allowed.split(", "):
+            raise ApiError(405, f"{path} takes {allowed.replace(', ', ' or ')}, not "
+                                f"{self.command}", code="method_not_allowed",
+                           headers={"Allow": allowed})
         getattr(self, name)()
 
     def _path(self) -> str:
@@ -230,7 +269,10 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
+        if self._chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.status = 200
         try:
@@ -254,8 +296,9 @@ class RequestHandler(BaseHTTPRequestHandler):
                 usage = protocol.usage(generation.prompt_tokens, generation.completion_tokens)
                 self._event(protocol.usage_chunk_body(kind, head, usage))
             self._write_chunk(b"data: [DONE]\n\n")
-            self._write_chunk(b"")  # the end of a chunked body
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            if self._chunked:
+                self._write_chunk(b"")  # the end of a chunked body
+        except CLIENT_GONE:
             self._client_went_away()
         except Exception:  # a bug mid-stream: the status is sent, so say it in the stream
             log.exception("internal error while streaming %s", self._path())
@@ -272,12 +315,8 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise ApiError(411, "send the body with a Content-Length header (chunked request "
                                 "bodies are not supported)")
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            self.close_connection = True
-            raise ApiError(411, "a POST needs a Content-Length header") from None
-        if length > MAX_BODY_BYTES or length < 0:
+        length = self._content_length()
+        if length > MAX_BODY_BYTES:
             self.close_connection = True  # the body stays unread: this connection is done
             raise ApiError(413, f"the request body ({length} bytes) is larger than the "
                                 f"{MAX_BODY_BYTES // 2**20} MiB this server accepts",
@@ -290,6 +329,20 @@ class RequestHandler(BaseHTTPRequestHandler):
         if not isinstance(body, dict):
             raise ApiError(400, f"the body must be a JSON object, got {type(body).__name__}")
         return body
+
+    def _content_length(self) -> int:
+        """The body's length from its one Content-Length header: 411 if there is none, 400 if it
+        is not a plain decimal number (-1, 1e3, two different values: RFC 9110 section 8.6)."""
+        values = {v.strip() for v in self.headers.get_all("Content-Length", [])}
+        if not values:
+            self.close_connection = True
+            raise ApiError(411, "a POST needs a Content-Length header")
+        if len(values) > 1 or not re.fullmatch(r"[0-9]{1,18}", next(iter(values))):
+            self.close_connection = True  # where the body ends is unknown
+            raise ApiError(400, "Content-Length must be one non-negative decimal number of "
+                                f"bytes (at most 18 digits), got "
+                                f"{', '.join(sorted(values))[:60]!r}")
+        return int(next(iter(values)))
 
     def _check_model(self, name: str | None) -> None:
         if name is not None and name != self.server.model_name:
@@ -315,14 +368,19 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.note = f" ({err.message[:120]})"  # for the log line
         try:
             self._send_json(err.status, err.body(), err.headers)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        except CLIENT_GONE:
             self._client_went_away()
 
     def _event(self, body: dict) -> None:
         self._write_chunk(b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n")
 
     def _write_chunk(self, data: bytes) -> None:
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        """``data`` as one chunk (HTTP/1.1), or as it is (HTTP/1.0: the body ends at the close)."""
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data)
+
+    @property
+    def _chunked(self) -> bool:
+        return self.protocol_version == "HTTP/1.1"
 
     def _client_gone(self) -> bool:
         """Whether the client has closed its connection (it sends nothing while it waits), or

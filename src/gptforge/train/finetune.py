@@ -88,14 +88,15 @@ class _FromCheckpoint:
                  cfg.lora.rank, len(wrapped), trainable / 1e6, model.num_params() / 1e6)
 
     def checkpoint_extras(self, cfg: Config, model: GPT):
+        marker = {"fine_tuned": self.kind}  # model.json says so: `gptforge chat` warns without it
         if cfg.lora.rank <= 0:
-            return None, {}
+            return None, marker
         from gptforge.model.lora import lora_config_of
 
         lora = {**lora_config_of(model), "base": str(self.base),
                 "base_sha256": weights_sha256(self.base)}
         return (lambda weights: {k: v for k, v in weights.items() if ".lora_" in k}), \
-            {"lora": lora}
+            {"lora": lora, **marker}
 
     def load_run_weights(self, model: GPT, ckpt: Path) -> None:
         """Resume: full weights, or for LoRA runs the adapters on top of the base weights."""
