@@ -15,7 +15,7 @@ from gptforge.cli import main
 from gptforge.config.schema import Config
 from gptforge.inference.textgen import TextGenerator
 from gptforge.model import GPT
-from gptforge.train.finetune import Finetuning
+from gptforge.train.finetune import SupervisedFinetuning
 from tests.tiny_checkpoints import make_base, make_lora_checkpoint, save_model
 
 
@@ -86,7 +86,7 @@ def test_chat_warns_about_a_model_that_was_only_pretrained(base, tmp_path, caplo
     (warning,) = chat_warnings(ckpt.parent.parent, caplog, monkeypatch)  # the run directory
     assert warning.startswith(f"warning: {ckpt} has not been fine-tuned for chat")
     # What SFT and DPO write into model.json (LoRA runs too) silences it.
-    extras = Finetuning("sft").checkpoint_extras(Config(), model)[1]
+    extras = SupervisedFinetuning().checkpoint_extras(Config(), model)[1]
     assert extras == {"fine_tuned": "sft"}
     tuned = save_model(tmp_path / "sft", model, tokenizer, ckpt / "tokenizer", extra_meta=extras)
     assert chat_warnings(tuned, caplog, monkeypatch) == []

@@ -3,7 +3,7 @@
 A full checkpoint's ``model.safetensors`` holds every weight. A LoRA checkpoint (written by
 ``gptforge sft``/``dpo`` with ``lora.rank > 0``) holds only the adapters; its ``model.json`` has a
 ``lora`` entry naming the base checkpoint and the sha256 of the base's weights
-(:func:`gptforge.checkpoint.weights_sha256`: of ``model.safetensors``, for a full base)::
+(:func:`gptforge.checkpoints.format.weights_sha256`: of ``model.safetensors``, for a full base)::
 
     "lora": {"rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": ["qkv", "proj", "up", "down"],
              "base": "/runs/pretrain/ckpt/step-005000", "base_sha256": "9f2c..."}

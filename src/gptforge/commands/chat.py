@@ -83,10 +83,10 @@ def warn_if_not_chat_tuned(path: str) -> None:
     """Say so when the checkpoint never went through SFT or DPO (its model.json has no
     ``fine_tuned`` or LoRA entry): such a model continues the conversation's text as a document
     instead of answering, which looks like a bug when nothing says why."""
-    from gptforge import checkpoint
+    from gptforge.checkpoints.format import read_meta, resolve_checkpoint
 
-    ckpt = checkpoint.resolve_checkpoint(path)
-    meta = checkpoint.read_meta(ckpt)
+    ckpt = resolve_checkpoint(path)
+    meta = read_meta(ckpt)
     if not {"fine_tuned", "lora", "merged_lora"} & set(meta):
         log.warning("warning: %s has not been fine-tuned for chat (it was only pretrained), so its "
                     "replies may just continue the text; fine-tune it first with gptforge sft "

@@ -88,7 +88,7 @@ class _FromCheckpoint:
                  cfg.lora.rank, len(wrapped), trainable / 1e6, model.num_params() / 1e6)
 
     def checkpoint_extras(self, cfg: Config, model: GPT):
-        marker = {"fine_tuned": self.kind}  # model.json says so: `gptforge chat` warns without it
+        marker = {"fine_tuned": self.name}  # model.json says so: `gptforge chat` warns without it
         if cfg.lora.rank <= 0:
             return None, marker
         from gptforge.model.lora import lora_config_of
