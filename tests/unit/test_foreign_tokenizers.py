@@ -34,14 +34,14 @@ def hf_dir(tmp_path_factory):
     hf = Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     hf.train_from_iterator([TEXT * 20], trainer=trainer)
     hf.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])  # after the merges
     directory = tmp_path_factory.mktemp("hf")
     hf.save(str(directory / "tokenizer.json"))
-    config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-              "bos_token": None, "chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"}
+    config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
+              "chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"}
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     return directory
 

@@ -126,9 +126,9 @@ class TrainOptions:
         allowed = _KIND_OPTIONS[kind]
         wrong = sorted(given - allowed)
         if wrong:
-            name = wrong[0].replace("_", "-")
-            raise GptforgeError(f"--{name} does not apply to a {kind} tokenizer (it applies to: "
-                                f"{', '.join(k for k, opts in _KIND_OPTIONS.items() if wrong[0] in opts)})")
+            kinds = ", ".join(k for k, names in _KIND_OPTIONS.items() if wrong[0] in names)
+            raise GptforgeError(f"--{wrong[0].replace('_', '-')} does not apply to a {kind} "
+                                f"tokenizer (it applies to: {kinds})")
         if self.character_coverage is not None and not 0.5 <= self.character_coverage <= 1:
             raise GptforgeError(f"--character-coverage must be between 0.5 and 1, got "
                                 f"{self.character_coverage}")

@@ -69,8 +69,8 @@ CANDIDATES = {
 # cl100k's (GPT-3.5/4: case-insensitive contractions, digits in threes).
 TIKTOKEN_PATTERNS = {
     "gpt2": r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
-    "cl100k": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++"""
-              r"""[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",
+    "cl100k": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+"""
+              r"""| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",
 }
 # The released files' number of ranks and their special tokens, which the files do not hold.
 TIKTOKEN_PRESETS = {
@@ -398,7 +398,7 @@ def load_file(file: Path, options: ForeignOptions) -> ForeignTokenizer:
     roles, added = _resolve_roles(backend, options, str(file))
     tokenizer = ForeignTokenizer(backend, files, roles, added)
     try:
-        tokenizer.eos_id  # every use needs an end of document: a missing one is an error now
+        _ = tokenizer.eos_id  # every use needs an end of document: a missing one fails now
     except MissingRoleError as err:
         raise MissingRoleError(f"{file}: {err}") from None
     log.info("%s tokenizer %s: vocab %d; roles %s%s", kind, file, tokenizer.vocab_size,
