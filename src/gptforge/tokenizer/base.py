@@ -145,6 +145,25 @@ _KIND_OPTIONS = {"char": set(), "bpe": _COMMON_OPTIONS,
                  "sentencepiece": _COMMON_OPTIONS | {"sp_model_type", "character_coverage"}}
 
 
+LOAD_OPTIONS = ("roles", "add_special_tokens", "tiktoken_pattern")
+
+
+def check_tokenizer_options(training: bool, options: Mapping) -> None:
+    """Refuse loading options when a tokenizer is trained, and training options when one is
+    loaded (the caller passes them on to :func:`train_tokenizer` or :func:`load_tokenizer`)."""
+    wrong = sorted(set(options) - set(TrainOptions.__dataclass_fields__) if training
+                   else set(options) - set(LOAD_OPTIONS))
+    if not wrong:
+        return
+    name = {"roles": "--eos-token/--pad-token/--role-token"}.get(wrong[0],
+                                                              "--" + wrong[0].replace("_", "-"))
+    if training:
+        raise GptforgeError(f"{name} applies to a tokenizer trained elsewhere (--tokenizer "
+                            "PATH), not to one trained now")
+    raise GptforgeError(f"{name} applies when training a tokenizer (--tokenizer bpe or "
+                        "sentencepiece), not to a saved one")
+
+
 def _option_values(options: TrainOptions) -> dict:
     return {name: getattr(options, name) for name in TrainOptions.__dataclass_fields__}
 

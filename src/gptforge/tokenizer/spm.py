@@ -187,7 +187,7 @@ def _training_error(err: RuntimeError, vocab_size: int, options: TrainOptions) -
         return GptforgeError(
             f"--vocab-size {vocab_size} is too small for sentencepiece on this text: it needs at "
             f"least {too_small.group(2)} (256 bytes, the special tokens and the characters that "
-            f"make up {coverage:.4%} of the text); raise --vocab-size, or lower "
+            f"make up {coverage * 100:g}% of the text); raise --vocab-size, or lower "
             f"--character-coverage (now {coverage}) so that rarer characters become byte tokens")
     return GptforgeError(f"SentencePiece training failed ({message.strip().splitlines()[-1]}); "
                          "check the input, or try another --vocab-size")
