@@ -113,3 +113,19 @@ def test_training_options_on_the_command_line(corpus, tmp_path, capsys):
     assert _prepare(corpus, tmp_path / "data", "bpe", "--vocab-size", "300", "--nfkc") == 0
     nfkc = load_tokenizer(tmp_path / "data" / "tokenizer")
     assert nfkc.encode("ＲＯＭＥＯ") == nfkc.encode("ROMEO")
+
+
+@pytest.mark.slow
+def test_a_foreign_tokenizer_survives_training_into_checkpoints(hf_file, corpus, tmp_path,
+                                                                capsys):
+    import gptforge
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert _prepare(corpus, data, hf_file, "--add-special-tokens") == 0
+    assert main(["train", "-c", "tiny", f"data.dir={data}", f"train.out_dir={run}",
+                 "train.max_steps=2", "runtime.progress=false", "runtime.device=cpu"]) == 0
+    ckpt = run / "ckpt" / "step-000002" / "tokenizer"
+    assert load_tokenizer(ckpt).fingerprint() == load_tokenizer(data / "tokenizer").fingerprint()
+    model = gptforge.load(run)
+    assert model.tokenizer.kind == "hf"
+    assert isinstance(model.generate("ROMEO:", max_new_tokens=5, seed=0), str)
