@@ -6,11 +6,12 @@ multi-character words become single tokens. ``byte_fallback`` encodes any charac
 lacks as its UTF-8 bytes, so nothing is ever ``<unk>``.
 
 SentencePiece normally rewrites text (NFKC, collapsing spaces, a leading "▁"); every such option is
-turned off here so that ``decode(encode(s)) == s`` exactly. It still writes a space as "▁" (U+2581)
-and decodes every "▁" to a space, so a "▁" in the text itself is encoded as its three UTF-8 byte
-tokens, which decode to "▁". The trainer sees the text line by line,
-so no piece ever contains a newline: a newline always encodes to its byte token. That also makes
-cutting a long document at a line break before encoding give the same ids as encoding it whole.
+turned off here so that ``decode(encode(s)) == s`` exactly (NFKC can be asked for, trading that
+for a vocabulary that does not spend pieces on full-width variants). It still writes a space as
+"▁" (U+2581) and decodes every "▁" to a space, so a "▁" in the text itself is encoded as its three
+UTF-8 byte tokens, which decode to "▁". The trainer sees the text line by line, so no piece ever
+contains a newline: a newline always encodes to its byte token. That also makes cutting a long
+document at a line break before encoding give the same ids as encoding it whole.
 
 Saved as ``tokenizer.model``, the standard SentencePiece model file.
 """
