@@ -154,8 +154,12 @@ def run_import(args: argparse.Namespace) -> int:
     _check_out(Path(args.out), tokenizer.kind)
     paths = tokenizer.save(Path(args.out))
     print(f"saved {tokenizer.kind} tokenizer: {', '.join(str(p) for p in paths)}")
-    print(f"  vocab size {tokenizer.vocab_size:,} (roles: "
-          f"{', '.join(f'{t}={i}' for t, i in tokenizer.special_tokens.items())})")
+    roles = ", ".join(f"{role}={token} (id {tokenizer.token_id(token)})"
+                      for role, token in tokenizer.roles.items())
+    print(f"  vocab size {tokenizer.vocab_size:,}; roles: {roles}")
+    if tokenizer.added_tokens:
+        print(f"  added after id {tokenizer.vocab_size - len(tokenizer.added_tokens) - 1}: "
+              f"{', '.join(tokenizer.added_tokens)}")
     return 0
 
 
