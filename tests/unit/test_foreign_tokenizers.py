@@ -218,3 +218,23 @@ def test_tiktoken_ids_equal_tiktoken_library(ranks, pattern, tmp_path):
     tok.save(tmp_path / "saved")
     again = load_tokenizer(tmp_path / "saved")
     assert again.encode(TEXT) == tok.encode(TEXT) and again.pad_id == tok.special_tokens[PAD_TOKEN]
+
+
+def test_tiktoken_file_of_gpt2_size_gets_its_pattern_and_end_of_text(tmp_path):
+    import tiktoken
+
+    from gptforge.tokenizer.foreign import TIKTOKEN_PATTERNS
+
+    # 50,256 ranks, as GPT-2's file has: the bytes, then byte pairs (not GPT-2's real merges).
+    tokens = [bytes([b]) for b in range(256)]
+    tokens += [bytes([a, b]) for a in range(256) for b in range(256)][:50256 - 256]
+    path = tmp_path / "gpt2.tiktoken"
+    path.write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % r for r, t in enumerate(tokens)))
+    tok = load_tokenizer(path)
+    reference = tiktoken.Encoding("reference", pat_str=TIKTOKEN_PATTERNS["gpt2"],
+                                  mergeable_ranks={t: r for r, t in enumerate(tokens)},
+                                  special_tokens={"<|endoftext|>": 50256})
+    assert tok.eos_id == 50256 and tok.vocab_size == 50257
+    text = TEXT + "<|endoftext|>"
+    assert tok.encode(text) == reference.encode(text, allowed_special="all")
+    assert tok.decode(tok.encode(text)) == text

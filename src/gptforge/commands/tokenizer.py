@@ -86,7 +86,7 @@ def add_foreign_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--add-special-tokens", action="store_true",
                        help="append gptforge's special tokens for the roles none of its tokens "
                             "fill (only for a model trained from scratch: these ids are new)")
-    group.add_argument("--tiktoken-pattern", choices=("gpt2", "cl100k"),
+    group.add_argument("--tiktoken-pattern", choices=("gpt2", "cl100k", "llama3"),
                        help="pre-tokenizer regex of a tiktoken ranks file (default: the one its "
                             "size identifies, else gpt2, as gptforge's own bpe)")
 

@@ -65,12 +65,15 @@ CANDIDATES = {
     "end": ("<|end|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>"),
 }
 
-# Pre-tokenizer regexes for tiktoken files: GPT-2's (the one gptforge's own bpe uses too) and
-# cl100k's (GPT-3.5/4: case-insensitive contractions, digits in threes).
+# Pre-tokenizer regexes for tiktoken files: GPT-2's (the one gptforge's own bpe uses too),
+# cl100k's (GPT-3.5/4: case-insensitive contractions, digits in threes) and Llama 3's (cl100k's,
+# written without possessive quantifiers).
 TIKTOKEN_PATTERNS = {
     "gpt2": r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
     "cl100k": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+"""
               r"""| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",
+    "llama3": r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
+              r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
 }
 # The released files' number of ranks and their special tokens, which the files do not hold.
 TIKTOKEN_PRESETS = {
@@ -78,6 +81,14 @@ TIKTOKEN_PRESETS = {
     "cl100k": (100256, {"<|endoftext|>": 100257, "<|fim_prefix|>": 100258,
                         "<|fim_middle|>": 100259, "<|fim_suffix|>": 100260,
                         "<|endofprompt|>": 100276}),
+    # Llama 3's 256 special tokens follow its 128,000 ranks; the reserved ones are numbered as
+    # in Llama 3.0 (3.1 renamed a few: same ids).
+    "llama3": (128000, {token: 128000 + i for i, token in enumerate(
+        ["<|begin_of_text|>", "<|end_of_text|>"]
+        + [f"<|reserved_special_token_{i}|>" for i in range(4)]
+        + ["<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>",
+           "<|eot_id|>"]
+        + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)])}),
 }
 _RANK_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+\r?")
 
