@@ -238,3 +238,10 @@ def test_tiktoken_file_of_gpt2_size_gets_its_pattern_and_end_of_text(tmp_path):
     text = TEXT + "<|endoftext|>"
     assert tok.encode(text) == reference.encode(text, allowed_special="all")
     assert tok.decode(tok.encode(text)) == text
+
+
+def test_named_chat_templates_give_the_default_one(hf_dir, tmp_path):
+    shutil.copy(hf_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    templates = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": templates}))
+    assert load_tokenizer(tmp_path).chat_template == "D"

@@ -145,8 +145,7 @@ class _HFBackend:
         self.size = max(self._hf.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         self.named = {name: _content(self.config.get(f"{name}_token"))
                       for name in ("bos", "eos", "pad", "unk")}
-        template = self.config.get("chat_template")
-        self.chat_template = template if isinstance(template, str) else None
+        self.chat_template = _default_template(self.config.get("chat_template"))
 
     def token_id(self, token: str) -> int | None:
         return self._hf.token_to_id(token)
@@ -516,6 +515,15 @@ def _hf_config(data: bytes | None, source: str) -> dict:
     if not isinstance(config, dict):
         raise GptforgeError(f"{source}: its {HF_CONFIG_FILE} is not a JSON object")
     return config
+
+
+def _default_template(value) -> str | None:
+    """tokenizer_config.json's ``chat_template``: one Jinja string, or a list of named ones of
+    which "default" is the one used for plain chat."""
+    if isinstance(value, list):
+        value = next((t.get("template") for t in value
+                      if isinstance(t, dict) and t.get("name") == "default"), None)
+    return value if isinstance(value, str) else None
 
 
 def _content(value) -> str | None:
