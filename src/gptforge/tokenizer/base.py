@@ -21,7 +21,7 @@ import logging
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -121,8 +121,7 @@ class TrainOptions:
 
     def check(self, kind: str) -> None:
         """Refuse, in one line, an option that the ``kind`` backend would ignore."""
-        given = {name for name, value in _option_values(self).items()
-                 if value != getattr(TrainOptions, name)}
+        given = {f.name for f in fields(self) if getattr(self, f.name) != f.default}
         allowed = _KIND_OPTIONS[kind]
         wrong = sorted(given - allowed)
         if wrong:
@@ -135,8 +134,7 @@ class TrainOptions:
         if self.max_piece_length is not None and self.max_piece_length < 1:
             raise GptforgeError(f"--max-piece-length must be positive, got "
                                 f"{self.max_piece_length}")
-        bad = next((s for s in self.user_symbols if not s), None)
-        if bad is not None:
+        if any(not symbol for symbol in self.user_symbols):
             raise GptforgeError("--user-symbols: an empty string cannot be a token")
 
 
@@ -145,14 +143,13 @@ _KIND_OPTIONS = {"char": set(), "bpe": _COMMON_OPTIONS,
                  "sentencepiece": _COMMON_OPTIONS | {"sp_model_type", "character_coverage"}}
 
 
-LOAD_OPTIONS = ("roles", "add_special_tokens", "tiktoken_pattern")
-
-
 def check_tokenizer_options(training: bool, options: Mapping) -> None:
     """Refuse loading options when a tokenizer is trained, and training options when one is
     loaded (the caller passes them on to :func:`train_tokenizer` or :func:`load_tokenizer`)."""
-    wrong = sorted(set(options) - set(TrainOptions.__dataclass_fields__) if training
-                   else set(options) - set(LOAD_OPTIONS))
+    from gptforge.tokenizer.foreign import ForeignOptions
+
+    accepted = TrainOptions if training else ForeignOptions
+    wrong = sorted(set(options) - {f.name for f in fields(accepted)})
     if not wrong:
         return
     name = {"roles": "--eos-token/--pad-token/--role-token"}.get(wrong[0],
@@ -162,10 +159,6 @@ def check_tokenizer_options(training: bool, options: Mapping) -> None:
                             "PATH), not to one trained now")
     raise GptforgeError(f"{name} applies when training a tokenizer (--tokenizer bpe or "
                         "sentencepiece), not to a saved one")
-
-
-def _option_values(options: TrainOptions) -> dict:
-    return {name: getattr(options, name) for name in TrainOptions.__dataclass_fields__}
 
 
 class Tokenizer(ABC):
@@ -299,7 +292,7 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int | None = No
         raise GptforgeError(f"unknown tokenizer kind '{kind}' (choose one of: {', '.join(KINDS)})")
     if vocab_size is not None and vocab_size < 0:
         raise GptforgeError(f"--vocab-size must be positive, got {vocab_size}")
-    unknown = sorted(set(options) - set(TrainOptions.__dataclass_fields__))
+    unknown = sorted(set(options) - {f.name for f in fields(TrainOptions)})
     if unknown:
         raise TypeError(f"train_tokenizer() got unknown options: {', '.join(unknown)}")
     train_options = TrainOptions(sp_model_type=sp_model_type, **{
