@@ -208,9 +208,87 @@ def test_corrupt_tokenizer_files(tmp_path, name, content, message):
     assert str(tmp_path / name) in str(err.value)
 
 
-def test_bpe_file_without_our_special_tokens_is_refused(tmp_path):
+def test_foreign_file_without_an_end_of_document_token_names_the_option(tmp_path):
     from tokenizers import Tokenizer, models
 
     Tokenizer(models.BPE()).save(str(tmp_path / "tokenizer.json"))
-    with pytest.raises(GptforgeError, match="lacks the special tokens <\\|endoftext\\|>"):
+    with pytest.raises(GptforgeError, match="tokenizer.json: the tokenizer has no token for the "
+                                            "end of document role .eos.; .* --eos-token"):
         load_tokenizer(tmp_path)
+
+
+# --------------------------------------------------------------------------- training options
+
+
+def _cjk_corpus() -> str:
+    """~1M characters of 4,100 distinct CJK characters: 2,000 common ones in 12-character lines
+    and 2,100 rare ones, each once (0.2% of the text): SentencePiece at its default coverage
+    keeps the common ones and writes most rare ones as bytes."""
+    import random
+
+    rng = random.Random(0)
+    common = [chr(0x4E00 + i) for i in range(2000)]
+    lines = ["".join(rng.choices(common, k=5)) + "，" + "".join(rng.choices(common[:300], k=5))
+             + "。" for _ in range(80_000)]
+    for j in range(2100):
+        lines[j * 37] += chr(0x4E00 + 2000 + j)
+    return "\n".join(lines)
+
+
+@pytest.mark.slow
+def test_sentencepiece_4000_pieces_on_chinese_with_character_coverage():
+    text = _cjk_corpus()
+    assert len(set(text)) > 4000
+    with pytest.raises(GptforgeError, match="--vocab-size 4000 is too small.*lower "
+                                            "--character-coverage"):
+        train_tokenizer("sentencepiece", [text], 4000, character_coverage=1.0)
+    tok = train_tokenizer("sentencepiece", [text], 4000, character_coverage=0.9995)
+    assert tok.vocab_size == 4000
+    rare = chr(0x4E00 + 4000)
+    assert len(tok.encode(rare)) == 3  # not in the vocabulary: its three UTF-8 bytes
+    sample = text[:2000]
+    assert tok.decode(tok.encode(sample)) == sample
+    assert len(tok.encode(sample)) < len(sample)  # common pairs were merged
+
+
+@pytest.mark.parametrize("kind, size", [("bpe", 300), ("sentencepiece", 300)])
+def test_split_digits_and_user_symbols(kind, size):
+    text = "order 123456 cost 987654 <think>why</think> " * 40
+    plain = train_tokenizer(kind, [text], size)
+    tok = train_tokenizer(kind, [text], size, split_digits=True, user_symbols=["<think>"])
+    assert len(plain.encode("123456")) < 6  # merged digits without the option
+    assert [tok.decode([i]) for i in tok.encode("123456")] == list("123456")
+    assert len(tok.encode("<think>")) == 1 and len(plain.encode("<think>")) > 1
+    assert tok.decode(tok.encode(text)) == text
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
+def test_max_piece_length(kind):
+    text = "abcdefghij " * 50
+
+    def longest(tok) -> int:
+        return max(len(tok.decode([i])) for i in tok.encode(text))
+
+    assert longest(train_tokenizer(kind, [text], 290)) > 3
+    assert longest(train_tokenizer(kind, [text], 290, max_piece_length=3)) <= 3
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
+def test_nfkc_on_and_off(kind):
+    text = "ＡＢＣ１２３ ﬁne café " * 20  # full-width letters and digits, an ﬁ ligature
+    exact = train_tokenizer(kind, [text], 300)
+    nfkc = train_tokenizer(kind, [text], 300, nfkc=True)
+    assert exact.decode(exact.encode(text)) == text  # off: every character as written
+    assert nfkc.decode(nfkc.encode(text)) == ("ABC123 fine café " * 20)
+    assert nfkc.encode("ＡＢＣ") == nfkc.encode("ABC")
+    assert exact.encode("ＡＢＣ") != exact.encode("ABC")
+
+
+def test_options_that_do_not_apply_are_refused():
+    with pytest.raises(GptforgeError, match="--character-coverage does not apply to a bpe "
+                                            "tokenizer .it applies to: sentencepiece."):
+        train_tokenizer("bpe", [ENGLISH], 300, character_coverage=0.99)
+    with pytest.raises(GptforgeError, match="--split-digits does not apply to a char"):
+        train_tokenizer("char", [ENGLISH], split_digits=True)
+    with pytest.raises(GptforgeError, match="--character-coverage must be between 0.5 and 1"):
+        train_tokenizer("sentencepiece", [ENGLISH], 300, character_coverage=1.5)

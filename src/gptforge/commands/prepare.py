@@ -11,6 +11,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from gptforge.commands.tokenizer import (
+    add_foreign_options,
+    add_training_options,
+    foreign_options,
+    training_options,
+)
 from gptforge.data.corpora import CORPORA
 from gptforge.data.filters import SCRIPTS
 from gptforge.data.sources import TEXT_UNITS
@@ -28,7 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--corpus", choices=sorted(CORPORA),
                         help="a built-in corpus, downloaded on first use")
     parser.add_argument("--tokenizer", required=True, metavar="{char,bpe,sentencepiece,PATH}",
-                        help="train this kind of tokenizer on the corpus, or load a saved one")
+                        help="train this kind of tokenizer on the corpus, or load a saved one: "
+                             "gptforge's, a Hugging Face tokenizer.json, a SentencePiece .model "
+                             "or a tiktoken ranks file")
     parser.add_argument("--vocab-size", type=int, metavar="N",
                         help="vocabulary size when training (default: char natural, else 4096)")
     parser.add_argument("--out", required=True, metavar="DIR", help="data directory to write")
@@ -45,6 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="id width in the shards (default: uint16 if the vocab fits)")
     parser.add_argument("--sp-model-type", choices=("bpe", "unigram"), default="bpe",
                         help="SentencePiece model type (default: bpe)")
+    # Tokenizer options: training one (--tokenizer KIND) or adopting one trained elsewhere.
+    add_training_options(parser)
+    add_foreign_options(parser)
     parser.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True,
                         help="drop documents identical to an earlier one (default: on)")
     parser.add_argument("--restart", action="store_true",
@@ -106,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         shard_tokens=args.shard_tokens, token_dtype=args.token_dtype,
         sp_model_type=args.sp_model_type, progress=not args.no_progress, corpus=args.corpus,
         dedup=args.dedup, resume=not args.restart, hf_data_files=args.hf_data_files,
+        tokenizer_options=training_options(args) | foreign_options(args),
         **corpus_arguments(args))
     if manifest.get("dry_run"):
         print_preview(manifest)

@@ -67,6 +67,7 @@ from gptforge.errors import GptforgeError
 from gptforge.tokenizer.base import (
     KINDS,
     Tokenizer,
+    check_tokenizer_options,
     find_tokenizer_file,
     load_tokenizer,
     train_tokenizer,
@@ -481,7 +482,7 @@ def prepare(inputs: list[str], out_dir: Path, tokenizer: str = "char",
             hf_data_files: list[str] | None = None, template: str | None = None,
             text_unit: str = "file", input_rates: list[str] | None = None,
             filters: FilterSettings | None = None, dry_run: bool = False,
-            preview_documents: int = 3) -> dict:
+            preview_documents: int = 3, tokenizer_options: dict | None = None) -> dict:
     """Tokenize ``inputs`` into the data directory ``out_dir``; returns the manifest.
 
     ``inputs`` are files, directories, globs and ``hf:NAME[:CONFIG][@SPLIT]`` datasets (which
@@ -490,7 +491,9 @@ def prepare(inputs: list[str], out_dir: Path, tokenizer: str = "char",
     ``bpe``/``sentencepiece`` on the train split only) or the path of a saved tokenizer.
     ``dedup`` drops documents identical to an earlier one. ``resume`` continues the work an
     interrupted run with the same settings left in ``OUT.partial``; False starts over. ``corpus``
-    only records which built-in corpus the inputs are.
+    only records which built-in corpus the inputs are. ``tokenizer_options`` are
+    :func:`~gptforge.tokenizer.base.train_tokenizer`'s options when training, or
+    :func:`~gptforge.tokenizer.base.load_tokenizer`'s for a tokenizer made elsewhere.
 
     How records become documents: ``template`` (e.g. ``"{title}\n{paragraphs}"``) renders each
     record from several fields instead of taking ``text_field``; ``text_unit`` makes each line
@@ -507,6 +510,7 @@ def prepare(inputs: list[str], out_dir: Path, tokenizer: str = "char",
                 "shard_tokens": shard_tokens, "token_dtype": token_dtype,
                 "sp_model_type": sp_model_type, "dedup": bool(dedup),
                 "hf_data_files": [str(f) for f in hf_data_files] if hf_data_files else None,
+                "tokenizer_options": dict(tokenizer_options or {}),
                 **_corpus_settings(template, text_unit, input_rates, filters)}
     _check_settings(settings)
     out_dir = Path(out_dir).expanduser().absolute()
@@ -610,12 +614,14 @@ def _get_tokenizer(settings: dict, documents, pieces, progress: bool) -> Tokeniz
             where = "the train split"
         log.debug("training a %s tokenizer on %s", spec, where)
         return train_tokenizer(spec, texts, vocab_size, sp_model_type=settings["sp_model_type"],
-                               progress=progress and sys.stderr.isatty())
-    return load_tokenizer(spec)
+                               progress=progress and sys.stderr.isatty(),
+                               **settings["tokenizer_options"])
+    return load_tokenizer(spec, **settings["tokenizer_options"])
 
 
 def _check_tokenizer_spec(settings: dict) -> None:
     spec = settings["tokenizer"]
+    check_tokenizer_options(spec in KINDS, settings["tokenizer_options"])
     if spec in KINDS:
         return
     if settings["vocab_size"]:

@@ -1,7 +1,9 @@
 """Tokenizers: text to token ids and back, behind one interface with three backends.
 
 ``char`` (one token per character), ``bpe`` (byte-level BPE) and ``sentencepiece`` (BPE or unigram
-with byte fallback) all share :data:`SPECIAL_TOKENS`. Backends import their libraries only when
+with byte fallback) all share :data:`SPECIAL_TOKENS`. Tokenizers trained elsewhere (Hugging Face,
+SentencePiece, tiktoken files) load with their own ids, their tokens mapped onto gptforge's
+:data:`ROLES` (:mod:`gptforge.tokenizer.foreign`). Backends import their libraries only when
 used, so importing this package stays cheap.
 """
 
@@ -9,6 +11,7 @@ from gptforge.tokenizer.base import (
     EOS_TOKEN,
     KINDS,
     PAD_TOKEN,
+    ROLES,
     SPECIAL_TOKENS,
     Tokenizer,
     load_tokenizer,
@@ -19,6 +22,7 @@ __all__ = [
     "EOS_TOKEN",
     "KINDS",
     "PAD_TOKEN",
+    "ROLES",
     "SPECIAL_TOKENS",
     "Tokenizer",
     "load_tokenizer",

@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from gptforge.errors import GptforgeError
-from gptforge.tokenizer.base import SPECIAL_TOKENS, Tokenizer, check_unicode
+from gptforge.tokenizer.base import (
+    SPECIAL_TOKENS,
+    NotGptforgeTokenizer,
+    Tokenizer,
+    TrainOptions,
+    check_unicode,
+)
 
 DEFAULT_VOCAB_SIZE = 4096
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
@@ -33,29 +39,32 @@ class BPETokenizer(Tokenizer):
         specials = {t: hf_tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
         missing = [t for t, i in specials.items() if i is None]
         if missing:
-            raise GptforgeError(f"{source}: lacks the special tokens {', '.join(missing)}; "
-                                "train it with `gptforge tokenizer train --kind bpe`")
+            raise NotGptforgeTokenizer(f"{source}: lacks the special tokens "
+                                       f"{', '.join(missing)}")
         super().__init__(specials)
         self._hf = hf_tokenizer
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int | None = None, *,
-              sp_model_type: str = "bpe", progress: bool = False) -> BPETokenizer:
-        from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import decoders, models, pre_tokenizers, trainers
+              options: TrainOptions = TrainOptions(), progress: bool = False) -> BPETokenizer:
+        from tokenizers import AddedToken, decoders, pre_tokenizers, trainers
 
         vocab_size = vocab_size or DEFAULT_VOCAB_SIZE
         if vocab_size < MIN_VOCAB_SIZE:
             raise GptforgeError(
                 f"--vocab-size {vocab_size} is too small for bpe: it needs at least "
-                f"{MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
-        hf = HFTokenizer(models.BPE())
-        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+                f"{MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special tokens); "
+                "raise --vocab-size")
+        hf = _untrained(options)
         hf.decoder = decoders.ByteLevel()
+        # User symbols come right after the special tokens; not "special", so that decoding
+        # always writes them and they count as text.
+        symbols = [AddedToken(s, special=False, normalized=False) for s in options.user_symbols]
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
-            special_tokens=list(SPECIAL_TOKENS),  # first, so they get ids 0..5
+            special_tokens=list(SPECIAL_TOKENS) + symbols,  # first, so they get ids 0..5, ...
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            max_token_length=options.max_piece_length,
             show_progress=progress,
         )
         hf.train_from_iterator(_bounded(texts), trainer=trainer)
@@ -93,6 +102,23 @@ class BPETokenizer(Tokenizer):
 
     def canonical_bytes(self) -> bytes:
         return self._hf.to_str(pretty=False).encode("utf-8")
+
+
+def _untrained(options: TrainOptions):
+    """An empty byte-level BPE with the normaliser and pre-tokenizers the options ask for."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, normalizers, pre_tokenizers
+
+    hf = HFTokenizer(models.BPE())
+    if options.nfkc:
+        hf.normalizer = normalizers.NFKC()
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if options.split_digits:  # each digit alone first, then GPT-2's split of the rest
+        hf.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        hf.pre_tokenizer = byte_level
+    return hf
 
 
 def _bounded(texts: Iterable[str]) -> Iterator[str]:

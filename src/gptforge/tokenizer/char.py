@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from gptforge.errors import GptforgeError
-from gptforge.tokenizer.base import SPECIAL_TOKENS, Tokenizer, split_special
+from gptforge.tokenizer.base import SPECIAL_TOKENS, Tokenizer, TrainOptions, split_special
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class CharTokenizer(Tokenizer):
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int | None = None, *,
-              sp_model_type: str = "bpe", progress: bool = False) -> CharTokenizer:
+              options: TrainOptions = TrainOptions(), progress: bool = False) -> CharTokenizer:
         seen: set[str] = set()
         for text in texts:
             for piece, special in split_special(text):

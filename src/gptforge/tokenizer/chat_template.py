@@ -21,7 +21,7 @@ so far is followed by ``<|assistant|>`` (:func:`render_prompt`) and sampling sto
 from __future__ import annotations
 
 from gptforge.errors import GptforgeError
-from gptforge.tokenizer.base import Tokenizer, split_special
+from gptforge.tokenizer.base import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 END_TOKEN = "<|end|>"
@@ -63,7 +63,7 @@ def encode_contents(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
     pieces: list[str] = []
     owners: list[int] = []
     for i, text in enumerate(texts):
-        for piece, special in split_special(text):
+        for piece, special in tokenizer.split_special(text):
             parts = (piece[:1], piece[1:]) if special else (piece,)
             pieces += parts
             owners += [i] * len(parts)

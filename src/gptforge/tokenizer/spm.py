@@ -6,11 +6,12 @@ multi-character words become single tokens. ``byte_fallback`` encodes any charac
 lacks as its UTF-8 bytes, so nothing is ever ``<unk>``.
 
 SentencePiece normally rewrites text (NFKC, collapsing spaces, a leading "▁"); every such option is
-turned off here so that ``decode(encode(s)) == s`` exactly. It still writes a space as "▁" (U+2581)
-and decodes every "▁" to a space, so a "▁" in the text itself is encoded as its three UTF-8 byte
-tokens, which decode to "▁". The trainer sees the text line by line,
-so no piece ever contains a newline: a newline always encodes to its byte token. That also makes
-cutting a long document at a line break before encoding give the same ids as encoding it whole.
+turned off here so that ``decode(encode(s)) == s`` exactly (NFKC can be asked for, trading that
+for a vocabulary that does not spend pieces on full-width variants). It still writes a space as
+"▁" (U+2581) and decodes every "▁" to a space, so a "▁" in the text itself is encoded as its three
+UTF-8 byte tokens, which decode to "▁". The trainer sees the text line by line, so no piece ever
+contains a newline: a newline always encodes to its byte token. That also makes cutting a long
+document at a line break before encoding give the same ids as encoding it whole.
 
 Saved as ``tokenizer.model``, the standard SentencePiece model file.
 """
@@ -24,11 +25,18 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from gptforge.errors import GptforgeError
-from gptforge.tokenizer.base import SPECIAL_TOKENS, Tokenizer, check_unicode
+from gptforge.tokenizer.base import (
+    SPECIAL_TOKENS,
+    NotGptforgeTokenizer,
+    Tokenizer,
+    TrainOptions,
+    check_unicode,
+)
 
 DEFAULT_VOCAB_SIZE = 4096
 SPACE_MARKER = "\u2581"  # "▁", how SentencePiece writes a space inside its pieces
 MODEL_TYPES = ("bpe", "unigram")
+DEFAULT_CHARACTER_COVERAGE = 0.9995  # SentencePiece's own default
 # Training cuts lines longer than this many characters; 4 bytes per character at most.
 MAX_SENTENCE_CHARS = 8192
 # Above this many lines SentencePiece samples, which bounds the trainer's memory.
@@ -49,8 +57,8 @@ class SentencePieceTokenizer(Tokenizer):
         specials = {t: sp.piece_to_id(t) for t in SPECIAL_TOKENS}
         missing = [t for t, i in specials.items() if sp.id_to_piece(i) != t]
         if missing:
-            raise GptforgeError(f"{source}: lacks the special tokens {', '.join(missing)}; "
-                                "train it with `gptforge tokenizer train --kind sentencepiece`")
+            raise NotGptforgeTokenizer(f"{source}: lacks the special tokens "
+                                       f"{', '.join(missing)}")
         super().__init__(specials)
         self._proto = bytes(model_proto)
         self._sp = sp
@@ -60,11 +68,12 @@ class SentencePieceTokenizer(Tokenizer):
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int | None = None, *,
-              sp_model_type: str = "bpe", progress: bool = False) -> SentencePieceTokenizer:
+              options: TrainOptions = TrainOptions(),
+              progress: bool = False) -> SentencePieceTokenizer:
         import sentencepiece
 
-        if sp_model_type not in MODEL_TYPES:
-            raise GptforgeError(f"unknown SentencePiece model type '{sp_model_type}' "
+        if options.sp_model_type not in MODEL_TYPES:
+            raise GptforgeError(f"unknown SentencePiece model type '{options.sp_model_type}' "
                                 f"(choose one of: {', '.join(MODEL_TYPES)})")
         vocab_size = vocab_size or DEFAULT_VOCAB_SIZE
         model = io.BytesIO()
@@ -73,14 +82,14 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             sentencepiece.SentencePieceTrainer.train(
                 sentence_iterator=_training_lines(texts, reading_errors), model_writer=model,
-                model_type=sp_model_type, vocab_size=vocab_size, **_TRAINER_OPTIONS,
+                vocab_size=vocab_size, **_TRAINER_OPTIONS, **_chosen_options(options),
                 num_threads=max(1, min(os.cpu_count() or 1, 16)),
                 minloglevel=1 if progress else 2,  # 1: warnings only
             )
         except RuntimeError as err:
             if reading_errors:  # the C++ side wraps it in a RuntimeError holding a traceback
                 raise reading_errors[0] from None
-            raise _training_error(err, vocab_size) from None
+            raise _training_error(err, vocab_size, options) from None
         return cls(model.getvalue())
 
     @classmethod
@@ -124,11 +133,9 @@ class SentencePieceTokenizer(Tokenizer):
 
 _TRAINER_OPTIONS = dict(
     byte_fallback=True,
-    normalization_rule_name="identity",  # no NFKC: keep every character as written
     remove_extra_whitespaces=False,  # keep runs of spaces, leading and trailing spaces
     add_dummy_prefix=False,  # no invented leading space, so decode gives the text back
     allow_whitespace_only_pieces=True,  # runs of spaces (indentation) can become one token
-    user_defined_symbols=list(SPECIAL_TOKENS),  # ids 0..5, decode to their literal text
     unk_id=len(SPECIAL_TOKENS),  # required by SentencePiece; never produced with byte_fallback
     bos_id=-1, eos_id=-1, pad_id=-1,  # ours are the special tokens above
     hard_vocab_limit=False,  # a small corpus gives a smaller vocabulary instead of an error
@@ -136,6 +143,23 @@ _TRAINER_OPTIONS = dict(
     input_sentence_size=MAX_TRAINING_LINES,
     shuffle_input_sentence=True,
 )
+
+
+def _chosen_options(options: TrainOptions) -> dict:
+    """SentencePiece's names for the options; unset ones keep SentencePiece's defaults."""
+    chosen = dict(
+        model_type=options.sp_model_type,
+        # "identity": keep every character as written, so decode gives the text back.
+        normalization_rule_name="nfkc" if options.nfkc else "identity",
+        split_digits=options.split_digits,
+        # The special tokens get ids 0..5 and decode to their literal text; user symbols follow.
+        user_defined_symbols=list(SPECIAL_TOKENS) + list(options.user_symbols),
+    )
+    if options.character_coverage is not None:
+        chosen["character_coverage"] = options.character_coverage
+    if options.max_piece_length is not None:
+        chosen["max_sentencepiece_length"] = options.max_piece_length
+    return chosen
 
 
 def _training_lines(texts: Iterable[str], errors: list[BaseException]) -> Iterator[str]:
@@ -156,12 +180,15 @@ def _training_lines(texts: Iterable[str], errors: list[BaseException]) -> Iterat
         raise
 
 
-def _training_error(err: RuntimeError, vocab_size: int) -> GptforgeError:
+def _training_error(err: RuntimeError, vocab_size: int, options: TrainOptions) -> GptforgeError:
     message = str(err)
     too_small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
     if too_small:
+        coverage = options.character_coverage or DEFAULT_CHARACTER_COVERAGE
         return GptforgeError(
             f"--vocab-size {vocab_size} is too small for sentencepiece on this text: it needs at "
-            f"least {too_small.group(2)} (256 bytes, the special tokens and the text's characters)")
+            f"least {too_small.group(2)} (256 bytes, the special tokens and the characters that "
+            f"make up {coverage * 100:g}% of the text); raise --vocab-size, or lower "
+            f"--character-coverage (now {coverage}) so that rarer characters become byte tokens")
     return GptforgeError(f"SentencePiece training failed ({message.strip().splitlines()[-1]}); "
                          "check the input, or try another --vocab-size")
