@@ -26,15 +26,18 @@ context ``"... cat"`` and the continuation ``"s sat"``, where the whole text has
 choice is scored on exactly its own text after exactly the same context tokens.
 
 Sequences longer than the model's context lose tokens from the left (the start of the context).
+A choice that alone is longer than the context cannot be scored: its example is skipped (with a
+warning), the others are scored, and the results count the skipped ones.
 Every (example, choice) pair is one row; rows are sorted by length and batched, padded on the
 right, which a causal model never looks at.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -42,6 +45,9 @@ import torch
 from gptforge.errors import GptforgeError
 from gptforge.runtime.device import Precision
 from gptforge.train.objectives import IGNORE_INDEX, target_log_probs
+
+log = logging.getLogger(__name__)
+SKIPPED_LISTED = 10  # where the first skipped examples are, in the results
 
 
 @dataclass(frozen=True)
@@ -82,24 +88,48 @@ class Request(NamedTuple):
     nbytes: int
 
 
+class ChoiceTooLong(GptforgeError):
+    """A choice with more tokens than the model's context: the example cannot be scored."""
+
+
+def example_requests(tokenizer, example: Example, block_size: int) -> list[Request]:
+    """One request per choice of ``example``."""
+    requests = []
+    for i, choice in enumerate(example.choices):
+        try:
+            cont = split_continuation(tokenizer, example.context, choice)
+        except GptforgeError as err:
+            raise GptforgeError(f"{example.where}: {err}") from None
+        if not cont.ids:
+            raise GptforgeError(f"{example.where}: choice {i} is empty")
+        if len(cont.ids) > block_size:
+            raise ChoiceTooLong(
+                f"{example.where}: choice {i} is {len(cont.ids)} tokens long, more than "
+                f"the model's context of {block_size} tokens; it cannot be scored")
+        ids = (cont.context_ids + cont.ids)[-(block_size + 1):]
+        requests.append(Request(ids, len(cont.ids), cont.nbytes))
+    return requests
+
+
 def build_requests(tokenizer, examples: Sequence[Example], block_size: int) -> list[Request]:
     """One request per choice of every example, in order."""
-    requests = []
+    return [r for example in examples for r in example_requests(tokenizer, example, block_size)]
+
+
+def scorable_requests(tokenizer, examples: Sequence[Example], block_size: int
+                      ) -> tuple[list[Example], list[Request], list[str]]:
+    """The examples that can be scored, their requests, and where the others are: an example
+    with a choice longer than the context is left out, not the whole task."""
+    kept, requests, skipped = [], [], []
     for example in examples:
-        for i, choice in enumerate(example.choices):
-            try:
-                cont = split_continuation(tokenizer, example.context, choice)
-            except GptforgeError as err:
-                raise GptforgeError(f"{example.where}: {err}") from None
-            if not cont.ids:
-                raise GptforgeError(f"{example.where}: choice {i} is empty")
-            if len(cont.ids) > block_size:
-                raise GptforgeError(
-                    f"{example.where}: choice {i} is {len(cont.ids)} tokens long, more than "
-                    f"the model's context of {block_size} tokens; it cannot be scored")
-            ids = (cont.context_ids + cont.ids)[-(block_size + 1):]
-            requests.append(Request(ids, len(cont.ids), cont.nbytes))
-    return requests
+        try:
+            requests += example_requests(tokenizer, example, block_size)
+        except ChoiceTooLong as err:
+            log.warning("%s; the example is skipped", err)
+            skipped.append(example.where)
+            continue
+        kept.append(example)
+    return kept, requests, skipped
 
 
 @torch.no_grad()
@@ -138,10 +168,14 @@ class MCResult:
     acc_stderr: float
     acc_norm: float
     acc_norm_stderr: float
+    random_baseline: float  # the expected acc of guessing: the mean of 1 / number of choices
+    skipped: tuple[str, ...] = ()  # where the examples are that could not be scored
 
     def to_dict(self) -> dict:
         return {"examples": self.examples, "acc": self.acc, "acc_stderr": self.acc_stderr,
-                "acc_norm": self.acc_norm, "acc_norm_stderr": self.acc_norm_stderr}
+                "acc_norm": self.acc_norm, "acc_norm_stderr": self.acc_norm_stderr,
+                "random_baseline": self.random_baseline, "skipped": len(self.skipped),
+                "skipped_examples": list(self.skipped[:SKIPPED_LISTED])}
 
 
 def _argmax(values: Sequence[float]) -> int:
@@ -164,7 +198,8 @@ def accuracy(examples: Sequence[Example], scores: Sequence[float],
         pos += k
     n = len(examples)
     acc, acc_norm = right / n, right_norm / n
-    return MCResult(n, acc, _stderr(acc, n), acc_norm, _stderr(acc_norm, n))
+    baseline = sum(1 / len(e.choices) for e in examples) / n
+    return MCResult(n, acc, _stderr(acc, n), acc_norm, _stderr(acc_norm, n), baseline)
 
 
 def evaluate_examples(model: torch.nn.Module, tokenizer, examples: Sequence[Example], *,
@@ -173,7 +208,13 @@ def evaluate_examples(model: torch.nn.Module, tokenizer, examples: Sequence[Exam
     """acc and acc_norm of ``model`` on ``examples``."""
     if not examples:
         raise GptforgeError("no examples to evaluate")
-    requests = build_requests(tokenizer, examples, model.config.block_size)
+    block_size = model.config.block_size
+    kept, requests, skipped = scorable_requests(tokenizer, examples, block_size)
+    if not kept:
+        raise GptforgeError(f"all {len(examples)} examples have a choice longer than the "
+                            f"model's context of {block_size} tokens (the first: {skipped[0]}); "
+                            "none can be scored")
     scores = score_requests(model, requests, precision=precision, batch_size=batch_size,
                             pad_id=tokenizer.pad_id, progress=progress)
-    return accuracy(examples, scores, [r.nbytes for r in requests])
+    result = accuracy(kept, scores, [r.nbytes for r in requests])
+    return replace(result, skipped=tuple(skipped))
