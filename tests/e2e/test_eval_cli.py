@@ -288,3 +288,17 @@ def test_bad_benchmark_inputs_give_one_line(untrained, tmp_path, capsys):
     (tmp_path / "exam" / "test" / "x_test.csv").write_text("q,a,b,c,d,A\nq,a,b\n")
     assert "x_test.csv:2: 3 columns, expected 6" in run_error(
         [solver, "--task", tmp_path / "exam", "--task-format", "mmlu"], capsys)
+
+
+def test_generate_task_as_chat_reports_text_metrics(untrained, tmp_path, capsys):
+    task = write_records(tmp_path / "g.jsonl", [{"prompt": "ann?", "answer": ["5", "five"]},
+                                                {"prompt": "bob?", "answer": "8"}])
+    results, table = run_eval([untrained, "--task", task, "--task-format", "generate", "--chat",
+                               "--max-new-tokens", "8", "--stop", "#"], capsys, tmp_path)
+    task = results["task"]
+    assert (task["chat"], task["extract"], task["stop"], task["num_samples"]) == (
+        True, "text", ["#"], 1)
+    assert all("#" not in s["output"] and len(s["output"]) <= 8 for s in task["samples"])
+    assert set(task) >= {"exact_match", "bleu", "chrf", "distinct_1", "distinct_2",
+                         "repetition_4"}
+    assert "generative:" in table and "chat" in table
