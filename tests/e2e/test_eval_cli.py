@@ -256,8 +256,9 @@ def test_mmlu_and_piqa_with_the_core_aggregate_and_a_skipped_row(untrained, tmp_
         {"goal": "cy?", "sol1": "5" * 100, "sol2": "6", "label": 1}])  # longer than 64 tokens
     results, table = run_eval([untrained, "--task", tmp_path / "mmlu", "--task-format", "mmlu",
                                "--task", piqa, "--task-format", "piqa", "--bench", "core",
-                               "--shots", "0"], capsys, tmp_path)
+                               "--shots", "1"], capsys, tmp_path)
     mmlu, piqa_result = results["tasks"]
+    assert (mmlu["shots"], piqa_result["shots"]) == (1, 0)  # PIQA takes no shots
     assert (mmlu["format"], mmlu["examples"], mmlu["random_baseline"]) == ("mmlu", 2, 0.25)
     assert (piqa_result["examples"], piqa_result["skipped"]) == (1, 1)
     assert piqa_result["skipped_examples"] == [f"{piqa}:2"]

@@ -221,11 +221,19 @@ def _lm_stream(args: argparse.Namespace, tokenizer):
 
 
 def _load_tasks(args: argparse.Namespace, pairs) -> list:
-    from gptforge.eval.tasks import load_task
+    """The tasks; --shots goes to those whose format takes shots (MMLU 5-shot beside PIQA
+    0-shot in one --bench run), and is refused when none does."""
+    from gptforge.errors import GptforgeError
+    from gptforge.eval.tasks import SHOT_FORMATS, load_task
 
-    return [load_task(spec, fmt, max_examples=args.max_examples, shots=args.shots,
+    takes_shots = [fmt in SHOT_FORMATS for _, fmt in pairs]
+    if args.shots and len(pairs) > 1 and not any(takes_shots):
+        raise GptforgeError(f"--shots applies to the formats {', '.join(SHOT_FORMATS)}; none "
+                            "of the tasks has one")
+    return [load_task(spec, fmt, max_examples=args.max_examples,
+                      shots=args.shots if takes or len(pairs) == 1 else 0,
                       split=args.task_split, fewshot_from=args.fewshot_from)
-            for spec, fmt in pairs]
+            for (spec, fmt), takes in zip(pairs, takes_shots)]
 
 
 def _evaluate_lm(args, model, tokenizer, stream, precision, progress: bool) -> dict:
@@ -247,12 +255,12 @@ def _evaluate_task(args, model, tokenizer, task, generation, precision, progress
     if task.generative:
         result = evaluate_generative(model, tokenizer, task.examples, task.shots, generation,
                                      precision=precision, progress=progress)
-        how = {"shots": args.shots, "chat": generation.chat, "extract": generation.extract,
+        how = {"shots": task.n_shots, "chat": generation.chat, "extract": generation.extract,
                "temperature": generation.temperature, "stop": list(generation.stop)}
     else:
         result = evaluate_examples(model, tokenizer, task.examples, precision=precision,
                                    batch_size=args.batch_size, progress=progress)
-        how = {"shots": args.shots}
+        how = {"shots": task.n_shots}
     return {"task": task.spec, "format": task.format, **how, **result.to_dict(),
             "seconds": round(time.perf_counter() - started, 3)}
 

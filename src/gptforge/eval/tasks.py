@@ -238,6 +238,7 @@ def gen_from_gsm8k(record: dict, where: str) -> tuple[GenExample, Shot]:
 
 GEN_CONVERTERS = {"generate": gen_from_generate, "gsm8k": gen_from_gsm8k}
 TASK_FORMATS = (*CONVERTERS, *EXAMS, *GEN_CONVERTERS)
+SHOT_FORMATS = (*EXAMS, *GEN_CONVERTERS)  # the formats that take few-shot examples
 
 
 def read_generative(spec: str, task_format: str,
@@ -285,7 +286,8 @@ class Task:
     spec: str
     format: str
     examples: list
-    shots: list[Shot]
+    shots: list[Shot]  # a generative task's; an exam's shots are in its prompts
+    n_shots: int = 0
 
     @property
     def generative(self) -> bool:
@@ -297,13 +299,13 @@ def load_task(spec: str, task_format: str, *, max_examples: int | None = None, s
     """Any task: ``CONVERTERS`` formats, exams (``exams.py``) and generative formats."""
     if task_format in GEN_CONVERTERS:
         return Task(spec, task_format, read_generative(spec, task_format, max_examples),
-                    read_shots(spec, task_format, shots, fewshot_from))
+                    read_shots(spec, task_format, shots, fewshot_from), shots)
     if task_format in EXAMS:
         examples = read_exam(task_format, spec, split, shots, _hf_records)[:max_examples]
         if not examples:
             raise GptforgeError(f"{spec}: holds no examples")
-        return Task(spec, task_format, [check_example(e) for e in examples], [])
+        return Task(spec, task_format, [check_example(e) for e in examples], [], shots)
     if shots:
-        raise GptforgeError(f"--shots applies to the exam and generative formats "
-                            f"({', '.join([*EXAMS, *GEN_CONVERTERS])}), not to {task_format}")
+        raise GptforgeError(f"--shots applies to the formats {', '.join(SHOT_FORMATS)}, not "
+                            f"to {task_format}")
     return Task(spec, task_format, read_task(spec, task_format, max_examples), [])
