@@ -260,11 +260,12 @@ def test_mmlu_and_piqa_with_the_core_aggregate_and_a_skipped_row(untrained, tmp_
     mmlu, piqa_result = results["tasks"]
     assert (mmlu["shots"], piqa_result["shots"]) == (1, 0)  # PIQA takes no shots
     assert (mmlu["format"], mmlu["examples"], mmlu["random_baseline"]) == ("mmlu", 2, 0.25)
+    assert mmlu["groups"] == {"tiny math": {"examples": 2, "acc": mmlu["acc"]}}
     assert (piqa_result["examples"], piqa_result["skipped"]) == (1, 1)
     assert piqa_result["skipped_examples"] == [f"{piqa}:2"]
     centred = [(mmlu["acc_norm"] - 0.25) / 0.75, (piqa_result["acc_norm"] - 0.5) / 0.5]
     assert results["core"]["core"] == pytest.approx(sum(centred) / 2)
-    assert "CORE-style aggregate" in table and "skipped" in table
+    assert "CORE-style aggregate" in table and "skipped" in table and "subjects" in table
 
 
 def test_bad_benchmark_inputs_give_one_line(untrained, tmp_path, capsys):

@@ -185,3 +185,26 @@ def test_centred_accuracy_and_core_score():
                        ("gsm8k", {"exact_match": 0.1})])
     assert core["core"] == pytest.approx((0.5 + 0.0 + 0.1) / 3)
     assert [e["metric"] for e in core["tasks"]] == ["acc_norm", "acc_norm", "exact_match"]
+
+
+def test_mmlu_from_an_hf_dataset_directory(tmp_path):
+    pytest.importorskip("datasets")
+    folder = tmp_path / "mmlu"
+    folder.mkdir()
+    # (A local "dev.jsonl" would be read by `datasets` as the validation split; on the Hub,
+    # cais/mmlu names its dev split "dev", which --shots reads.)
+    (folder / "test.jsonl").write_text("".join(
+        json.dumps({"question": r[0], "subject": "college_physics", "choices": list(r[1:5]),
+                    "answer": "ABCD".index(r[5])}) + "\n" for r in (Q1, Q2)))
+    expected = load_task(str(hendrycks(tmp_path / "csv")), "mmlu").examples
+    examples = load_task(f"hf:{folder}@test", "mmlu").examples
+    assert [(e.context, e.label) for e in examples] == [(e.context, e.label) for e in expected]
+    assert examples[1].where == f"hf:{folder}@test row 1"
+
+
+def test_the_cli_lists_every_task_format():
+    from gptforge.commands import eval as eval_command
+    from gptforge.eval.tasks import GEN_CONVERTERS, TASK_FORMATS
+
+    assert eval_command.TASK_FORMATS == TASK_FORMATS
+    assert eval_command.GENERATIVE_FORMATS == tuple(GEN_CONVERTERS)

@@ -91,7 +91,7 @@ def exam_prompt(exam: Exam, subject: str, question: Question, shots: list[Questi
 def to_examples(exam: Exam, subject: str, questions: list[Question],
                 shots: list[Question]) -> list[Example]:
     return [Example(exam_prompt(exam, subject, q, shots), tuple(" " + x for x in LETTERS),
-                    q.answer, q.where) for q in questions]
+                    q.answer, q.where, group=subject) for q in questions]
 
 
 # --------------------------------------------------------------------------- answers

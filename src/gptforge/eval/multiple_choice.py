@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
@@ -56,6 +56,7 @@ class Example:
     choices: tuple[str, ...]
     label: int  # index of the right choice
     where: str = ""  # file:line or dataset row, for error messages
+    group: str = ""  # the subject of an exam question: accuracy is also reported per group
 
 
 class Continuation(NamedTuple):
@@ -169,13 +170,15 @@ class MCResult:
     acc_norm: float
     acc_norm_stderr: float
     random_baseline: float  # the expected acc of guessing: the mean of 1 / number of choices
+    groups: dict = field(default_factory=dict)  # {group: {"examples": n, "acc": acc}}
     skipped: tuple[str, ...] = ()  # where the examples are that could not be scored
 
     def to_dict(self) -> dict:
         return {"examples": self.examples, "acc": self.acc, "acc_stderr": self.acc_stderr,
                 "acc_norm": self.acc_norm, "acc_norm_stderr": self.acc_norm_stderr,
                 "random_baseline": self.random_baseline, "skipped": len(self.skipped),
-                "skipped_examples": list(self.skipped[:SKIPPED_LISTED])}
+                "skipped_examples": list(self.skipped[:SKIPPED_LISTED]),
+                **({"groups": self.groups} if self.groups else {})}
 
 
 def _argmax(values: Sequence[float]) -> int:
@@ -190,16 +193,23 @@ def accuracy(examples: Sequence[Example], scores: Sequence[float],
              nbytes: Sequence[int]) -> MCResult:
     """acc and acc_norm from the flat per-choice ``scores`` and continuation ``nbytes``."""
     right = right_norm = pos = 0
+    groups: dict[str, list[int]] = {}  # group -> [examples, right]
     for example in examples:
         k = len(example.choices)
         s, b = scores[pos:pos + k], nbytes[pos:pos + k]
-        right += _argmax(s) == example.label
+        correct = _argmax(s) == example.label
+        right += correct
         right_norm += _argmax([si / bi for si, bi in zip(s, b)]) == example.label
         pos += k
+        if example.group:
+            counts = groups.setdefault(example.group, [0, 0])
+            counts[0] += 1
+            counts[1] += correct
     n = len(examples)
     acc, acc_norm = right / n, right_norm / n
     baseline = sum(1 / len(e.choices) for e in examples) / n
-    return MCResult(n, acc, _stderr(acc, n), acc_norm, _stderr(acc_norm, n), baseline)
+    by_group = {g: {"examples": m, "acc": r / m} for g, (m, r) in sorted(groups.items())}
+    return MCResult(n, acc, _stderr(acc, n), acc_norm, _stderr(acc_norm, n), baseline, by_group)
 
 
 def evaluate_examples(model: torch.nn.Module, tokenizer, examples: Sequence[Example], *,

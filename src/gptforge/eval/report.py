@@ -75,6 +75,10 @@ def _task_lines(task: dict) -> list[str]:
              f"  {task['examples']:,} examples, {task['seconds']:.1f} s",
              f"  {'acc':<16}{task['acc']:.4f} ± {task['acc_stderr']:.4f}",
              f"  {'acc_norm':<16}{task['acc_norm']:.4f} ± {task['acc_norm_stderr']:.4f}"]
+    if task.get("groups"):
+        accs = sorted(task["groups"].items(), key=lambda kv: kv[1]["acc"])
+        lines.append(f"  {'subjects':<16}{len(accs)}; lowest {accs[0][0]} "
+                     f"{accs[0][1]['acc']:.4f}, highest {accs[-1][0]} {accs[-1][1]['acc']:.4f}")
     if skipped:
         lines.append(f"  {'skipped':<16}{skipped:,} examples with a choice longer than the "
                      f"context (first: {task['skipped_examples'][0]})")
