@@ -296,11 +296,13 @@ def test_generate_task_as_chat_reports_text_metrics(untrained, tmp_path, capsys)
     task = write_records(tmp_path / "g.jsonl", [{"prompt": "ann?", "answer": ["5", "five"]},
                                                 {"prompt": "bob?", "answer": "8"}])
     results, table = run_eval([untrained, "--task", task, "--task-format", "generate", "--chat",
-                               "--max-new-tokens", "8", "--stop", "#"], capsys, tmp_path)
+                               "--max-new-tokens", "8", "--stop", "#", "--stop", "\\n"],
+                              capsys, tmp_path)
     task = results["task"]
     assert (task["chat"], task["extract"], task["stop"], task["num_samples"]) == (
-        True, "text", ["#"], 1)
-    assert all("#" not in s["output"] and len(s["output"]) <= 8 for s in task["samples"])
+        True, "text", ["#", "\n"], 1)  # "\\n" typed in a shell is a newline
+    assert all("#" not in s["output"] and "\n" not in s["output"] and len(s["output"]) <= 8
+               for s in task["samples"])
     assert set(task) >= {"exact_match", "bleu", "chrf", "distinct_1", "distinct_2",
                          "repetition_4"}
     assert "generative:" in table and "chat" in table

@@ -84,8 +84,8 @@ def register(subparsers) -> None:
                      help="tokens generated at most per answer (default: 256, or half the "
                           "context if smaller)")
     gen.add_argument("--stop", action="append", metavar="TEXT",
-                     help="end an answer at this text (repeatable; gsm8k default: 'Question:' "
-                          "and a blank line)")
+                     help="end an answer at this text, \\n for a newline (repeatable; gsm8k "
+                          "default: 'Question:' and a blank line)")
     gen.add_argument("--extract", choices=("number", "text"),
                      help="compare the final number (gsm8k default) or the whole normalised "
                           "text (generate default)")
@@ -204,8 +204,14 @@ def _generation_settings(args: argparse.Namespace, pairs, block_size: int):
     default_stops = GSM8K_STOPS if formats == {"gsm8k"} and not args.chat else ()
     extract = args.extract or ("number" if formats == {"gsm8k"} else "text")
     return GenSettings(num_samples=n, max_new_tokens=max_new, temperature=temperature,
-                       seed=args.seed, stop=tuple(args.stop or default_stops), extract=extract,
+                       seed=args.seed, stop=tuple(_unescape(t) for t in args.stop or ()) or
+                       default_stops, extract=extract,
                        chat=args.chat, pass_k=tuple(args.pass_k or ()))
+
+
+def _unescape(text: str) -> str:
+    """``\\n`` and ``\\t`` typed in a shell argument stand for a newline and a tab."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def _lm_stream(args: argparse.Namespace, tokenizer):
