@@ -103,6 +103,11 @@ def test_ceval_layout_scores_the_val_split(tmp_path):
     assert example.label == 1 and example.choices == LETTERS
     with pytest.raises(GptforgeError, match="test_.*csv:2: no answer .*--task-split val"):
         load_task(str(tmp_path), "ceval", split="test")
+    # C-Eval's published test files have no answer column at all.
+    write_csv(tmp_path / "test" / "computer_network_test.csv",
+              [["0", "UDP属于哪一层？", *layers]], header[:6])
+    with pytest.raises(GptforgeError, match="test_.*csv:1: no answer column"):
+        load_task(str(tmp_path), "ceval", split="test")
 
 
 def test_cmmlu_layout(tmp_path):

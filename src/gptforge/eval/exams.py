@@ -142,7 +142,11 @@ def read_csv_questions(fmt: str, path: Path, split: str) -> list[Question]:
     rows = csv_rows(path)
     if header is not None:
         where, names = next(rows, (f"{path}:1", []))
-        if tuple(n.strip() for n in names[:len(header)]) != header:
+        names = [n.strip() for n in names]
+        if tuple(names) == header[:-1]:  # C-Eval's test files have no answer column
+            raise GptforgeError(f"{where}: no answer column: the {split} split withholds its "
+                                "answers; score a split with answers (--task-split val)")
+        if tuple(names[:len(header)]) != header:
             raise GptforgeError(f"{where}: the header is {','.join(names)!r}, expected "
                                 f"{','.join(header)!r} ({fmt} layout); is --task-format right?")
     width = a_col + 1
