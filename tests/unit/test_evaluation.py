@@ -219,10 +219,19 @@ def test_choice_scores_match_direct_forwards_with_left_truncation(model, char_to
     assert scores == pytest.approx(expected, rel=1e-4)
 
 
-def test_a_continuation_longer_than_the_context_window_is_refused(model, char_tokenizer):
-    example = Example("x", (" a" * 10, " b"), 0, "task.jsonl:3")
-    with pytest.raises(GptforgeError, match=r"task.jsonl:3: choice 0 is 20 tokens"):
-        evaluate_examples(model, char_tokenizer, [example], precision=FP32)
+def test_an_example_with_a_choice_longer_than_the_context_is_skipped(model, char_tokenizer):
+    long = Example("x", (" a" * 10, " b"), 0, "task.jsonl:3")
+    fine = [Example("hello", (" a", " b", " c"), i, f"task.jsonl:{4 + i}") for i in range(3)]
+    result = evaluate_examples(model, char_tokenizer, [long, *fine], precision=FP32)
+    alone = evaluate_examples(model, char_tokenizer, fine, precision=FP32)
+    assert result.skipped == ("task.jsonl:3",) and result.examples == 3
+    assert (result.acc, result.acc_norm) == (alone.acc, alone.acc_norm) == (1 / 3, 1 / 3)
+    assert result.random_baseline == pytest.approx(1 / 3)
+    assert result.to_dict()["skipped"] == 1
+    with pytest.raises(GptforgeError, match=r"all 1 examples have a choice longer than the "
+                                            r"model's context of 16 tokens \(the first: "
+                                            r"task.jsonl:3\)"):
+        evaluate_examples(model, char_tokenizer, [long], precision=FP32)
 
 
 @pytest.fixture(scope="module")

@@ -26,15 +26,18 @@ context ``"... cat"`` and the continuation ``"s sat"``, where the whole text has
 choice is scored on exactly its own text after exactly the same context tokens.
 
 Sequences longer than the model's context lose tokens from the left (the start of the context).
+A choice that alone is longer than the context cannot be scored: its example is skipped (with a
+warning), the others are scored, and the results count the skipped ones.
 Every (example, choice) pair is one row; rows are sorted by length and batched, padded on the
 right, which a causal model never looks at.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
@@ -43,6 +46,9 @@ from gptforge.errors import GptforgeError
 from gptforge.model.loss import IGNORE_INDEX, target_log_probs
 from gptforge.runtime.device import Precision
 
+log = logging.getLogger(__name__)
+SKIPPED_LISTED = 10  # where the first skipped examples are, in the results
+
 
 @dataclass(frozen=True)
 class Example:
@@ -50,6 +56,7 @@ class Example:
     choices: tuple[str, ...]
     label: int  # index of the right choice
     where: str = ""  # file:line or dataset row, for error messages
+    group: str = ""  # the subject of an exam question: accuracy is also reported per group
 
 
 class Continuation(NamedTuple):
@@ -82,24 +89,48 @@ class Request(NamedTuple):
     nbytes: int
 
 
+class ChoiceTooLong(GptforgeError):
+    """A choice with more tokens than the model's context: the example cannot be scored."""
+
+
+def example_requests(tokenizer, example: Example, block_size: int) -> list[Request]:
+    """One request per choice of ``example``."""
+    requests = []
+    for i, choice in enumerate(example.choices):
+        try:
+            cont = split_continuation(tokenizer, example.context, choice)
+        except GptforgeError as err:
+            raise GptforgeError(f"{example.where}: {err}") from None
+        if not cont.ids:
+            raise GptforgeError(f"{example.where}: choice {i} is empty")
+        if len(cont.ids) > block_size:
+            raise ChoiceTooLong(
+                f"{example.where}: choice {i} is {len(cont.ids)} tokens long, more than "
+                f"the model's context of {block_size} tokens; it cannot be scored")
+        ids = (cont.context_ids + cont.ids)[-(block_size + 1):]
+        requests.append(Request(ids, len(cont.ids), cont.nbytes))
+    return requests
+
+
 def build_requests(tokenizer, examples: Sequence[Example], block_size: int) -> list[Request]:
     """One request per choice of every example, in order."""
-    requests = []
+    return [r for example in examples for r in example_requests(tokenizer, example, block_size)]
+
+
+def scorable_requests(tokenizer, examples: Sequence[Example], block_size: int
+                      ) -> tuple[list[Example], list[Request], list[str]]:
+    """The examples that can be scored, their requests, and where the others are: an example
+    with a choice longer than the context is left out, not the whole task."""
+    kept, requests, skipped = [], [], []
     for example in examples:
-        for i, choice in enumerate(example.choices):
-            try:
-                cont = split_continuation(tokenizer, example.context, choice)
-            except GptforgeError as err:
-                raise GptforgeError(f"{example.where}: {err}") from None
-            if not cont.ids:
-                raise GptforgeError(f"{example.where}: choice {i} is empty")
-            if len(cont.ids) > block_size:
-                raise GptforgeError(
-                    f"{example.where}: choice {i} is {len(cont.ids)} tokens long, more than "
-                    f"the model's context of {block_size} tokens; it cannot be scored")
-            ids = (cont.context_ids + cont.ids)[-(block_size + 1):]
-            requests.append(Request(ids, len(cont.ids), cont.nbytes))
-    return requests
+        try:
+            requests += example_requests(tokenizer, example, block_size)
+        except ChoiceTooLong as err:
+            log.warning("%s; the example is skipped", err)
+            skipped.append(example.where)
+            continue
+        kept.append(example)
+    return kept, requests, skipped
 
 
 @torch.no_grad()
@@ -138,10 +169,16 @@ class MCResult:
     acc_stderr: float
     acc_norm: float
     acc_norm_stderr: float
+    random_baseline: float  # the expected acc of guessing: the mean of 1 / number of choices
+    groups: dict = field(default_factory=dict)  # {group: {"examples": n, "acc": acc}}
+    skipped: tuple[str, ...] = ()  # where the examples are that could not be scored
 
     def to_dict(self) -> dict:
         return {"examples": self.examples, "acc": self.acc, "acc_stderr": self.acc_stderr,
-                "acc_norm": self.acc_norm, "acc_norm_stderr": self.acc_norm_stderr}
+                "acc_norm": self.acc_norm, "acc_norm_stderr": self.acc_norm_stderr,
+                "random_baseline": self.random_baseline, "skipped": len(self.skipped),
+                "skipped_examples": list(self.skipped[:SKIPPED_LISTED]),
+                **({"groups": self.groups} if self.groups else {})}
 
 
 def _argmax(values: Sequence[float]) -> int:
@@ -156,15 +193,23 @@ def accuracy(examples: Sequence[Example], scores: Sequence[float],
              nbytes: Sequence[int]) -> MCResult:
     """acc and acc_norm from the flat per-choice ``scores`` and continuation ``nbytes``."""
     right = right_norm = pos = 0
+    groups: dict[str, list[int]] = {}  # group -> [examples, right]
     for example in examples:
         k = len(example.choices)
         s, b = scores[pos:pos + k], nbytes[pos:pos + k]
-        right += _argmax(s) == example.label
+        correct = _argmax(s) == example.label
+        right += correct
         right_norm += _argmax([si / bi for si, bi in zip(s, b)]) == example.label
         pos += k
+        if example.group:
+            counts = groups.setdefault(example.group, [0, 0])
+            counts[0] += 1
+            counts[1] += correct
     n = len(examples)
     acc, acc_norm = right / n, right_norm / n
-    return MCResult(n, acc, _stderr(acc, n), acc_norm, _stderr(acc_norm, n))
+    baseline = sum(1 / len(e.choices) for e in examples) / n
+    by_group = {g: {"examples": m, "acc": r / m} for g, (m, r) in sorted(groups.items())}
+    return MCResult(n, acc, _stderr(acc, n), acc_norm, _stderr(acc_norm, n), baseline, by_group)
 
 
 def evaluate_examples(model: torch.nn.Module, tokenizer, examples: Sequence[Example], *,
@@ -173,7 +218,13 @@ def evaluate_examples(model: torch.nn.Module, tokenizer, examples: Sequence[Exam
     """acc and acc_norm of ``model`` on ``examples``."""
     if not examples:
         raise GptforgeError("no examples to evaluate")
-    requests = build_requests(tokenizer, examples, model.config.block_size)
+    block_size = model.config.block_size
+    kept, requests, skipped = scorable_requests(tokenizer, examples, block_size)
+    if not kept:
+        raise GptforgeError(f"all {len(examples)} examples have a choice longer than the "
+                            f"model's context of {block_size} tokens (the first: {skipped[0]}); "
+                            "none can be scored")
     scores = score_requests(model, requests, precision=precision, batch_size=batch_size,
                             pad_id=tokenizer.pad_id, progress=progress)
-    return accuracy(examples, scores, [r.nbytes for r in requests])
+    result = accuracy(kept, scores, [r.nbytes for r in requests])
+    return replace(result, skipped=tuple(skipped))

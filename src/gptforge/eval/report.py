@@ -9,8 +9,13 @@ per evaluation the data or task, the counts and the seconds it took::
      "lm": {"data": "data/x", "split": "val", "loss": 1.52, "perplexity": 4.57,
             "bits_per_byte": 2.19, "tokens": 111540, "bytes": 111540, ...},
      "task": {"task": "hf:Rowan/hellaswag@validation", "format": "hellaswag",
-              "examples": 10042, "acc": 0.29, "acc_stderr": 0.0045, ...},
+              "examples": 10042, "acc": 0.29, "acc_stderr": 0.0045, "skipped": 0, ...},
      "seconds": 12.3}
+
+A generative task's entry holds ``exact_match``, ``pass@K``, ``bleu``, ``chrf``,
+``distinct_1``, ``distinct_2``, ``repetition_4`` and a few ``samples``. Several tasks go under
+``"tasks"`` (a list) instead of ``"task"``, and ``--bench core`` adds ``"core"``
+(``core.py``).
 """
 
 from __future__ import annotations
@@ -41,8 +46,10 @@ def format_table(results: dict) -> str:
              f"{', LoRA merged' if m['lora'] else ''}; {results['device']} {results['dtype']}"]
     if "lm" in results:
         lines += ["", *_lm_lines(results["lm"])]
-    if "task" in results:
-        lines += ["", *_task_lines(results["task"])]
+    for task in ([results["task"]] if "task" in results else results.get("tasks", [])):
+        lines += ["", *(_generative_lines(task) if "exact_match" in task else _task_lines(task))]
+    if "core" in results:
+        lines += ["", *_core_lines(results["core"])]
     return "\n".join(lines)
 
 
@@ -58,8 +65,50 @@ def _lm_lines(lm: dict) -> list[str]:
             f"  {'bits per byte':<16}{bpb}"]
 
 
+def _shots(task: dict) -> str:
+    return f", {task['shots']}-shot" if task.get("shots") else ""
+
+
 def _task_lines(task: dict) -> list[str]:
-    return [f"multiple choice: {task['task']} (format {task['format']})",
-            f"  {task['examples']:,} examples, {task['seconds']:.1f} s",
-            f"  {'acc':<16}{task['acc']:.4f} ± {task['acc_stderr']:.4f}",
-            f"  {'acc_norm':<16}{task['acc_norm']:.4f} ± {task['acc_norm_stderr']:.4f}"]
+    skipped = task.get("skipped", 0)
+    lines = [f"multiple choice: {task['task']} (format {task['format']}{_shots(task)})",
+             f"  {task['examples']:,} examples, {task['seconds']:.1f} s",
+             f"  {'acc':<16}{task['acc']:.4f} ± {task['acc_stderr']:.4f}",
+             f"  {'acc_norm':<16}{task['acc_norm']:.4f} ± {task['acc_norm_stderr']:.4f}"]
+    if task.get("groups"):
+        accs = sorted(task["groups"].items(), key=lambda kv: kv[1]["acc"])
+        lines.append(f"  {'subjects':<16}{len(accs)}; lowest {accs[0][0]} "
+                     f"{accs[0][1]['acc']:.4f}, highest {accs[-1][0]} {accs[-1][1]['acc']:.4f}")
+    if skipped:
+        lines.append(f"  {'skipped':<16}{skipped:,} examples with a choice longer than the "
+                     f"context (first: {task['skipped_examples'][0]})")
+    return lines
+
+
+def _number(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _generative_lines(task: dict) -> list[str]:
+    how = f"{task['num_samples']} sample(s), temperature {task['temperature']}" \
+          f"{', chat' if task['chat'] else ''}, extract {task['extract']}"
+    lines = [f"generative: {task['task']} (format {task['format']}{_shots(task)})",
+             f"  {task['examples']:,} examples, {how}, {task['seconds']:.1f} s",
+             f"  {'exact_match':<16}{task['exact_match']:.4f} ± "
+             f"{task['exact_match_stderr']:.4f}"]
+    lines += [f"  {key:<16}{value:.4f}" for key, value in task.items()
+              if key.startswith("pass@")]
+    lines += [f"  {'BLEU / chrF':<16}{_number(task['bleu'], 2)} / {_number(task['chrf'], 2)}",
+              f"  {'distinct-1 / 2':<16}{_number(task['distinct_1'])} / "
+              f"{_number(task['distinct_2'])}",
+              f"  {'repetition-4':<16}{_number(task['repetition_4'])}"
+              "  (share of repeated 4-grams; near 1: the model loops)"]
+    return lines
+
+
+def _core_lines(core: dict) -> list[str]:
+    lines = [f"CORE-style aggregate (centred accuracy, mean of {len(core['tasks'])} tasks): "
+             f"{core['core']:.4f}"]
+    lines += [f"  {e['task']}: {e['metric']} {e['accuracy']:.4f}, baseline "
+              f"{e['random_baseline']:.4f}, centred {e['centred']:.4f}" for e in core["tasks"]]
+    return lines

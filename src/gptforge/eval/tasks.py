@@ -25,17 +25,32 @@ piqa        goal, sol1, sol2, label (ybisk/piqa)             ``"Question: {goal}
 
 A record without an answer (the test splits of HellaSwag and PIQA have label ``""`` or ``-1``)
 is an error that says to evaluate the validation split.
+
+Generative tasks (``generative.py``) are read here too, as :class:`GenExample` objects:
+
+- ``generate``: ``{"prompt": "2 + 3 =", "answer": "5"}``; ``answer`` may be an array of accepted
+  answers (they are also the references of BLEU and chrF);
+- ``gsm8k``: GSM8K's published JSONL ``{"question", "answer"}``, the answer a worked solution
+  ending in ``#### N``; the prompt is ``"Question: {question}\nAnswer:"`` (lm-evaluation-harness).
+
+Their few-shot examples come from another file of the same layout (GSM8K: ``train.jsonl`` beside
+the task file, or the ``train`` split of an ``hf:`` dataset), the first ``shots`` records of it.
+Letter-scored exams (MMLU, C-Eval, CMMLU) are read by ``exams.py``; :func:`load_task` reads any
+format.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gptforge.data.sources import jsonl_records
 from gptforge.errors import GptforgeError
+from gptforge.eval.exams import EXAMS, read_exam
+from gptforge.eval.generative import GenExample, Shot
 from gptforge.eval.multiple_choice import Example
 
 HF_TASK_SYNTAX = "hf:NAME[:CONFIG]@SPLIT"
@@ -155,17 +170,23 @@ def read_task(spec: str, task_format: str = "mc",
         raise GptforgeError(f"unknown task format '{task_format}' (choose one of: "
                             f"{', '.join(CONVERTERS)})")
     convert = CONVERTERS[task_format]
-    records = _hf_records(spec) if spec.startswith("hf:") else _jsonl_records(Path(spec))
     examples: list[Example] = []
-    for where, record in records:
-        if max_examples is not None and len(examples) >= max_examples:
-            break
-        if not isinstance(record, dict):
-            raise GptforgeError(f"{where}: expected a JSON object, got {_type_name(record)}")
+    for where, record in task_records(spec, max_examples):
         examples.append(check_example(convert(record, where)))
     if not examples:
         raise GptforgeError(f"{spec}: holds no examples")
     return examples
+
+
+def task_records(spec: str, max_records: int | None = None) -> Iterator[tuple[str, dict]]:
+    """``(where, record)`` of a ``.jsonl`` task file or an ``hf:`` dataset; records are objects."""
+    records = _hf_records(spec) if spec.startswith("hf:") else _jsonl_records(Path(spec))
+    for count, (where, record) in enumerate(records):
+        if max_records is not None and count >= max_records:
+            return
+        if not isinstance(record, dict):
+            raise GptforgeError(f"{where}: expected a JSON object, got {_type_name(record)}")
+        yield where, record
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
@@ -186,3 +207,105 @@ def _hf_records(spec: str) -> Iterator[tuple[str, Any]]:
     source = parse_hf_spec(spec)
     for index, row in enumerate(source.rows()):  # whole rows: a task needs several columns
         yield f"{spec} row {index}", row
+
+
+# --------------------------------------------------------------------------- generative tasks
+
+
+def _answers(record: dict, key: str, where: str) -> tuple[str, ...]:
+    value = _field(record, key, where)
+    answers = [value] if isinstance(value, str) else value
+    if not isinstance(answers, list) or not answers or \
+            not all(isinstance(a, str) for a in answers):
+        raise GptforgeError(f"{where}: '{key}' must be a string or a non-empty array of strings, "
+                            f"got {_type_name(value)}")
+    return tuple(answers)
+
+
+def gen_from_generate(record: dict, where: str) -> tuple[GenExample, Shot]:
+    prompt, answers = _text(record, "prompt", where), _answers(record, "answer", where)
+    return GenExample(prompt, answers, where), Shot(prompt, answers[0])
+
+
+def gen_from_gsm8k(record: dict, where: str) -> tuple[GenExample, Shot]:
+    prompt = f"Question: {_text(record, 'question', where)}\nAnswer:"
+    answer = _text(record, "answer", where)
+    if "####" not in answer:
+        raise GptforgeError(f"{where}: the answer has no '#### N' final answer (GSM8K layout); "
+                            "is --task-format right?")
+    return GenExample(prompt, (answer,), where), Shot(prompt, answer)
+
+
+GEN_CONVERTERS = {"generate": gen_from_generate, "gsm8k": gen_from_gsm8k}
+TASK_FORMATS = (*CONVERTERS, *EXAMS, *GEN_CONVERTERS)
+SHOT_FORMATS = (*EXAMS, *GEN_CONVERTERS)  # the formats that take few-shot examples
+
+
+def read_generative(spec: str, task_format: str,
+                    max_examples: int | None = None) -> list[GenExample]:
+    convert = GEN_CONVERTERS[task_format]
+    examples = [convert(r, where)[0] for where, r in task_records(spec, max_examples)]
+    if not examples:
+        raise GptforgeError(f"{spec}: holds no examples")
+    return examples
+
+
+def fewshot_source(spec: str, task_format: str, fewshot_from: str | None) -> str:
+    """Where the shots of a generative task come from: ``fewshot_from``, else GSM8K's train
+    split beside the task."""
+    if fewshot_from:
+        return fewshot_from
+    if task_format == "gsm8k":
+        if spec.startswith("hf:"):
+            return spec.partition("@")[0] + "@train"
+        beside = Path(spec).with_name("train.jsonl")
+        if beside.is_file():
+            return str(beside)
+        raise GptforgeError(f"{spec}: the few-shot examples come from train.jsonl beside it "
+                            "(GSM8K's layout), which is missing; name a file with --fewshot-from")
+    raise GptforgeError(f"--shots needs --fewshot-from FILE.jsonl ({task_format} records) to "
+                        "take the examples from")
+
+
+def read_shots(spec: str, task_format: str, shots: int,
+               fewshot_from: str | None) -> list[Shot]:
+    if not shots:
+        return []
+    source = fewshot_source(spec, task_format, fewshot_from)
+    convert = GEN_CONVERTERS[task_format]
+    found = [convert(r, where)[1] for where, r in task_records(source, shots)]
+    if len(found) < shots:
+        raise GptforgeError(f"{source}: {len(found)} example(s), fewer than --shots {shots}")
+    return found
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task ready to score: multiple-choice ``examples``, or generative ones with ``shots``."""
+
+    spec: str
+    format: str
+    examples: list
+    shots: list[Shot]  # a generative task's; an exam's shots are in its prompts
+    n_shots: int = 0
+
+    @property
+    def generative(self) -> bool:
+        return self.format in GEN_CONVERTERS
+
+
+def load_task(spec: str, task_format: str, *, max_examples: int | None = None, shots: int = 0,
+              split: str | None = None, fewshot_from: str | None = None) -> Task:
+    """Any task: ``CONVERTERS`` formats, exams (``exams.py``) and generative formats."""
+    if task_format in GEN_CONVERTERS:
+        return Task(spec, task_format, read_generative(spec, task_format, max_examples),
+                    read_shots(spec, task_format, shots, fewshot_from), shots)
+    if task_format in EXAMS:
+        examples = read_exam(task_format, spec, split, shots, _hf_records)[:max_examples]
+        if not examples:
+            raise GptforgeError(f"{spec}: holds no examples")
+        return Task(spec, task_format, [check_example(e) for e in examples], [], shots)
+    if shots:
+        raise GptforgeError(f"--shots applies to the formats {', '.join(SHOT_FORMATS)}, not "
+                            f"to {task_format}")
+    return Task(spec, task_format, read_task(spec, task_format, max_examples), [])
