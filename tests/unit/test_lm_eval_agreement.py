@@ -15,8 +15,8 @@ import json
 import pytest
 import torch
 
+from gptforge.checkpoints.export import export_checkpoint
 from gptforge.cli import main
-from gptforge.export import export_checkpoint
 from gptforge.model import GPT, ModelConfig
 from gptforge.tokenizer import train_tokenizer
 from tests.tiny_checkpoints import save_model
@@ -105,9 +105,9 @@ def test_mmlu_scores_agree_with_lm_evaluation_harness(tmp_path, monkeypatch, cap
     samples = sorted(theirs["samples"]["gptforge_mmlu_rows"], key=lambda s: s["doc_id"])
 
     # Per-choice log-likelihoods: ours recomputed with the same functions the CLI uses.
+    from gptforge.checkpoints.loading import build_model
     from gptforge.eval.multiple_choice import build_requests, score_requests
     from gptforge.eval.tasks import load_task
-    from gptforge.model_loading import build_model
     from gptforge.runtime.device import Precision
     from gptforge.tokenizer import load_tokenizer
 
