@@ -342,6 +342,7 @@ def test_bpe_training_cuts_overlong_words_only():
     assert longest == bpe.MAX_TRAIN_WORD_CHARS
 
 
+@pytest.mark.slow
 def test_a_long_single_line_prepares_with_progress_lines(tmp_path, monkeypatch, caplog):
     """One 3 MB JSONL line, words and a 200 kB run without a space: BPE training used to be
     quadratic in the length of such a run (17 s for 200 kB), with no output at all."""
@@ -356,7 +357,7 @@ def test_a_long_single_line_prepares_with_progress_lines(tmp_path, monkeypatch, 
     manifest = prepare([str(path)], tmp_path / "out", "bpe", 300, workers=1, progress=False)
     assert manifest["splits"]["train"]["documents"] == 1
     lines = [r.getMessage() for r in caplog.records]
-    assert any(re.fullmatch(r"training the bpe tokenizer: read all 3\.\dM characters of 1 texts "
+    assert any(re.fullmatch(r"training the bpe tokenizer: read all 3\.\dM characters of 1 text "
                             r"in \d+\.\d s; learning the vocabulary", m) for m in lines), lines
     encoding = [m for m in lines if m.startswith("encoding: ")]
     assert len(encoding) >= 2 and all(re.search(r"tokens/s\)$", m) for m in encoding), lines

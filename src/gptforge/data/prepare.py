@@ -607,10 +607,14 @@ def _logged_reading(texts: Iterable[str], what: str) -> Iterator[str]:
         chars += len(text)
         count += 1
         if progress.due():
-            progress.report(f"read {_human(chars)} characters of {count:,} texts", chars, "chars")
+            progress.report(f"read {_human(chars)} characters of {_texts(count)}", chars, "chars")
         yield text
-    log.info("%s: read all %s characters of %s texts in %.1f s; learning the vocabulary", what,
-             _human(chars), f"{count:,}", time.perf_counter() - progress.started)
+    log.info("%s: read all %s characters of %s in %.1f s; learning the vocabulary", what,
+             _human(chars), _texts(count), time.perf_counter() - progress.started)
+
+
+def _texts(count: int) -> str:
+    return f"{count:,} text{'' if count == 1 else 's'}"
 
 
 def _check_tokenizer_spec(settings: dict) -> None:
