@@ -352,13 +352,15 @@ def test_a_long_single_line_prepares_with_progress_lines(tmp_path, monkeypatch, 
     run = "".join(rng.choice(list("abcdefgh"), 200_000))
     text = f"{text[:1_500_000]} {run}{text[1_500_000:]}"
     path = write_jsonl(tmp_path / "line.jsonl", [text])
-    monkeypatch.setattr(prepare_module, "PROGRESS_LOG_S", 0.0)  # a line for every step
+    monkeypatch.setattr(prepare_module, "PROGRESS_LOG_S", 0.05)  # (instead of 5 s)
     caplog.set_level("INFO", logger="gptforge")
     manifest = prepare([str(path)], tmp_path / "out", "bpe", 300, workers=1, progress=False)
     assert manifest["splits"]["train"]["documents"] == 1
     lines = [r.getMessage() for r in caplog.records]
     assert any(re.fullmatch(r"training the bpe tokenizer: read all 3\.\dM characters of 1 text "
                             r"in \d+\.\d s; learning the vocabulary", m) for m in lines), lines
+    assert any(re.fullmatch(r"training the bpe tokenizer: learning the vocabulary \(\d+ s so "
+                            r"far\)", m) for m in lines), lines
     encoding = [m for m in lines if m.startswith("encoding: ")]
     assert len(encoding) >= 2 and all(re.search(r"tokens/s\)$", m) for m in encoding), lines
 

@@ -30,6 +30,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 import uuid
 from collections import deque
@@ -566,10 +567,9 @@ def _get_tokenizer(settings: dict, documents, pieces, progress: bool) -> Tokeniz
             where = "the train split"
         log.debug("training a %s tokenizer on %s", spec, where)
         bar = progress and sys.stderr.isatty()  # the backend's own bars, on a terminal only
-        if not bar:
-            texts = _logged_reading(texts, f"training the {spec} tokenizer")
-        return train_tokenizer(spec, texts, vocab_size, sp_model_type=settings["sp_model_type"],
-                               progress=bar)
+        with TrainingLog(f"training the {spec} tokenizer", enabled=not bar) as lines:
+            return train_tokenizer(spec, lines.read(texts), vocab_size, progress=bar,
+                                   sp_model_type=settings["sp_model_type"])
     return load_tokenizer(spec)
 
 
@@ -600,17 +600,48 @@ def _human(n: float) -> str:
     return f"{n:.0f}"
 
 
-def _logged_reading(texts: Iterable[str], what: str) -> Iterator[str]:
-    """``texts`` passed through, with a line every few seconds on how much was read."""
-    progress, chars, count = ProgressLog(what), 0, 0
-    for text in texts:
-        chars += len(text)
-        count += 1
-        if progress.due():
-            progress.report(f"read {_human(chars)} characters of {_texts(count)}", chars, "chars")
-        yield text
-    log.info("%s: read all %s characters of %s in %.1f s; learning the vocabulary", what,
-             _human(chars), _texts(count), time.perf_counter() - progress.started)
+class TrainingLog:
+    """Log lines while a tokenizer trains, where no bar shows: how much text was read, then one
+    every ``PROGRESS_LOG_S`` while the backend learns the vocabulary. The backends release the GIL
+    while they learn, so a thread can speak meanwhile."""
+
+    def __init__(self, what: str, enabled: bool = True):
+        self.progress, self.enabled = ProgressLog(what), enabled
+        self._learning, self._stop = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._heartbeat, daemon=True)
+
+    def read(self, texts: Iterable[str]) -> Iterator[str]:
+        """``texts`` passed through, counted."""
+        chars = count = 0
+        for text in texts:
+            chars, count = chars + len(text), count + 1
+            if self.enabled and self.progress.due():
+                self.progress.report(f"read {_human(chars)} characters of {_texts(count)}",
+                                     chars, "chars")
+            yield text
+        if self.enabled:
+            log.info("%s: read all %s characters of %s in %.1f s; learning the vocabulary",
+                     self.progress.what, _human(chars), _texts(count), self._elapsed())
+        self._learning.set()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(PROGRESS_LOG_S):
+            if self._learning.is_set():
+                log.info("%s: learning the vocabulary (%.0f s so far)", self.progress.what,
+                         self._elapsed())
+
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self.progress.started
+
+    def __enter__(self) -> TrainingLog:
+        if self.enabled:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        if self.enabled:
+            self._thread.join()
 
 
 def _texts(count: int) -> str:
