@@ -178,13 +178,19 @@ class FullDisk:
     """A shard file on a disk that fills up after ``budget`` bytes (shared by all files)."""
 
     def __init__(self, file, budget: list[int]):
-        self._file, self._budget = file, budget
+        self._file, self._budget, self._full = file, budget, False
 
     def write(self, data: bytes) -> int:
         if len(data) > self._budget[0]:
+            self._full = True
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a file object raises it
         self._budget[0] -= len(data)
         return self._file.write(data)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._full:  # a buffered file fails again to flush what it holds
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     def __getattr__(self, name):
         return getattr(self._file, name)
@@ -210,6 +216,7 @@ def test_a_full_disk_stops_prepare_with_one_line_and_keeps_the_work(corpus, tmp_
     assert re.search(r"writing \S+/out\.partial/(train|val)/shard_\d{6}\.bin failed", message)
     assert "free some disk space and run the same command again to continue" in message
     assert sum(p["shards"] for p in journal_of(out)["splits"].values()) >= 4  # (two in writing)
+    assert not list(out.with_name("out.partial").rglob("*.tmp"))  # unfinished shards dropped
     run([corpus], out)
     assert_same_output(tmp_path / "reference", out)
     assert reference["splits"] == read_manifest(out)["splits"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -103,7 +103,8 @@ class ShardWriter:
             raise OSError(err.errno, err.strerror, str(self.path)) from err
 
     def abort(self) -> None:
-        self._file.close()
+        with suppress(OSError):  # on a full disk, closing fails to flush what is left: no matter
+            self._file.close()
         self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> ShardWriter:
