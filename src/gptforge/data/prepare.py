@@ -619,7 +619,7 @@ class TrainingLog:
                 self.progress.report(f"read {_human(chars)} characters of {_texts(count)}",
                                      chars, "chars")
             yield text
-        if self.enabled:
+        if self.enabled and self._elapsed() >= PROGRESS_LOG_S:  # (quiet about small inputs)
             log.info("%s: read all %s characters of %s in %.1f s; learning the vocabulary",
                      self.progress.what, _human(chars), _texts(count), self._elapsed())
         self._learning.set()
