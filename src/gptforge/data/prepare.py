@@ -207,9 +207,9 @@ def _chunks(piece: Piece) -> Iterator[Piece]:
         if cut is None:
             break
         if not safe and not warned:
-            log.warning("%s: %d characters without a space or line break were cut for encoding; "
+            log.warning("%s: %s characters without a space or line break were cut for encoding; "
                         "the tokens at the cut may differ from encoding them whole",
-                        piece.label, CHUNK_CHARS)
+                        piece.label, f"{CHUNK_CHARS:,}")
             warned = True
         yield Piece(piece.split, piece.label, text[start:cut], False)
         start = cut
