@@ -3,10 +3,32 @@
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _empty_working_directory(tmp_path_factory):
+    """Run the tests in an empty directory of their own, not wherever pytest was started: a test
+    must neither depend on what the user's working directory holds (a `runs/` of an earlier
+    `gptforge train`) nor write into it (see ``_nothing_written_to_cwd``)."""
+    cwd = tmp_path_factory.mktemp("cwd")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        yield cwd
+
+
+@pytest.fixture(autouse=True)
+def _nothing_written_to_cwd(_empty_working_directory):
+    yield
+    left = sorted(p.name for p in _empty_working_directory.iterdir())
+    for path in _empty_working_directory.iterdir():  # so that only this test fails
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert not left, (f"the test left {left} in the working directory; write under tmp_path "
+                      "(commands that fail must not leave files behind)")
 
 
 @pytest.fixture(autouse=True)

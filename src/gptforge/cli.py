@@ -33,6 +33,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class ProgressAwareHandler(logging.StreamHandler):
+    """Log records written through ``tqdm.write``: while a progress bar is on screen, it is
+    cleared, the line printed, and the bar drawn again below it, so lines never land on the bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm  # here, not at the top: `gptforge --help` stays fast
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -47,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(message)s",
-        stream=sys.stderr,
+        handlers=[ProgressAwareHandler(sys.stderr)],
     )
     try:
         return int(args.func(args) or 0)

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import errno
+import io
+import json
+import logging
+import os
 import subprocess
 import sys
+import tempfile
 
+import numpy as np
 import pytest
 import torch
 
 from gptforge.cli import main
+from gptforge.config.loader import load_config, save_config
 from tests.conftest import prepare_corpus
 
 
@@ -90,3 +98,85 @@ def test_output_piped_into_a_reader_that_stops_is_not_an_error(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141
     assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_a_shard_with_ids_outside_the_vocabulary_is_named(tmp_path, capsys):
+    """Ids beyond the tokenizer's vocabulary (data prepared with another tokenizer, or damaged)
+    stop training with one line naming the shard and the id, not an IndexError (a device-side
+    assert on CUDA) some steps in."""
+    from gptforge.data.shards import read_shard, write_shard
+
+    data = prepare_corpus(tmp_path, 200)
+    vocab = json.loads((data / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+    shard = data / "train" / "shard_000000.bin"
+    tokens = np.array(read_shard(shard))
+    tokens[::50] = vocab + 7  # in every window the first batch can draw
+    write_shard(shard, tokens)
+    capsys.readouterr()
+    code, err = run_cli(["train", "-c", "tiny", f"data.dir={data}", "train.max_steps=3",
+                         f"train.out_dir={tmp_path / 'r'}", "runtime.progress=false"], capsys)
+    assert code == 1 and len(err) == 1, err
+    assert str(shard) in err[0] and f"token id {vocab + 7}" in err[0], err
+    assert f"vocabulary of {vocab} tokens" in err[0] and "gptforge prepare" in err[0]
+
+
+def test_resuming_into_a_read_only_run_directory(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(load_config("tiny", [f"train.out_dir={run}", "data.dir=/nonexistent/x",
+                                     "data.corpus="]), run / "config.toml")
+    run.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anyway; refuse the way the kernel does for others
+        def refuse(*args, **kwargs):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    try:
+        code, err = run_cli(["train", "--resume", str(run)], capsys)
+    finally:
+        run.chmod(0o755)
+    assert code == 1 and len(err) == 1, err
+    assert f"run directory {run} is not writable" in err[0], err
+
+
+def test_a_failed_start_leaves_no_empty_run_directory(tmp_path, capsys):
+    out = tmp_path / "runs" / "mine"
+    code, err = run_cli(["train", "-c", "tiny", f"train.out_dir={out}", "data.dir=/nonexistent/x",
+                         "data.corpus="], capsys)
+    assert code == 1 and "holds no prepared data" in err[-1]
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "kept").mkdir()  # a directory that was there before is left alone
+    code, _ = run_cli(["train", "-c", "tiny", f"train.out_dir={tmp_path / 'kept'}",
+                       "data.dir=/nonexistent/x", "data.corpus="], capsys)
+    assert code == 1 and (tmp_path / "kept").is_dir()
+
+
+def test_log_lines_go_above_the_progress_bar():
+    """A line logged while a bar is on screen clears the bar, prints, and redraws the bar below;
+    a plain handler would append the line to the half-drawn bar."""
+    from tqdm import tqdm
+
+    from gptforge.cli import ProgressAwareHandler
+
+    stream = io.StringIO()
+    logger = logging.getLogger("test_progress_bar")
+    logger.propagate = False
+    handler = ProgressAwareHandler(stream)
+    logger.addHandler(handler)
+    try:
+        with tqdm(total=10, file=stream, mininterval=0) as bar:
+            bar.update(3)
+            logger.warning("a line of its own")
+            bar.update(3)
+    finally:
+        logger.removeHandler(handler)
+    lines = stream.getvalue().split("\n")
+    line = next(text for text in lines if "a line of its own" in text)
+    assert line.rsplit("\r", 1)[-1] == "a line of its own"
+    after = "\n".join(lines[lines.index(line) + 1:])
+    assert "3/10" in after and "6/10" in after  # the bar is drawn again below the line
+    # ... and the CLI logs through it (pytest's own handlers would keep it from setting up any).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(logging.root, "handlers", [])
+        patch.setattr(logging.root, "level", logging.root.level)
+        main(["train", "train.x=1"])
+        assert [type(h) for h in logging.root.handlers] == [ProgressAwareHandler]

@@ -142,3 +142,23 @@ def test_a_batch_larger_than_the_split_still_moves_through_epochs():
     assert loader.order.epoch == 1 and loader.order.position == 2
     x, _ = loader.next_batch()
     assert len({int(r[0]) for r in x[:4]}) == 4  # the rest of epoch 1: distinct windows
+
+
+def test_ids_outside_the_vocabulary_name_their_shard(tmp_path):
+    from gptforge.data.loader import MixtureLoader
+    from gptforge.data.shards import read_shard, write_shard
+
+    first, second = tmp_path / "shard_000000.bin", tmp_path / "shard_000001.bin"
+    write_shard(first, np.arange(100, dtype=np.uint16) % 50)
+    write_shard(second, np.array([3, 57, 4] + [5] * 97, dtype=np.uint16))  # 57: out of 50
+    shards = [read_shard(first), read_shard(second)]
+    stream = TokenStream(shards, vocab_size=50)
+    assert stream.window(0, 100).max() == 49  # within the first shard: fine
+    with pytest.raises(GptforgeError, match=rf"^{second}: token id 57 \(at token 1\) is outside "
+                                            r"the vocabulary of 50 tokens; .*gptforge prepare"):
+        stream.window(90, 20)  # a window across the shard boundary
+    assert TokenStream(shards).window(90, 20).max() == 57  # without a vocabulary: no check
+    loader = MixtureLoader([[shards[0]], shards], [0.5, 0.5], 9, 8, seed=0, vocab_size=50)
+    with pytest.raises(GptforgeError, match="token id 57"):
+        for _ in range(20):  # every window of the second source is drawn by then
+            loader.next_batch()

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -306,6 +307,63 @@ def test_cutting_long_text_at_safe_line_breaks_keeps_the_ids(kind, newline, monk
     assert len(chunks) > 50 and "".join(c.text for c in chunks) == text
     assert [c.eos for c in chunks] == [False] * (len(chunks) - 1) + [True]
     assert [i for c in chunks for i in tok.encode(c.text)] == tok.encode(text)
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe", "sentencepiece"])
+def test_a_long_line_is_cut_at_single_spaces_and_keeps_the_ids(kind, monkeypatch):
+    words = ["the", "fox,", "ran", "far", "away.", "中文的句子。", "12", "x-y", "  two", "\tand"]
+    text = " ".join(words[i * 7 % len(words)] for i in range(600))  # one line, no newline
+    tok = train_tokenizer(kind, [text], None if kind == "char" else 400)
+    monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 100)
+    chunks = list(prepare_module._chunks(Piece("train", "x", text)))
+    assert len(chunks) > 20 and "".join(c.text for c in chunks) == text
+    assert all(c.text[0] == " " and c.text[1] != " " for c in chunks[1:])
+    assert [i for c in chunks for i in tok.encode(c.text)] == tok.encode(text)
+
+
+def test_a_run_without_spaces_is_cut_anyway_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 100)
+    text = "word " * 30 + "x" * 450 + " tail"
+    chunks = list(prepare_module._chunks(Piece("train", "doc.jsonl:1", text)))
+    assert "".join(c.text for c in chunks) == text
+    assert max(len(c.text) for c in chunks) <= 200 and len(chunks) >= 4
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith("doc.jsonl:1: 100 characters without")
+
+
+def test_bpe_training_cuts_overlong_words_only():
+    from gptforge.tokenizer import bpe
+
+    normal = "Some text,\nwith words of every-day length and   spaces.\n" * 50
+    assert list(bpe._bounded([normal])) == [normal]
+    text = "start " + "ab" * 500 + " middle " + "\n" * 200 + "end"
+    pieces = list(bpe._bounded([text]))
+    assert "".join(pieces) == text
+    longest = max(len(run) for p in pieces for run in re.findall(r"\S+|\s+", p))
+    assert longest == bpe.MAX_TRAIN_WORD_CHARS
+
+
+@pytest.mark.slow
+def test_a_long_single_line_prepares_with_progress_lines(tmp_path, monkeypatch, caplog):
+    """One 3 MB JSONL line, words and a 200 kB run without a space: BPE training used to be
+    quadratic in the length of such a run (17 s for 200 kB), with no output at all."""
+    rng = np.random.default_rng(0)
+    words = np.array(["the", "fox", "ran", "far", "away,", "and", "then", "came", "back."])
+    text = " ".join(words[rng.integers(0, len(words), 700_000)])
+    run = "".join(rng.choice(list("abcdefgh"), 200_000))
+    text = f"{text[:1_500_000]} {run}{text[1_500_000:]}"
+    path = write_jsonl(tmp_path / "line.jsonl", [text])
+    monkeypatch.setattr(prepare_module, "PROGRESS_LOG_S", 0.05)  # (instead of 5 s)
+    caplog.set_level("INFO", logger="gptforge")
+    manifest = prepare([str(path)], tmp_path / "out", "bpe", 300, workers=1, progress=False)
+    assert manifest["splits"]["train"]["documents"] == 1
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(re.fullmatch(r"training the bpe tokenizer: read all 3\.\dM characters of 1 text "
+                            r"in \d+\.\d s; learning the vocabulary", m) for m in lines), lines
+    assert any(re.fullmatch(r"training the bpe tokenizer: learning the vocabulary \(\d+ s so "
+                            r"far\)", m) for m in lines), lines
+    encoding = [m for m in lines if m.startswith("encoding: ")]
+    assert len(encoding) >= 2 and all(re.search(r"tokens/s\)$", m) for m in encoding), lines
 
 
 def test_read_manifest_errors(tmp_path):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
+import re
 import subprocess
 import sys
 
@@ -13,6 +16,7 @@ import pytest
 
 from gptforge.data import journal as journal_module
 from gptforge.data import prepare as prepare_module
+from gptforge.data import shards as shards_module
 from gptforge.data.manifest import read_manifest
 from gptforge.data.prepare import prepare
 from gptforge.errors import GptforgeError
@@ -169,6 +173,54 @@ def test_interrupted_prepare_resumes_where_it_stopped(source, how, request, tmp_
         assert all((i, c) >= (start["piece"], start["chunk"]) for _, i, c, _ in mine)
         assert sum(n for *_, n in mine) == reference["splits"][split]["tokens"] - info["tokens"]
         assert info["tokens"] == info["shards"] * shard_tokens
+
+
+class FullDisk:
+    """A shard file on a disk that fills up after ``budget`` bytes (shared by all files)."""
+
+    def __init__(self, file, budget: list[int]):
+        self._file, self._budget, self._full = file, budget, False
+
+    def write(self, data: bytes) -> int:
+        if len(data) > self._budget[0]:
+            self._full = True
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a file object raises it
+        self._budget[0] -= len(data)
+        return self._file.write(data)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._full:  # a buffered file fails again to flush what it holds
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+
+def test_a_full_disk_stops_prepare_with_one_line_and_keeps_the_work(corpus, tmp_path,
+                                                                       monkeypatch):
+    reference = run([corpus], tmp_path / "reference")
+    out = tmp_path / "out"
+    budget = [6 * (64 + 2 * SHARD_TOKENS) + 100]  # room for six shards and a bit
+    create = shards_module.create_temp_beside
+
+    def create_on_full_disk(path):
+        file, temp = create(path)
+        return FullDisk(file, budget), temp
+
+    with monkeypatch.context() as patch:
+        patch.setattr(shards_module, "create_temp_beside", create_on_full_disk)
+        with pytest.raises(GptforgeError) as failed:
+            run([corpus], out)
+    message = str(failed.value)
+    assert "\n" not in message and "No space left on device" in message
+    assert re.search(r"writing \S+/out\.partial/(train|val)/shard_\d{6}\.bin failed", message)
+    assert "free some disk space and run the same command again to continue" in message
+    assert sum(p["shards"] for p in journal_of(out)["splits"].values()) >= 4  # (two in writing)
+    assert not list(out.with_name("out.partial").rglob("*.tmp"))  # unfinished shards dropped
+    run([corpus], out)
+    assert_same_output(tmp_path / "reference", out)
+    assert reference["splits"] == read_manifest(out)["splits"]
 
 
 def test_resume_with_other_workers_and_a_second_interruption(corpus, tmp_path, monkeypatch):

@@ -126,7 +126,10 @@ class WorkDir:
 
     def save(self) -> None:
         data = json.dumps(self.journal.to_json(), indent=1, ensure_ascii=False) + "\n"
-        atomic.write_bytes(self.path / JOURNAL_NAME, data.encode())
+        try:
+            atomic.write_bytes(self.path / JOURNAL_NAME, data.encode())
+        except OSError as err:  # (the previous journal is intact)
+            raise OSError(err.errno, err.strerror, str(self.path / JOURNAL_NAME)) from err
 
     def release(self) -> None:
         if self._lock is not None:

@@ -28,14 +28,37 @@ from gptforge.errors import GptforgeError
 
 
 class TokenStream:
-    """Random access to windows of a split stored as several memory-mapped shards."""
+    """Random access to windows of a split stored as several memory-mapped shards.
 
-    def __init__(self, shards: list[np.ndarray]):
-        self.shards = shards
+    With ``vocab_size``, every window is checked for ids outside the vocabulary (a shard prepared
+    with another tokenizer, or damaged): the embedding lookup would fail steps later with an
+    IndexError, or a device-side assert on CUDA. The check is a max over the window, which costs
+    nothing beside a training step, where scanning every shard up front would read the whole
+    dataset before the first step.
+    """
+
+    def __init__(self, shards: list[np.ndarray], vocab_size: int | None = None):
+        self.shards, self.vocab_size = shards, vocab_size
         self.starts = np.cumsum([0] + [len(s) for s in shards])  # start offset of each shard
         self.n_tokens = int(self.starts[-1])
 
     def window(self, start: int, length: int) -> np.ndarray:
+        tokens = self._window(start, length)
+        if self.vocab_size is not None and len(tokens) and int(tokens.max()) >= self.vocab_size:
+            self._refuse(start + int(np.argmax(tokens >= self.vocab_size)))
+        return tokens
+
+    def _refuse(self, position: int) -> None:
+        i = int(np.searchsorted(self.starts, position, side="right")) - 1
+        shard = self.shards[i]
+        name = getattr(shard, "filename", None) or f"shard {i} of the split"
+        token = int(shard[position - self.starts[i]])
+        raise GptforgeError(
+            f"{name}: token id {token} (at token {position - self.starts[i]:,}) is outside the "
+            f"vocabulary of {self.vocab_size} tokens; the data was prepared with another "
+            "tokenizer or is damaged: re-run `gptforge prepare` with the right --tokenizer")
+
+    def _window(self, start: int, length: int) -> np.ndarray:
         end = start + length
         i = int(np.searchsorted(self.starts, start, side="right")) - 1
         local = start - self.starts[i]
@@ -177,8 +200,8 @@ class BatchLoader(OrderedLoader):
 
     def __init__(self, shards: list[np.ndarray], block_size: int, batch_size: int, *,
                  seed: int, split: str = "train", rank: int = 0, world_size: int = 1,
-                 shuffle_offset: bool = True):
-        self.stream = TokenStream(shards)
+                 shuffle_offset: bool = True, vocab_size: int | None = None):
+        self.stream = TokenStream(shards, vocab_size)
         _check_length(self.stream, block_size, split)
         self.block_size, self.batch_size = block_size, batch_size
         self.rank, self.world_size = rank, world_size
@@ -198,10 +221,10 @@ class MixtureLoader:
 
     def __init__(self, sources: list[list[np.ndarray]], weights: list[float], block_size: int,
                  batch_size: int, *, seed: int, split: str = "train", rank: int = 0,
-                 world_size: int = 1, shuffle_offset: bool = True):
+                 world_size: int = 1, shuffle_offset: bool = True, vocab_size: int | None = None):
         if len(sources) != len(weights) or not sources:
             raise ValueError("one weight per source is needed")
-        self.streams = [TokenStream(s) for s in sources]
+        self.streams = [TokenStream(s, vocab_size) for s in sources]
         for i, stream in enumerate(self.streams):
             _check_length(stream, block_size, f"{split} (mixture source {i + 1})")
         self.weights = torch.tensor(weights, dtype=torch.float64)

@@ -22,6 +22,7 @@ sampling rate (:mod:`~gptforge.data.mixing`); a *dry run* does only that, and sh
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import json
@@ -32,6 +33,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 import uuid
 from collections import deque
@@ -86,6 +88,11 @@ AUTO_WORKER_BYTES = 4 << 20  # workers=None starts at most one worker per this m
 # A cut here gives the same ids as encoding the text whole (see _chunks): after a "\n", or
 # between the "\r" and "\n" of a Windows line end, with non-space on both sides.
 _SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)|(?<=\S\r)(?=\n\S)")
+# Failing that (one long line), before a single space between non-spaces: every backend starts a
+# token at such a space (byte-level BPE's pre-tokens begin with it, SentencePiece splits at it).
+_SPACE_CUT = re.compile(r"(?<=\S)(?= \S)")
+# Progress as log lines, where no progress bar shows (a log file, a pipe): one per this interval.
+PROGRESS_LOG_S = 5.0
 
 
 class Piece(NamedTuple):
@@ -260,23 +267,40 @@ def _corpus_report(documents: Mixture, settings: dict) -> dict:
 
 
 def _chunks(piece: Piece) -> Iterator[Piece]:
-    """Cut a long piece at line breaks with non-space on both sides.
+    """Cut a long piece at line breaks with non-space on both sides, else at single spaces.
 
     No backend lets a token span such a break (byte-level BPE pre-splits there, SentencePiece is
     trained on single lines, char is per character), so the ids are those of the whole text. A
     Windows "\r\n" is cut before its "\n": after it, byte-level BPE would take "\r\n" at the
     end of a chunk as one pre-token where the whole text gives "\r" and "\n". (A
     SentencePiece model trained elsewhere, with pieces that hold a newline, may tokenize a cut
-    slightly differently; the text still decodes exactly.)
+    slightly differently; the text still decodes exactly.) Text with neither for ``CHUNK_CHARS``
+    (a megabyte without a space) is cut anyway, to bound the time and memory of encoding it.
     """
-    text, start = piece.text, 0
+    text, start, warned = piece.text, 0, False
     while len(text) - start > CHUNK_CHARS:
-        match = _SAFE_CUT.search(text, start + CHUNK_CHARS)
-        if match is None:
+        cut, safe = _cut_after(text, start + CHUNK_CHARS)
+        if cut is None:
             break
-        yield Piece(piece.split, piece.label, text[start:match.end()], False)
-        start = match.end()
+        if not safe and not warned:
+            log.warning("%s: %s characters without a space or line break were cut for encoding; "
+                        "the tokens at the cut may differ from encoding them whole",
+                        piece.label, f"{CHUNK_CHARS:,}")
+            warned = True
+        yield Piece(piece.split, piece.label, text[start:cut], False)
+        start = cut
     yield Piece(piece.split, piece.label, text[start:], piece.eos)
+
+
+def _cut_after(text: str, pos: int) -> tuple[int | None, bool]:
+    """(the first safe cut in ``text[pos:pos + CHUNK_CHARS]``, True); if there is none, (``pos``,
+    False), or (None, False) when the text ends first."""
+    end = pos + CHUNK_CHARS
+    for pattern in (_SAFE_CUT, _SPACE_CUT):
+        match = pattern.search(text, pos, end + 1)  # end + 1: room for the lookahead
+        if match is not None:
+            return match.end(), True
+    return (None if end >= len(text) else pos), False
 
 
 def _numbered_chunks(pieces: Iterable[Piece],
@@ -530,13 +554,25 @@ def prepare(inputs: list[str], out_dir: Path, tokenizer: str = "char",
         manifest = _prepare_into(work, corpus, settings, described, progress, started)
         _move_into_place(work.path, out_dir)
     except BaseException as err:
-        work.discard_unless_worth_keeping(quiet=isinstance(err, GptforgeError))
+        work.discard_unless_worth_keeping(quiet=isinstance(err, (GptforgeError, OSError)))
+        if isinstance(err, OSError):  # a full disk, above all
+            raise _failed_write(err, work) from None
         raise
     for name in (JOURNAL_NAME, LOCK_NAME):  # the work directory's, not the data directory's
         (out_dir / name).unlink(missing_ok=True)
     work.release()
     _log_summary(manifest, out_dir)
     return manifest
+
+
+def _failed_write(err: OSError, work: WorkDir) -> GptforgeError:
+    """One line for an I/O error while preparing: what failed, and that the run can resume."""
+    what = err.filename or work.path
+    full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+    fix = "free some disk space" if full else "fix that"
+    kept = f"the work done is kept in {work.path}; " if work.journal.worth_keeping() else ""
+    return GptforgeError(f"writing {what} failed: {err.strerror or err}; {kept}{fix} and run the "
+                         "same command again to continue")
 
 
 def _prepare_into(work: WorkDir, corpus: Corpus, settings: dict, described: list[dict],
@@ -613,10 +649,87 @@ def _get_tokenizer(settings: dict, documents, pieces, progress: bool) -> Tokeniz
             texts = (p.text for p in pieces()[1] if p.split == "train")
             where = "the train split"
         log.debug("training a %s tokenizer on %s", spec, where)
-        return train_tokenizer(spec, texts, vocab_size, sp_model_type=settings["sp_model_type"],
-                               progress=progress and sys.stderr.isatty(),
-                               **settings["tokenizer_options"])
+        bar = progress and sys.stderr.isatty()  # the backend's own bars, on a terminal only
+        with TrainingLog(f"training the {spec} tokenizer", enabled=not bar) as lines:
+            return train_tokenizer(spec, lines.read(texts), vocab_size, progress=bar,
+                                   sp_model_type=settings["sp_model_type"],
+                                   **settings["tokenizer_options"])
     return load_tokenizer(spec, **settings["tokenizer_options"])
+
+
+class ProgressLog:
+    """Progress as log lines, one every ``PROGRESS_LOG_S`` seconds at most: what a progress bar
+    shows, for a log file or a pipe, where no bar is drawn."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.started = self.last = time.perf_counter()
+
+    def due(self) -> bool:
+        now = time.perf_counter()
+        if now - self.last < PROGRESS_LOG_S:
+            return False
+        self.last = now
+        return True
+
+    def report(self, done: str, count: float, unit: str) -> None:
+        rate = count / max(time.perf_counter() - self.started, 1e-9)
+        log.info("%s: %s (%s %s/s)", self.what, done, _human(rate), unit)
+
+
+def _human(n: float) -> str:
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.1f}{suffix}"
+    return f"{n:.0f}"
+
+
+class TrainingLog:
+    """Log lines while a tokenizer trains, where no bar shows: how much text was read, then one
+    every ``PROGRESS_LOG_S`` while the backend learns the vocabulary. The backends release the GIL
+    while they learn, so a thread can speak meanwhile."""
+
+    def __init__(self, what: str, enabled: bool = True):
+        self.progress, self.enabled = ProgressLog(what), enabled
+        self._learning, self._stop = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._heartbeat, daemon=True)
+
+    def read(self, texts: Iterable[str]) -> Iterator[str]:
+        """``texts`` passed through, counted."""
+        chars = count = 0
+        for text in texts:
+            chars, count = chars + len(text), count + 1
+            if self.enabled and self.progress.due():
+                self.progress.report(f"read {_human(chars)} characters of {_texts(count)}",
+                                     chars, "chars")
+            yield text
+        if self.enabled and self._elapsed() >= PROGRESS_LOG_S:  # (quiet about small inputs)
+            log.info("%s: read all %s characters of %s in %.1f s; learning the vocabulary",
+                     self.progress.what, _human(chars), _texts(count), self._elapsed())
+        self._learning.set()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(PROGRESS_LOG_S):
+            if self._learning.is_set():
+                log.info("%s: learning the vocabulary (%.0f s so far)", self.progress.what,
+                         self._elapsed())
+
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self.progress.started
+
+    def __enter__(self) -> TrainingLog:
+        if self.enabled:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        if self.enabled:
+            self._thread.join()
+
+
+def _texts(count: int) -> str:
+    return f"{count:,} text{'' if count == 1 else 's'}"
 
 
 def _check_tokenizer_spec(settings: dict) -> None:
@@ -653,12 +766,18 @@ def _write_splits(encoded: Iterable[list[Encoded]], writers: dict[str, SplitWrit
     done = sum(w.tokens for w in writers.values())  # by an interrupted run
     bar = tqdm(desc="encoding", unit="tok", unit_scale=True, file=sys.stderr, initial=done,
                disable=None if progress else True)  # None: only on a terminal
+    lines, tokens, nbytes = ProgressLog("encoding"), 0, 0
     try:
         with bar:
             for results in encoded:
                 for item in results:
                     writers[item.split].write(item)
                     bar.update(len(item.tokens) - item.skip_tokens)
+                    tokens += len(item.tokens) - item.skip_tokens
+                    nbytes += item.nbytes
+                if bar.disable and lines.due():
+                    lines.report(f"{_human(tokens)} tokens from {_human(nbytes)}B of text", tokens,
+                                 "tokens")
     except BaseException:
         for writer in writers.values():
             writer.abort()

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -75,21 +77,34 @@ class ShardWriter:
         self._file.write(bytes(HEADER_SIZE))  # patched with the real count on close
 
     def write(self, tokens: np.ndarray) -> None:
-        self._file.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
+        with self._named_errors():
+            self._file.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
         self.count += len(tokens)
 
     def close(self) -> Path:
         header = _HEADER.pack(MAGIC, FORMAT_VERSION, self.code, self.count)
-        self._file.seek(0)
-        self._file.write(header.ljust(HEADER_SIZE, b"\0"))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self._tmp, self.path)
+        with self._named_errors():
+            self._file.seek(0)
+            self._file.write(header.ljust(HEADER_SIZE, b"\0"))
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self._tmp, self.path)
         return self.path
 
+    @contextmanager
+    def _named_errors(self) -> Iterator[None]:
+        """A failed write (a full disk) names the shard: a file object's errors name no file."""
+        try:
+            yield
+        except OSError as err:
+            if err.filename is not None:
+                raise
+            raise OSError(err.errno, err.strerror, str(self.path)) from err
+
     def abort(self) -> None:
-        self._file.close()
+        with suppress(OSError):  # on a full disk, closing fails to flush what is left: no matter
+            self._file.close()
         self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> ShardWriter:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
 from pathlib import Path
 
 import torch
@@ -46,6 +47,11 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, command: str = "
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise GptforgeError(f"cannot create run directory {run_dir}: {err.strerror}") from None
+    try:  # a probe: os.access misjudges ACLs and network file systems
+        tempfile.TemporaryFile(dir=run_dir).close()
+    except OSError as err:
+        raise GptforgeError(f"run directory {run_dir} is not writable ({err.strerror}); make it "
+                            "writable, or copy the run elsewhere and use that") from None
     existing = latest_checkpoint(run_dir)
     if existing and not resume and not overwrite:
         raise GptforgeError(f"{run_dir} already holds a run (latest: {existing.name}); continue "
@@ -69,13 +75,39 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
         torch.set_num_threads(cfg.runtime.threads)
     device = resolve_device(cfg.runtime.device)
     dist_info, device = distributed.init_distributed(device)
+    created = _first_missing(Path(cfg.train.out_dir))
     try:
         if not dist_info.is_main:  # one voice: other ranks report only problems
             logging.getLogger("gptforge").setLevel(logging.WARNING)
         return _train(cfg, stage or Pretraining(), resolve_precision(device, cfg.runtime.dtype),
                       dist_info, resume=resume, overwrite=overwrite)
+    except BaseException:
+        if dist_info.is_main and created is not None:  # a failed start leaves no empty run dir
+            _remove_empty_dirs(Path(cfg.train.out_dir), created)
+        raise
     finally:
         distributed.teardown()
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory of ``path`` that does not exist yet; None if ``path`` exists."""
+    missing = None
+    for directory in (path, *path.parents):
+        if directory.exists():
+            break
+        missing = directory
+    return missing
+
+
+def _remove_empty_dirs(path: Path, top: Path) -> None:
+    """Remove ``path`` and its parents up to ``top`` while they are empty."""
+    for directory in (path, *path.parents):
+        try:
+            directory.rmdir()
+        except OSError:  # not empty: something worth keeping was written
+            return
+        if directory == top:
+            return
 
 
 def _train(cfg: Config, stage: Stage, precision, dist_info, *, resume: bool,

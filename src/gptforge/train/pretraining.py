@@ -91,7 +91,8 @@ def build_loaders(cfg: Config, manifest: Manifest, dist_info, run_dir: Path):
 
     data_dir = manifest.dir
     tc, block = cfg.train, cfg.model.block_size
-    kwargs = {"rank": dist_info.rank, "world_size": dist_info.world_size}
+    kwargs = {"rank": dist_info.rank, "world_size": dist_info.world_size,
+              "vocab_size": manifest.tokenizer.vocab_size}
     if not cfg.data.mixture:
         train = BatchLoader(open_split(data_dir, "train"), block, tc.batch_size, seed=tc.seed,
                             split="train", **kwargs)
