@@ -24,3 +24,4 @@ def test_spikes_are_judged_against_the_running_average_after_warmup():
     restored.load_state_dict(guard.state_dict())
     with pytest.raises(Anomaly):
         restored.check(6.5, 1.0)
+

@@ -88,6 +88,13 @@ def _grad_scaler(model: torch.nn.Module, precision):
     return torch.amp.GradScaler(precision.device.type, enabled=enabled)
 
 
+def leave_out_of_eta(bar, seconds: float) -> None:
+    """Shift a tqdm bar's clock by ``seconds`` of evaluation or saving, so that its rate and time
+    left describe training steps only (otherwise the ETA jumps after every evaluation)."""
+    bar.start_t += seconds
+    bar.last_print_t += seconds
+
+
 class Trainer:
     """Runs a stage's training: ``fit()`` to ``train.max_steps``, saving through the
     checkpointer; ``restore(ckpt)`` first to continue a run."""
@@ -252,9 +259,12 @@ class Trainer:
         self._start_step, self._start_time = self.state.step, time.perf_counter()
         self._elapsed_before = self.state.elapsed  # earlier sessions of a resumed run
         self._last_status = time.perf_counter()
+        self._paused = 0.0  # seconds of evaluation and saving, left out of speeds and ETAs
         try:
             if self.state.step == 0:
+                paused = time.perf_counter()
                 self._evaluate(writer)
+                self._pause_ended(bar, paused)
             window_t0, window_tokens = time.perf_counter(), self.state.tokens_seen
             while self.state.step < tc.max_steps:
                 try:
@@ -279,7 +289,7 @@ class Trainer:
                 if step % tc.ckpt_interval == 0 or step == tc.max_steps or stop_early \
                         or self.stop_signal is not None:
                     self.save()
-                window_t0 += time.perf_counter() - paused
+                window_t0 += self._pause_ended(bar, paused)
                 if self.stop_signal is not None:
                     log.info("stopped by signal %d at step %d; resume with "
                              "`gptforge %s --resume %s`", self.stop_signal, step, self.stage.name,
@@ -338,7 +348,15 @@ class Trainer:
 
     def _seconds_per_step(self) -> float:
         done = self.state.step - self._start_step
-        return (time.perf_counter() - self._start_time) / max(1, done)
+        return (time.perf_counter() - self._start_time - self._paused) / max(1, done)
+
+    def _pause_ended(self, bar, started: float) -> float:
+        """Leave the pause since ``started`` out of the ETAs; return its length in seconds."""
+        seconds = time.perf_counter() - started
+        self._paused += seconds
+        if bar is not None:
+            leave_out_of_eta(bar, seconds)
+        return seconds
 
     def _evaluate(self, writer) -> bool:
         """Evaluate, log, maybe print a sample; return True if early stopping should trigger."""
