@@ -65,6 +65,7 @@ def test_sweep_picks_the_better_lr_and_resumes_without_rerunning(tmp_path):
     ("model.dropout=0,0", "values must be distinct"),
     ("optim.lr=fast", "a range is LO:HI"),
     ("lr=1e-4:1e-3", "must look like section.key=SPEC"),
+    ("train.max_steps=10,20", "the sweep sets it for each trial"),
 ])
 def test_bad_param_gives_one_line(param, expected, tmp_path, capsys):
     code = main(["sweep", "-c", "tiny", "--param", param, "--budget", "5",

@@ -150,6 +150,7 @@ def _plot_param(ax, trials: list[FrozenTrial], param: Param, metric: str) -> Non
     """One panel: finished trials as dots, pruned ones as crosses at their last value."""
     numeric = not isinstance(param.distribution, CategoricalDistribution) or all(
         _number(v) is not None for v in param.distribution.choices)
+    drawn = False
     for state, marker, colour in ((TrialState.COMPLETE, "o", "tab:blue"),
                                   (TrialState.PRUNED, "x", "0.5")):
         points = [(t.params[param.key], _last_value(t)) for t in trials
@@ -159,14 +160,16 @@ def _plot_param(ax, trials: list[FrozenTrial], param: Param, metric: str) -> Non
         xs = [_number(x) if numeric else str(x) for x, _ in points]
         ax.scatter(xs, [y for _, y in points], marker=marker, color=colour,
                    label=STATE_NAMES[state])
-    xs_all = [_number(v) for v in getattr(param.distribution, "choices", ())]
-    spread = [x for x in xs_all if x is not None and x > 0]
-    if param.is_log or (len(spread) > 1 and max(spread) / min(spread) >= 100):
+        drawn = True
+    # Choices a decade or more apart (learning rates) read best on a log axis.
+    spread = [_number(v) for v in getattr(param.distribution, "choices", ())] if numeric else []
+    if param.is_log or (len(spread) > 1 and min(spread) > 0 and max(spread) / min(spread) >= 100):
         ax.set_xscale("log")
     ax.set_xlabel(param.key)
     ax.set_ylabel(metric)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    if drawn:
+        ax.legend(fontsize=8)
 
 
 def _last_value(trial: FrozenTrial) -> float | None:

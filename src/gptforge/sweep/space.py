@@ -9,7 +9,6 @@ with the expected type, and an empty range with what to change.
 
 from __future__ import annotations
 
-import dataclasses
 import typing
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ from optuna.distributions import (
 from gptforge.config.loader import load_config, section_types
 from gptforge.errors import GptforgeError
 
+SET_BY_SWEEP = ("train.max_steps", "train.out_dir")  # --budget and SWEEP_DIR/trial-N decide them
 MAX_GRID_INTS = 1000  # an int range a grid enumerates; beyond this it is surely a mistake
 
 
@@ -77,6 +77,9 @@ def parse_param(item: str, config: str | None, overrides: list[str]) -> Param:
     if not sep or not spec or "." not in key:
         raise GptforgeError(f"--param '{item}' must look like section.key=SPEC "
                             "(log:LO:HI, LO:HI, int:LO:HI or a,b,c)")
+    if key in SET_BY_SWEEP:
+        raise GptforgeError(f"--param {key}: the sweep sets it for each trial (--budget, --out); "
+                            "sweep other keys")
 
     def check(value: str) -> None:  # through the loader: 'did you mean', types, field checks
         load_config(config, [*overrides, f"{key}={value}"])
@@ -134,8 +137,3 @@ def _is_int(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def describe(params: list[Param]) -> dict:
-    """A JSON-able record of the search space, to refuse resuming with a different one."""
-    return {p.key: dataclasses.asdict(p)["spec"] for p in params}

@@ -74,15 +74,16 @@ def run_sweep(sweep: Sweep) -> optuna.Study:
         base_config = sweep.out_dir / "base.toml"
         atomic.write_text(base_config, sweep.definition["config"])
         remaining = _target(sweep) - len(_counted(study))
-        if remaining > 0:
-            log.info("sweep %s: %d trial(s) to run (%d done), %d step(s) each", sweep.out_dir,
-                     remaining, len(_counted(study)), sweep.budget)
-            objective = _objective(sweep, base_config)
-            study.optimize(objective, n_trials=remaining, n_jobs=sweep.jobs,
-                           catch=(TrialFailed,))
-        else:
+        if remaining <= 0:
             log.info("sweep %s already holds its %d trials", sweep.out_dir, _target(sweep))
-        results.write(study, sweep.params, sweep.out_dir, base_config, sweep.metric)
+        try:
+            if remaining > 0:
+                log.info("sweep %s: %d trial(s) to run (%d done), %d step(s) each",
+                         sweep.out_dir, remaining, len(_counted(study)), sweep.budget)
+                study.optimize(_objective(sweep, base_config), n_trials=remaining,
+                               n_jobs=sweep.jobs, catch=(TrialFailed,))
+        finally:  # also after Ctrl-C: the table shows what was done
+            results.write(study, sweep.params, sweep.out_dir, base_config, sweep.metric)
     return study
 
 
