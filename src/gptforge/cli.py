@@ -19,7 +19,8 @@ from gptforge.errors import GptforgeError
 # Order is the order shown in ``gptforge --help``.
 COMMANDS = ("prepare", "tokenizer", "train", "sft", "dpo", "generate", "chat", "serve",
             "eval", "export", "plot",
-            "sweep")
+            "sweep",
+            "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:
