@@ -92,7 +92,8 @@ def test_estimate_is_within_20_percent_of_the_measured_peak_on_cpu():
                  tie_embeddings=False, n_kv_head=2, vocab_size=512)
     specs = [{"model": gpt2, "batch": 16, "checkpointing": False},
              {"model": gpt2, "batch": 16, "checkpointing": True},
-             {"model": llama, "batch": 8, "checkpointing": False}]
+             {"model": llama, "batch": 8, "checkpointing": False},
+             {"model": dict(gpt2, n_experts=4, moe_top_k=2), "batch": 8, "checkpointing": False}]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(specs)], env=env,
                          capture_output=True, text=True, check=True, timeout=120)

@@ -23,8 +23,10 @@ key/value width K (C for plain multi-head attention), MLP up-projection width U 
 
 that is 17C per token for a GPT-2 block: Korthikanti's 34sbh bytes at 2 bytes per element.
 RoPE and QK-norm add rotated or normalised copies of q and k; dropout adds its masks and, in
-attention, the T x T probabilities. Outside the blocks come the embedding output, the final norm,
-and the logits: the logits, their float32 log-softmax, and in backward their gradient.
+attention, the T x T probabilities. A mixture-of-experts MLP keeps, per token, its top-k experts'
+gathered inputs, hidden activations and outputs, and the router's float32 logits. Outside the
+blocks come the embedding output, the final norm, and the logits: the logits, their float32
+log-softmax, and in backward their gradient.
 
 With activation checkpointing (``runtime.activation_checkpointing``) a block keeps only its input;
 during backward one block at a time is recomputed, so activations are L block inputs plus one
@@ -65,13 +67,19 @@ class MemoryEstimate:
         return self.weights + self.grads + self.optimizer + self.autocast_copies + acts
 
 
-def block_elements_per_token(cfg: ModelConfig, seq_len: int) -> tuple[int, int, float]:
+def block_elements_per_token(cfg: ModelConfig, seq_len: int,
+                             moe: bool = False) -> tuple[int, int, float]:
     """(float32 elements, compute-dtype elements, bytes of masks) one block saves per token."""
     C, K = cfg.n_embd, cfg.kv_heads * cfg.head_dim
-    H = cfg.hidden_dim
+    H = (cfg.moe_expert_hidden or cfg.hidden_dim) if moe else cfg.hidden_dim
     up = 2 * H if cfg.mlp == "swiglu" else H
     act = {"swiglu": 2 * H, "relu2": 2 * H, "gelu": H}[cfg.mlp]  # relu2: relu, then its square
-    compute = C + (C + 2 * K) + C + C + C + up + act  # norms, qkv, attention, merge, MLP
+    mlp = up + act
+    fp32 = 2 * C  # the two residual-stream tensors
+    if moe:  # top_k experts per token: their inputs gathered, outputs scattered back, weighted
+        mlp = cfg.moe_top_k * (C + up + act + C)
+        fp32 += 2 * cfg.n_experts  # router logits and probabilities, in float32
+    compute = C + (C + 2 * K) + C + C + C + mlp  # norms, qkv, attention, merge, MLP
     if cfg.qk_norm:
         compute += C + K  # normalised q and k
     if cfg.pos_emb == "rope":
@@ -82,19 +90,23 @@ def block_elements_per_token(cfg: ModelConfig, seq_len: int) -> tuple[int, int, 
         # keeps the probabilities, their dropped copy and a mask per head (T x T each).
         compute += 2 * C
         mask_bytes = 2 * C + cfg.n_head * seq_len * (1 + 2 * 4)
-    return 2 * C, compute, mask_bytes  # float32: the two residual-stream tensors
+    return fp32, compute, mask_bytes
 
 
 def activation_bytes(cfg: ModelConfig, batch_size: int, seq_len: int, compute_bytes: int,
                      checkpointing: bool = False) -> int:
     """Bytes of saved activations (and the logits' gradient) for one micro-batch."""
     tokens = batch_size * seq_len
-    fp32, compute, masks = block_elements_per_token(cfg, seq_len)
-    block = fp32 * FLOAT32 + compute * compute_bytes + masks
+
+    def block(layer: int) -> float:
+        fp32, compute, masks = block_elements_per_token(cfg, seq_len, cfg.is_moe_layer(layer))
+        return fp32 * FLOAT32 + compute * compute_bytes + masks
+
+    per_layer = [block(i) for i in range(cfg.n_layer)]
     if checkpointing:  # L block inputs kept, one block recomputed at a time
-        blocks = cfg.n_layer * cfg.n_embd * FLOAT32 + block
+        blocks = cfg.n_layer * cfg.n_embd * FLOAT32 + max(per_layer)
     else:
-        blocks = cfg.n_layer * block
+        blocks = sum(per_layer)
     V = cfg.padded_vocab_size
     # Embedding output and final norm; logits in the compute dtype, their float32 log-softmax,
     # and the float32 gradient of the logits at the start of backward.

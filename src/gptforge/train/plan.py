@@ -105,6 +105,8 @@ def make_plan(cfg: Config, label: str, *, steps: int = 3, memory_gb: float | Non
               mfu: float = DEFAULT_MFU) -> Plan:
     """Count, estimate and (unless ``steps`` is 0) measure a run of ``cfg``."""
     cfg = with_vocab_size(cfg)
+    if cfg.runtime.threads > 0:  # measured as the run would train
+        torch.set_num_threads(cfg.runtime.threads)
     if cfg.train.batch_size == "auto":
         raise GptforgeError("train.batch_size=auto: give a number to plan for; the plan "
                             "suggests the largest that fits (--memory-gb)")
