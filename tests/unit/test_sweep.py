@@ -80,7 +80,14 @@ def test_a_crashed_trial_fails_with_its_last_line(tmp_path):
     outcome = trials.run_trial(fake_trial(lines, 0.0, exit_code=1) + [str(tmp_path)], tmp_path,
                                "val_loss", lambda value, step: False)
     assert not outcome.pruned and outcome.value == 3.0 and outcome.steps == 1
-    assert outcome.error == "exit code 1: error: boom"
+    assert outcome.error == "exit code 1: error: boom" and not outcome.interrupted
+
+
+def test_a_trial_stopped_by_a_signal_counts_as_interrupted(tmp_path):
+    lines = ['{"step": 1, "val_loss": 3.0}']
+    outcome = trials.run_trial(fake_trial(lines, 0.0, exit_code=143) + [str(tmp_path)],
+                               tmp_path, "val_loss", lambda value, step: False)
+    assert outcome.interrupted and outcome.error.startswith("exit code 143")
 
 
 def test_trials_left_running_by_a_killed_sweep_are_failed_and_queued_again(tmp_path):

@@ -204,6 +204,8 @@ def _objective(sweep: Sweep, base_config: Path):
             raise optuna.TrialPruned()
         if outcome.error:
             trial.set_user_attr("error", outcome.error)
+            if outcome.interrupted:  # not the trial's fault: run it again on resume
+                trial.set_user_attr("interrupted", True)
             log.warning("trial %d (%s) failed: %s", trial.number, shown, outcome.error)
             raise TrialFailed(outcome.error)
         log.info("trial %d (%s): %s %.4f after %d steps, %.0f s", trial.number, shown,

@@ -19,6 +19,8 @@ from pathlib import Path
 
 POLL_SECONDS = 0.5
 STOP_GRACE_SECONDS = 10.0  # a SIGTERM'd trial saves a checkpoint; then it is killed
+# Exit codes of a trial stopped from outside: train's own 128 + SIGINT/SIGTERM, or killed by one.
+STOPPED_BY_SIGNAL = (130, 143, -2, -9, -15)
 
 
 @dataclass
@@ -30,6 +32,7 @@ class Outcome:
     seconds: float
     pruned: bool = False
     error: str | None = None  # why the trial failed, in one line
+    interrupted: bool = False  # stopped by a signal from outside (Ctrl-C, a scheduler)
 
 
 def train_command(base_config: Path, overrides: list[str], budget: int, run_dir: Path) -> list[str]:
@@ -88,6 +91,7 @@ def run_trial(command: list[str], run_dir: Path, metric: str,
     outcome.seconds = time.monotonic() - start
     if not outcome.pruned and child.returncode != 0:
         outcome.error = f"exit code {child.returncode}: {_last_line(run_dir / 'train.log')}"
+        outcome.interrupted = child.returncode in STOPPED_BY_SIGNAL
     elif not outcome.pruned and outcome.value is None and outcome.error is None:
         outcome.error = f"the run logged no {metric} (see {run_dir / 'train.log'})"
     return outcome
