@@ -100,8 +100,8 @@ def test_trials_left_running_by_a_killed_sweep_are_failed_and_queued_again(tmp_p
     killed = s.ask()  # never told: what a SIGKILL'd sweep leaves
     lr = killed.suggest_float("optim.lr", 1e-4, 1e-2, log=True)
 
-    study._requeue_interrupted(s)
-    study._requeue_interrupted(s)  # a second resume must not queue it twice
+    study._requeue_interrupted(s, storage)
+    study._requeue_interrupted(s, storage)  # a second resume must not queue it twice
     states = [(t.state, t.user_attrs.get("interrupted"), t.user_attrs.get("retry_of"))
               for t in s.get_trials()]
     assert states == [(TrialState.COMPLETE, None, None), (TrialState.FAIL, True, None),
@@ -109,3 +109,18 @@ def test_trials_left_running_by_a_killed_sweep_are_failed_and_queued_again(tmp_p
     assert len(study._counted(s)) == 1
     retry = s.ask()
     assert retry.suggest_float("optim.lr", 1e-4, 1e-2, log=True) == lr
+
+
+def test_resuming_with_another_definition_is_refused(tmp_path):
+    from gptforge.errors import GptforgeError
+
+    params = space.parse_params(["optim.lr=1e-4,1e-3"], "tiny", [])
+    first = study.Sweep(config="tiny", overrides=[], params=params, budget=10, out_dir=tmp_path)
+    study._open_study(first)
+    same = study.Sweep(config="tiny", overrides=[], params=params, budget=10, out_dir=tmp_path,
+                       trials=50, jobs=2)  # --trials and --jobs may change
+    study._open_study(same)
+    other = study.Sweep(config="tiny", overrides=["model.n_layer=3"], params=params, budget=10,
+                        out_dir=tmp_path)
+    with pytest.raises(GptforgeError, match="holds a sweep with another config"):
+        study._open_study(other)

@@ -69,8 +69,8 @@ def run_sweep(sweep: Sweep) -> optuna.Study:
     _check(sweep)
     sweep.out_dir.mkdir(parents=True, exist_ok=True)
     with _lock(sweep.out_dir):
-        study = _open_study(sweep)
-        _requeue_interrupted(study)
+        study, storage = _open_study(sweep)
+        _requeue_interrupted(study, storage)
         base_config = sweep.out_dir / "base.toml"
         atomic.write_text(base_config, sweep.definition["config"])
         remaining = _target(sweep) - len(_counted(study))
@@ -130,7 +130,7 @@ def _pruner(sweep: Sweep) -> optuna.pruners.BasePruner:
                                        n_warmup_steps=sweep.budget // 4)
 
 
-def _open_study(sweep: Sweep) -> optuna.Study:
+def _open_study(sweep: Sweep) -> tuple[optuna.Study, JournalStorage]:
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # the sweep logs each trial itself
     path = sweep.out_dir / "study.journal"
     storage = JournalStorage(JournalFileBackend(str(path)))
@@ -140,13 +140,12 @@ def _open_study(sweep: Sweep) -> optuna.Study:
     saved = study.user_attrs.get("definition")
     if saved is None:
         study.set_user_attr("definition", sweep.definition)
-        return study
     for what, value in sweep.definition.items():
-        if saved.get(what) != value:
+        if saved is not None and saved.get(what) != value:
             raise GptforgeError(
                 f"{sweep.out_dir} holds a sweep with another {what}; re-run it with the same "
                 f"settings to continue it, or choose another --out")
-    return study
+    return study, storage
 
 
 def _counted(study: optuna.Study) -> list:
@@ -155,15 +154,16 @@ def _counted(study: optuna.Study) -> list:
             if t.state.is_finished() and not t.user_attrs.get("interrupted")]
 
 
-def _requeue_interrupted(study: optuna.Study) -> None:
+def _requeue_interrupted(study: optuna.Study, storage: optuna.storages.BaseStorage) -> None:
     """Mark trials left running by a killed sweep as failed, and queue their values again."""
-    storage = study._storage
+    study_id = storage.get_study_id_from_name(study.study_name)
     every = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get("retry_of") for t in every}
     for t in every:
         if t.state == TrialState.RUNNING:
-            storage.set_trial_user_attr(t._trial_id, "interrupted", True)
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+            storage.set_trial_user_attr(trial_id, "interrupted", True)
+            storage.set_trial_state_values(trial_id, TrialState.FAIL)
         elif not (t.state == TrialState.FAIL and t.user_attrs.get("interrupted")):
             continue
         if t.number not in retried:
