@@ -18,7 +18,9 @@ from gptforge.errors import GptforgeError
 
 # Order is the order shown in ``gptforge --help``.
 COMMANDS = ("prepare", "tokenizer", "train", "sft", "dpo", "generate", "chat", "serve",
-            "eval", "export", "plot")
+            "eval", "export", "plot",
+            "sweep",
+            "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:
