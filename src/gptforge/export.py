@@ -54,7 +54,11 @@ def write_huggingface(model: GPT, meta: dict, source: Path, out: Path) -> None:
 
 def write_gguf(model: GPT, meta: dict, source: Path, out: Path, **options) -> None:
     """One GGUF file for llama.cpp and Ollama at ``out`` (see ``gguf_format.py``)."""
-    from gptforge.gguf_format import write_gguf as write
+    try:
+        from gptforge.gguf_format import write_gguf as write
+    except ModuleNotFoundError as err:
+        raise GptforgeError(f"--format gguf needs the {err.name} package: "
+                            "pip install 'gptforge[gguf]'") from None
 
     write(model, meta, source, out, **options)
 

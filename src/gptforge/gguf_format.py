@@ -203,8 +203,11 @@ def char_vocab(chars: list[str]) -> GGUFVocab:
         for end in range(1, len(pieces)):
             merges["".join(pieces[:end]) + " " + pieces[end]] = None
         tokens.append("".join(pieces))
+    # llama.cpp requires merges and gguf writes no empty list; byte 0xFF is never in UTF-8 text,
+    # so this one never applies.
+    never = alphabet[0xFF] + " " + alphabet[0xFF]
     return GGUFVocab("gpt2", tokens, [_token_type(t) for t in tokens], pre="gpt-2",
-                     merges=list(merges))
+                     merges=list(merges) or [never])
 
 
 def sentencepiece_vocab(model_file: Path) -> GGUFVocab:
