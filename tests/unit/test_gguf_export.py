@@ -275,3 +275,27 @@ def test_llama_cpp_chat_uses_the_embedded_template(tmp_path, tokenizers):
     # An untrained model emits stray UTF-8 bytes: llama-cpp-python drops them, gptforge shows
     # the replacement character.
     assert out["choices"][0]["message"]["content"] == tokenizer.decode(reply).replace("\ufffd", "")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_q8_0_is_what_llama_cpp_quantizes(tmp_path, tokenizers, case):
+    """Our q8_0 file holds, tensor for tensor, the bytes llama.cpp's own quantizer
+    (``llama_model_quantize``) makes from our float32 file."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import ctypes
+
+    settings, kind = CASES[case]
+    ckpt, _, _ = tiny_checkpoint(tmp_path, tokenizers, settings, kind)
+    f32 = export_checkpoint(ckpt, tmp_path / "f32.gguf", format="gguf", dtype="f32")
+    ours = export_checkpoint(ckpt, tmp_path / "q8.gguf", format="gguf", dtype="q8_0")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = gguf.LlamaFileType.MOSTLY_Q8_0
+    theirs = tmp_path / "theirs.gguf"
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(),
+                                          ctypes.byref(params)) == 0
+    ours_t = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    theirs_t = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+    assert sorted(ours_t) == sorted(theirs_t)
+    for name, tensor in ours_t.items():
+        assert tensor.tensor_type == theirs_t[name].tensor_type, name
+        np.testing.assert_array_equal(tensor.data, theirs_t[name].data, err_msg=name)
