@@ -33,6 +33,9 @@ def register(subparsers) -> None:
                         "none: no key needed)")
     p.add_argument("--model-name", default=None, metavar="NAME",
                    help="the model's id in the API (default: the checkpoint directory's name)")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="int8: weight-only int8 linear layers, about 4x smaller than float32 "
+                        "(not with --compile)")
     p.set_defaults(func=run)
 
 
@@ -44,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise GptforgeError(f"--port must be between 0 and 65535, got {args.port}")
-    generator = gptforge.load(args.checkpoint, device=args.device, compile=args.compile)
+    generator = gptforge.load(args.checkpoint, device=args.device, compile=args.compile,
+                              quantize=args.quantize)
     if args.compile:  # compile now rather than in the first request
         log.info("compiling the decode step (20-30 s, once)")
         warm_up = SamplingSettings(max_new_tokens=3, temperature=0)
