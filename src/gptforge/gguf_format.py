@@ -141,6 +141,9 @@ def encode_tensor(name: str, tensor: torch.Tensor, dtype: str) -> tuple[np.ndarr
                     data.shape[-1])
         qtype = QT.F16
     if qtype == QT.F16:
+        if np.abs(data).max() > np.finfo(np.float16).max:
+            raise GptforgeError(f"{name} holds values beyond float16's range (65504); export "
+                                "with --dtype bf16 or f32")
         return data.astype(np.float16), QT.F16
     return gguf.quants.quantize(data, qtype), qtype
 

@@ -299,3 +299,15 @@ def test_q8_0_is_what_llama_cpp_quantizes(tmp_path, tokenizers, case):
     for name, tensor in ours_t.items():
         assert tensor.tensor_type == theirs_t[name].tensor_type, name
         np.testing.assert_array_equal(tensor.data, theirs_t[name].data, err_msg=name)
+
+
+def test_f16_refuses_weights_beyond_its_range(tmp_path, tokenizers):
+    settings, kind = CASES["gpt2-bpe"]
+    ckpt, model, tokenizer = tiny_checkpoint(tmp_path, tokenizers, settings, kind)
+    with torch.no_grad():
+        model.blocks[0].mlp.up.weight[0, 0] = 1e5
+    ckpt = save_model(tmp_path / "big", model, tokenizer, tokenizers[kind][1])
+    with pytest.raises(GptforgeError, match="blk.0.ffn_up.weight .* --dtype bf16"):
+        export_checkpoint(ckpt, tmp_path / "m.gguf", format="gguf", dtype="f16")
+    assert not (tmp_path / "m.gguf").exists()
+    assert export_checkpoint(ckpt, tmp_path / "m.gguf", format="gguf", dtype="bf16").is_file()

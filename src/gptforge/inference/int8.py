@@ -9,8 +9,10 @@ baseline): per output channel (row) ``i``, ``scale_i = max_j |W_ij| / 127`` and
 point; ``y = (x @ W8^T) * scale + b`` is exact algebra, because the scale is per output.
 
 On a CPU the product runs in ``torch._weight_int8pack_mm`` (int8 weights, float activations,
-dequantised inside the kernel); on a GPU the int8 matrix is cast to the activations' dtype for
-``F.linear`` and the scale applied to the output, so only the cast copy is transient.
+dequantised inside the kernel), with the activations rounded to bfloat16 where the CPU computes
+in it natively (the kernel is several times faster so). On a GPU the int8 matrix is cast to the
+activations' dtype for ``F.linear`` and the scale applied to the output, so only the cast copy
+is transient.
 
 Quantised: the linear layers of the blocks (attention q/k/v and output, MLPs, MoE experts). Kept:
 embeddings, norms, routers and the output layer (``lm_head``, often tied to the embedding, and
@@ -22,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from gptforge.runtime.device import cpu_has_native_bf16
 
 QUANTIZATIONS = ("int8",)
 
@@ -39,14 +43,18 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.to(linear.weight.dtype))
         self.bias = linear.bias
 
+    # On a CPU with native bfloat16 the int8 kernel is several times faster with bfloat16
+    # activations than with float32 ones (which it does not vectorise); set by quantize_int8.
+    cpu_dtype: torch.dtype | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
+        shape, dtype = x.shape, x.dtype
         x = x.reshape(-1, self.in_features)  # (N, in)
-        scale = self.scale.to(x.dtype)
         if x.device.type == "cpu":
-            y = torch._weight_int8pack_mm(x.contiguous(), self.weight_int8, scale)
+            x = x.to(self.cpu_dtype or dtype).contiguous()
+            y = torch._weight_int8pack_mm(x, self.weight_int8, self.scale.to(x.dtype)).to(dtype)
         else:
-            y = F.linear(x, self.weight_int8.to(x.dtype)) * scale
+            y = F.linear(x, self.weight_int8.to(dtype)) * self.scale.to(dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*shape[:-1], self.out_features)
@@ -55,13 +63,21 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Replace the linear layers of ``model.blocks`` by :class:`Int8Linear`, in place."""
+def quantize_int8(model: nn.Module, cpu_dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace the linear layers of ``model.blocks`` by :class:`Int8Linear`, in place.
+
+    ``cpu_dtype``: the activations' dtype inside the int8 product on a CPU (None: bfloat16 where
+    the CPU has it natively, else the input's dtype).
+    """
+    if cpu_dtype is None and cpu_has_native_bf16():
+        cpu_dtype = torch.bfloat16
     for block in model.blocks:
         for name, module in list(block.named_modules()):
             if isinstance(module, nn.Linear) and not name.endswith("router"):
                 parent_name, _, child = name.rpartition(".")
-                setattr(block.get_submodule(parent_name), child, Int8Linear(module))
+                quantized = Int8Linear(module)
+                quantized.cpu_dtype = cpu_dtype
+                setattr(block.get_submodule(parent_name), child, quantized)
     return model
 
 
