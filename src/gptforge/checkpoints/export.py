@@ -9,7 +9,8 @@ be resumed.
 
 Each output format is one writer filling a temporary directory, which is renamed into place only
 when complete (``atomic.directory``): ``native`` (a gptforge checkpoint) or ``huggingface`` (a
-``transformers`` checkpoint directory, see ``huggingface.py``).
+``transformers`` checkpoint directory, see ``huggingface.py``). ``gguf`` writes one file instead
+(llama.cpp's format, see ``gguf.py``), also through a temporary name.
 """
 
 from __future__ import annotations
@@ -53,28 +54,45 @@ def write_huggingface(model: GPT, meta: dict, source: Path, out: Path) -> None:
     write(model, meta, source, out)
 
 
+def write_gguf(model: GPT, meta: dict, source: Path, out: Path, **options) -> None:
+    """One GGUF file for llama.cpp and Ollama at ``out`` (see ``gguf.py``)."""
+    try:
+        from gptforge.checkpoints.gguf import write_gguf as write
+    except ModuleNotFoundError as err:
+        raise GptforgeError(f"--format gguf needs the {err.name} package: "
+                            "pip install 'gptforge[gguf]'") from None
+
+    write(model, meta, source, out, **options)
+
+
 # format name -> writer(model, source meta, source checkpoint, temporary output directory)
 WRITERS: dict[str, Callable[[GPT, dict, Path, Path], None]] = {
     "native": write_native, "huggingface": write_huggingface}
+# format name -> writer(model, meta, source, output file, **options) that writes it atomically
+FILE_WRITERS: dict[str, Callable[..., None]] = {"gguf": write_gguf}
 
 
 def export_checkpoint(source: str | Path, out: str | Path, *, merge_lora: bool = False,
-                      format: str = "native") -> Path:
+                      format: str = "native", **options) -> Path:
     """Write checkpoint ``source`` (or a run directory's latest) to ``out`` in ``format``.
 
     A LoRA checkpoint is exported only with ``merge_lora``: its adapters are folded into the base
     weights. ``out`` may be missing, empty or an earlier export (which is replaced); anything
-    else there is refused rather than deleted.
+    else there is refused rather than deleted. ``options`` go to a file format's writer
+    (``gguf``: ``dtype``, ``ollama``).
     """
-    if format not in WRITERS:
+    if format not in WRITERS and format not in FILE_WRITERS:
         raise GptforgeError(f"unknown export format '{format}' (choose one of: "
-                            f"{', '.join(WRITERS)})")
+                            f"{', '.join([*WRITERS, *FILE_WRITERS])})")
     ckpt = resolve_checkpoint(source)
     meta = read_meta(ckpt)
     if "lora" in meta and not merge_lora:
         raise GptforgeError(f"{ckpt} holds LoRA adapters, not a full model; add --merge-lora to "
                             "fold them into the base weights and export the merged model")
     out = Path(out)
+    if format in FILE_WRITERS:
+        FILE_WRITERS[format](build_model(ckpt, merge=True), meta, ckpt, out, **options)
+        return out
     _check_destination(out, ckpt, meta)
     model = build_model(ckpt, merge=True)
     try:

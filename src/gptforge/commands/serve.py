@@ -36,6 +36,9 @@ def register(subparsers) -> None:
     p.add_argument("--backlog", type=int, default=128, metavar="N",
                    help="connections the kernel queues before they are accepted (default: 128); "
                         "raise it for larger bursts of simultaneous clients")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="int8: weight-only int8 linear layers, about 4x smaller than float32 "
+                        "(not with --compile)")
     p.set_defaults(func=run)
 
 
@@ -50,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     if args.backlog < 1:
         raise GptforgeError(f"--backlog must be >= 1, got {args.backlog}")
     generator = gptforge.load(args.checkpoint, device=args.device, compile=args.compile)
+    generator = gptforge.load(args.checkpoint, device=args.device, compile=args.compile,
+                              quantize=args.quantize)
     if args.compile:  # compile now rather than in the first request
         log.info("compiling the decode step (20-30 s, once)")
         warm_up = SamplingSettings(max_new_tokens=3, temperature=0)

@@ -17,15 +17,22 @@ import torch
 
 from gptforge.checkpoints.format import resolve_checkpoint
 from gptforge.checkpoints.loading import build_model
+from gptforge.errors import GptforgeError
 from gptforge.inference.engine import Engine, SamplingSettings
+from gptforge.inference.int8 import QUANTIZATIONS, quantize_int8
 from gptforge.inference.kv_cache import KVCache
 from gptforge.model.gpt import GPT
 from gptforge.runtime.device import cpu_has_native_bf16, resolve_device
 
 
-def load_model(ckpt: Path, device: torch.device) -> GPT:
-    """The checkpoint's model on ``device``, LoRA adapters merged (``checkpoints/loading.py``)."""
+def load_model(ckpt: Path, device: torch.device, quantize: str | None = None) -> GPT:
+    """The checkpoint's model on ``device``, LoRA adapters merged (``checkpoints/loading.py``).
+    ``quantize="int8"``: weight-only int8 linear layers (``int8.py``), from the float32 weights."""
     model = build_model(ckpt)
+    if quantize is not None:
+        if quantize not in QUANTIZATIONS:
+            raise GptforgeError(f"--quantize {quantize}: choose one of {', '.join(QUANTIZATIONS)}")
+        quantize_int8(model)
     model.to(device)
     if device.type == "cuda":  # batch-1 decoding is memory-bound: halve the bytes read
         native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
@@ -65,12 +72,15 @@ class TextGenerator:
         self._chat_cache_lock = threading.Lock()
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto",
-                        compile: bool = False) -> TextGenerator:
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", compile: bool = False,
+                        quantize: str | None = None) -> TextGenerator:
         from gptforge.tokenizer import load_tokenizer
 
+        if compile and quantize:
+            raise GptforgeError(f"--quantize {quantize} cannot be combined with --compile: the "
+                                "compiled decode step reads float weights; choose one")
         ckpt = resolve_checkpoint(path)
-        model = load_model(ckpt, resolve_device(device))
+        model = load_model(ckpt, resolve_device(device), quantize)
         return cls(model, load_tokenizer(ckpt / "tokenizer"), compile=compile)
 
     def encode_prompt(self, prompt: str) -> list[int]:

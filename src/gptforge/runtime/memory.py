@@ -70,7 +70,7 @@ class MemoryEstimate:
 def block_elements_per_token(cfg: ModelConfig, seq_len: int,
                              moe: bool = False) -> tuple[int, int, float]:
     """(float32 elements, compute-dtype elements, bytes of masks) one block saves per token."""
-    C, K = cfg.n_embd, cfg.kv_heads * cfg.head_dim
+    C, K = cfg.n_embd, cfg.kv_heads * cfg.head_size
     H = (cfg.moe_expert_hidden or cfg.hidden_dim) if moe else cfg.hidden_dim
     up = 2 * H if cfg.mlp == "swiglu" else H
     act = {"swiglu": 2 * H, "relu2": 2 * H, "gelu": H}[cfg.mlp]  # relu2: relu, then its square

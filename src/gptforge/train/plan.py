@@ -90,15 +90,15 @@ class Plan:
 
 def with_vocab_size(cfg: Config) -> Config:
     """The config with ``model.vocab_size`` known: set, or read from the prepared data."""
-    from gptforge.data.prepare import read_manifest
-    from gptforge.train.launch import with_vocab
+    from gptforge.data.manifest import Manifest
+    from gptforge.train.pretraining import with_vocab
 
     if cfg.model.vocab_size > 0:
         return cfg
     if not (Path(cfg.data.dir) / "manifest.json").is_file():
         raise GptforgeError(f"model.vocab_size is 0 (taken from the data) and {cfg.data.dir} is "
                             "not prepared yet; prepare it or set model.vocab_size=N")
-    return with_vocab(cfg, read_manifest(Path(cfg.data.dir)))
+    return with_vocab(cfg, Manifest.read(cfg.data.dir))
 
 
 def make_plan(cfg: Config, label: str, *, steps: int = 3, memory_gb: float | None = None,
