@@ -301,8 +301,12 @@ def check_the_openai_client(openai, client, reference):
     assert text.choices[0].text == reference.generate("hello", max_new_tokens=10, temperature=0)
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.chat.completions.create(model="gpt-4o", messages=HELLO)
+    penalised = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=10,
+                                               temperature=0, frequency_penalty=0.5)
+    assert penalised.choices[0].message.content == reference.chat(
+        HELLO, max_new_tokens=10, temperature=0, frequency_penalty=0.5)
     with pytest.raises(openai.BadRequestError, match="frequency_penalty"):
-        client.chat.completions.create(model="tiny", messages=HELLO, frequency_penalty=0.5)
+        client.chat.completions.create(model="tiny", messages=HELLO, frequency_penalty=2.5)
 
 
 @pytest.mark.parametrize("path, body, status, param, words", [
@@ -322,8 +326,8 @@ def check_the_openai_client(openai, client, reference):
     ("/v1/chat/completions", {"messages": HELLO, "n": 17}, 400, "n", "<= 16"),
     ("/v1/chat/completions", {"messages": HELLO, "stream": "yes"}, 400, "stream", "true or"),
     ("/v1/chat/completions", {"messages": HELLO, "stop": ["a", ""]}, 400, "stop", "non-empty"),
-    ("/v1/chat/completions", {"messages": HELLO, "presence_penalty": 1}, 400,
-     "presence_penalty", "repetition_penalty"),
+    ("/v1/chat/completions", {"messages": HELLO, "presence_penalty": -2.5}, 400,
+     "presence_penalty", ">= -2"),
     ("/v1/chat/completions", {"messages": HELLO, "repetition_penalty": 0}, 400,
      "repetition_penalty", "> 0"),
     ("/v1/chat/completions", {"messages": HELLO, "logprobs": True}, 400, "logprobs",
