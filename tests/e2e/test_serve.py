@@ -232,6 +232,17 @@ def test_stop_strings_cut_the_text(server, reference):
         assert chunks[-1]["choices"][0]["finish_reason"] == choice["finish_reason"]
 
 
+def test_frequency_and_presence_penalties_are_the_python_apis(server, reference):
+    penalties = dict(frequency_penalty=1.5, presence_penalty=-0.5)
+    expected = reference.generate("hello", max_new_tokens=20, temperature=0, **penalties)
+    assert expected != reference.generate("hello", max_new_tokens=20, temperature=0)
+    answer = complete(server, "hello", max_tokens=20, temperature=0, n=2, **penalties)
+    assert [c["text"] for c in answer["choices"]] == [expected, expected]  # rows count apart
+    reply = chat(server, HELLO, max_tokens=20, temperature=0.0, **penalties)
+    assert reply["choices"][0]["message"]["content"] == reference.chat(
+        HELLO, max_new_tokens=20, temperature=0, **penalties)
+
+
 def test_seed_reproduces_a_sample(server, reference):
     body = dict(max_tokens=20, temperature=1.0, top_p=0.9, seed=3)
     first = complete(server, "hello", **body)["choices"][0]["text"]
