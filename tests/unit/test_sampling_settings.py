@@ -10,11 +10,14 @@ docstring as help; values out of range are refused in the caller's names.
 from __future__ import annotations
 
 import argparse
+import io
+import sys
 from collections import Counter
 
 import pytest
 import torch
 
+import gptforge
 from gptforge.cli import main
 from gptforge.config.reference import field_docs
 from gptforge.errors import GptforgeError
@@ -108,8 +111,6 @@ def test_ranges_are_refused_naming_the_field(field, value, words):
 
 
 def test_python_api_keywords_are_the_fields(tmp_path):
-    import gptforge
-
     ckpt = make_base(tmp_path, init_std=0.3)[0]
     generator = gptforge.load(ckpt, device="cpu")
     with pytest.raises(GptforgeError, match="did you mean temperature"):
@@ -145,8 +146,6 @@ def test_replace_setting_parses_by_type():
 
 
 def test_generate_cli_penalties_are_the_apis(tmp_path, capsys):
-    import gptforge
-
     ckpt = make_base(tmp_path, init_std=0.3)[0]
     flags = ["--max-new-tokens", "12", "--temperature", "0"]
     assert main(["generate", str(ckpt), "--device", "cpu", "--prompt", "hello", *flags,
@@ -157,3 +156,14 @@ def test_generate_cli_penalties_are_the_apis(tmp_path, capsys):
                                   frequency_penalty=2.0, presence_penalty=1.0)
     assert out == "hello" + expected + "\n"
     assert expected != generator.generate("hello", max_new_tokens=12, temperature=0)
+
+
+def test_chat_cli_penalties_are_the_apis(tmp_path, capsys, monkeypatch):
+    ckpt = make_base(tmp_path, init_std=0.3)[0]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    assert main(["chat", str(ckpt), "--device", "cpu", "--max-new-tokens", "10",
+                 "--temperature", "0", "--presence-penalty", "2"]) == 0
+    reply = gptforge.load(ckpt, device="cpu").chat(
+        [{"role": "user", "content": "hello"}], max_new_tokens=10, temperature=0,
+        presence_penalty=2.0)
+    assert capsys.readouterr().out == f"assistant> {reply}\n"
