@@ -29,7 +29,8 @@ import time
 
 import torch
 
-from gptforge.inference.engine import Engine, SamplingSettings
+from gptforge.inference.engine import Engine
+from gptforge.inference.sampling import SamplingSettings
 from gptforge.model.config import ModelConfig
 from gptforge.model.gpt import GPT
 

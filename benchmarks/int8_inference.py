@@ -20,8 +20,9 @@ import torch
 
 from gptforge.checkpoints.format import resolve_checkpoint
 from gptforge.checkpoints.loading import build_model
-from gptforge.inference.engine import Engine, SamplingSettings
+from gptforge.inference.engine import Engine
 from gptforge.inference.int8 import quantize_int8, weight_bytes
+from gptforge.inference.sampling import SamplingSettings
 from gptforge.model import GPT, ModelConfig
 
 

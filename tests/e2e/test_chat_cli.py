@@ -56,7 +56,7 @@ def test_replies_are_those_of_a_fresh_prefill_every_turn(tmp_path, monkeypatch, 
     """The REPL keeps its KV cache between turns; /reset and /system change the prompt's start."""
     import gptforge
     from gptforge.inference.chat import fit_conversation, stream_reply
-    from gptforge.inference.engine import SamplingSettings
+    from gptforge.inference.sampling import SamplingSettings
 
     base, _, _ = make_base(tmp_path, init_std=0.3)  # a wide init: varied replies
     lines = ["hello", "how are you?", "/reset", "fine.", "/system Be brief.", "ok", "and?"]

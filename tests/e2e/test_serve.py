@@ -232,6 +232,17 @@ def test_stop_strings_cut_the_text(server, reference):
         assert chunks[-1]["choices"][0]["finish_reason"] == choice["finish_reason"]
 
 
+def test_frequency_and_presence_penalties_are_the_python_apis(server, reference):
+    penalties = dict(frequency_penalty=1.5, presence_penalty=-0.5)
+    expected = reference.generate("hello", max_new_tokens=20, temperature=0, **penalties)
+    assert expected != reference.generate("hello", max_new_tokens=20, temperature=0)
+    answer = complete(server, "hello", max_tokens=20, temperature=0, n=2, **penalties)
+    assert [c["text"] for c in answer["choices"]] == [expected, expected]  # rows count apart
+    reply = chat(server, HELLO, max_tokens=20, temperature=0.0, **penalties)
+    assert reply["choices"][0]["message"]["content"] == reference.chat(
+        HELLO, max_new_tokens=20, temperature=0, **penalties)
+
+
 def test_seed_reproduces_a_sample(server, reference):
     body = dict(max_tokens=20, temperature=1.0, top_p=0.9, seed=3)
     first = complete(server, "hello", **body)["choices"][0]["text"]
@@ -301,8 +312,12 @@ def check_the_openai_client(openai, client, reference):
     assert text.choices[0].text == reference.generate("hello", max_new_tokens=10, temperature=0)
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.chat.completions.create(model="gpt-4o", messages=HELLO)
+    penalised = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=10,
+                                               temperature=0, frequency_penalty=0.5)
+    assert penalised.choices[0].message.content == reference.chat(
+        HELLO, max_new_tokens=10, temperature=0, frequency_penalty=0.5)
     with pytest.raises(openai.BadRequestError, match="frequency_penalty"):
-        client.chat.completions.create(model="tiny", messages=HELLO, frequency_penalty=0.5)
+        client.chat.completions.create(model="tiny", messages=HELLO, frequency_penalty=2.5)
 
 
 @pytest.mark.parametrize("path, body, status, param, words", [
@@ -322,8 +337,8 @@ def check_the_openai_client(openai, client, reference):
     ("/v1/chat/completions", {"messages": HELLO, "n": 17}, 400, "n", "<= 16"),
     ("/v1/chat/completions", {"messages": HELLO, "stream": "yes"}, 400, "stream", "true or"),
     ("/v1/chat/completions", {"messages": HELLO, "stop": ["a", ""]}, 400, "stop", "non-empty"),
-    ("/v1/chat/completions", {"messages": HELLO, "presence_penalty": 1}, 400,
-     "presence_penalty", "repetition_penalty"),
+    ("/v1/chat/completions", {"messages": HELLO, "presence_penalty": -2.5}, 400,
+     "presence_penalty", ">= -2"),
     ("/v1/chat/completions", {"messages": HELLO, "repetition_penalty": 0}, 400,
      "repetition_penalty", "> 0"),
     ("/v1/chat/completions", {"messages": HELLO, "logprobs": True}, 400, "logprobs",

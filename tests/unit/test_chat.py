@@ -10,7 +10,7 @@ import torch
 
 from gptforge.errors import GptforgeError
 from gptforge.inference.chat import ChatSession, fit_conversation, stream_reply
-from gptforge.inference.engine import SamplingSettings
+from gptforge.inference.sampling import SamplingSettings
 from gptforge.inference.textgen import TextGenerator
 from gptforge.model import GPT
 from gptforge.tokenizer import train_tokenizer

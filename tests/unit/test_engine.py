@@ -12,9 +12,9 @@ import torch
 from gptforge.errors import GptforgeError
 from gptforge.inference import decode, engine
 from gptforge.inference.decode import CompiledDecoder, StepShape, decode_step, pack
-from gptforge.inference.engine import Engine, SamplingSettings
+from gptforge.inference.engine import Engine
 from gptforge.inference.kv_cache import KVCache
-from gptforge.inference.sampling import sample_next
+from gptforge.inference.sampling import SamplingSettings, sample_next
 from gptforge.model import GPT, ModelConfig
 
 GPT2 = dict(n_kv_head=0)

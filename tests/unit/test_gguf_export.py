@@ -15,7 +15,8 @@ import torch
 from gptforge.checkpoints.export import export_checkpoint
 from gptforge.cli import main
 from gptforge.errors import GptforgeError
-from gptforge.inference.engine import Engine, SamplingSettings
+from gptforge.inference.engine import Engine
+from gptforge.inference.sampling import SamplingSettings
 from gptforge.model import GPT, ModelConfig
 from gptforge.model.layers import apply_rope, rope_tables
 from gptforge.tokenizer import train_tokenizer

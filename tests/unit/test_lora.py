@@ -15,7 +15,7 @@ from gptforge.checkpoints.export import export_checkpoint
 from gptforge.checkpoints.loading import build_model
 from gptforge.cli import main
 from gptforge.errors import GptforgeError
-from gptforge.inference.engine import SamplingSettings
+from gptforge.inference.sampling import SamplingSettings
 from gptforge.inference.textgen import TextGenerator
 from gptforge.model import GPT, ModelConfig
 from gptforge.model.lora import (

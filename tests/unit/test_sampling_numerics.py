@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from gptforge.errors import GptforgeError
-from gptforge.inference.engine import Engine, SamplingSettings
-from gptforge.inference.sampling import apply_repetition_penalty, sample_next
+from gptforge.inference.engine import Engine
+from gptforge.inference.sampling import SamplingSettings, apply_repetition_penalty, sample_next
 from gptforge.model import GPT, ModelConfig
 
 TINY_TEMPERATURES = [1e-10, 1e-30, 1e-40, 1e-300, 5e-324]  # the last: the smallest double

@@ -7,8 +7,11 @@ starting with ``/`` are commands (see ``HELP``); ``/exit`` or end of input quits
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
+
+from gptforge.inference.sampling import add_sampling_options
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +27,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("chat", help="chat with a (fine-tuned) checkpoint in the terminal")
     p.add_argument("checkpoint", metavar="CKPT_OR_RUN_DIR")
     p.add_argument("--system", default=None, metavar="TEXT", help="system message")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="longest reply (default: 256 or half the context, if smaller)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible replies")
+    # --max-new-tokens "automatic": 256 or half the context, if smaller (inference/chat.py).
+    add_sampling_options(p, temperature=0.8, max_new_tokens=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step: faster replies after a 20-30 s one-off "
@@ -43,20 +41,18 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import gptforge
-    from gptforge.commands.generate import check_sampling
     from gptforge.errors import GptforgeError
     from gptforge.inference.chat import ChatSession
+    from gptforge.inference.sampling import settings_from_args
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise GptforgeError("--max-new-tokens must be >= 1")
-    check_sampling(dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        repetition_penalty=args.repetition_penalty))
+    sampling = dataclasses.asdict(settings_from_args(args))  # refused before loading
+    sampling["max_new_tokens"] = args.max_new_tokens  # None: the session's default
     warn_if_not_chat_tuned(args.checkpoint)
     generator = gptforge.load(args.checkpoint, device=args.device, compile=args.compile,
                               quantize=args.quantize)
-    session = ChatSession(generator, system=args.system, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          repetition_penalty=args.repetition_penalty, seed=args.seed)
+    session = ChatSession(generator, system=args.system, **sampling)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"chatting with {args.checkpoint} ({generator.model.config.block_size}-token "

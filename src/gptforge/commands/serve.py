@@ -45,7 +45,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import gptforge
     from gptforge.errors import GptforgeError
-    from gptforge.inference.engine import SamplingSettings
+    from gptforge.inference.sampling import SamplingSettings
     from gptforge.serve.server import ModelServer
 
     if not 0 <= args.port <= 65535:

@@ -37,7 +37,7 @@ import torch
 from gptforge.errors import GptforgeError
 from gptforge.eval.text_metrics import text_metrics
 from gptforge.inference.chat import fit_conversation, prompt_budget
-from gptforge.inference.engine import SamplingSettings
+from gptforge.inference.sampling import SamplingSettings
 from gptforge.inference.textgen import TextGenerator
 from gptforge.runtime.device import Precision
 from gptforge.tokenizer.chat_template import stop_ids as chat_stop_ids

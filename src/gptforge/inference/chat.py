@@ -31,8 +31,8 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from gptforge.errors import GptforgeError
-from gptforge.inference.engine import SamplingSettings
 from gptforge.inference.kv_cache import KVCache
+from gptforge.inference.sampling import SamplingSettings, settings_from_kwargs
 from gptforge.tokenizer.chat_template import check_messages, render_prompt, stop_ids
 
 if TYPE_CHECKING:
@@ -137,7 +137,7 @@ def complete_chat(generator: TextGenerator, messages: list[dict], *,
     max_new_tokens = max_new_tokens or default_max_new_tokens(block_size)
     budget = prompt_budget(block_size, max_new_tokens)
     _, prompt = fit_conversation(generator.tokenizer, list(messages), budget)
-    settings = SamplingSettings(max_new_tokens=max_new_tokens, **sampling)
+    settings = settings_from_kwargs(max_new_tokens=max_new_tokens, **sampling)
     return "".join(stream_reply(generator, prompt, settings, cache))
 
 
@@ -160,7 +160,7 @@ class ChatSession:
         self.max_new_tokens = max_new_tokens or default_max_new_tokens(block_size)
         self.budget = prompt_budget(block_size, self.max_new_tokens)
         self.seed = sampling.pop("seed", None)
-        self.settings = SamplingSettings(max_new_tokens=self.max_new_tokens, **sampling)
+        self.settings = settings_from_kwargs(max_new_tokens=self.max_new_tokens, **sampling)
         self.history: list[dict] = []
         self.replies = 0
         self.cache = generator.engine.new_cache()

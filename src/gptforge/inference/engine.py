@@ -26,57 +26,20 @@ as from an empty cache, since a position's keys and values depend only on the to
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 
-from gptforge.errors import GptforgeError
 from gptforge.inference.kv_cache import KVCache
-from gptforge.inference.sampling import apply_repetition_penalty, sample_next
+from gptforge.inference.sampling import (
+    SamplingSettings,
+    apply_frequency_presence_penalty,
+    apply_repetition_penalty,
+    sample_next,
+)
 
 log = logging.getLogger(__name__)
 _compile_failed = False  # set once torch.compile has failed in this process: warn and retry never
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("temperature", "top_p", "repetition_penalty"):
-            if not is_finite_number(getattr(self, name)):
-                raise GptforgeError(f"{name} must be a finite number, got "
-                                    f"{brief_repr(getattr(self, name))}")
-        if self.temperature < 0:
-            raise GptforgeError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        # Dividing by 0 makes seen tokens certain, a negative penalty flips their logits' signs.
-        if not self.repetition_penalty > 0:
-            raise GptforgeError(f"repetition_penalty must be > 0 (1 = off, > 1 penalises "
-                                f"repeats), got {self.repetition_penalty}")
-
-
-def is_finite_number(value) -> bool:
-    """Whether ``value`` is a real number a float can hold: not NaN or infinite, not a bool, and
-    not an integer too large for a float (``math.isfinite`` raises on those)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
-
-
-def brief_repr(value) -> str:
-    """``value`` for an error message: a 400-digit integer is not worth printing whole."""
-    text = repr(value)
-    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
 
 
 class Engine:
@@ -130,9 +93,14 @@ class Engine:
         stops = torch.tensor(list(stop_ids), dtype=torch.long, device=self.device)
         banned = torch.tensor(list(banned_ids), dtype=torch.long, device=self.device)
         penalty = settings.repetition_penalty
+        # How often each row has generated each token, for the frequency/presence penalties.
+        counts = torch.zeros(num_samples, self.vocab_size, device=self.device)  # (B, V)
+        ones = torch.ones(num_samples, 1, device=self.device)
         for _ in range(settings.max_new_tokens):
             if penalty != 1.0:
                 logits = apply_repetition_penalty(logits, tokens[:, :n], penalty)
+            logits = apply_frequency_presence_penalty(logits, counts, settings.frequency_penalty,
+                                                      settings.presence_penalty)
             if len(banned_ids):
                 logits = logits.index_fill(1, banned, float("-inf"))
             next_ids = sample_next(logits, temperature=settings.temperature,
@@ -143,6 +111,7 @@ class Engine:
                 if bool(done.all()):
                     return
             tokens[:, n] = next_ids
+            counts.scatter_add_(1, next_ids[:, None], ones)  # (B, 1) ids
             n += 1
             if n - len(prompt) < settings.max_new_tokens:  # the last token needs no logits
                 logits = self._step(tokens[:, :n], cache)

@@ -1,14 +1,16 @@
 """Text in, text out: a checkpoint's model and tokenizer around the token-id engine.
 
 This is what ``gptforge generate`` and ``gptforge.load(path).generate(...)`` use, and ``.chat()``
-for conversations (see ``chat.py``). Streaming decodes the whole continuation so far and emits only
-the new suffix, which is correct for tokenizers whose tokens are partial UTF-8 characters
+for conversations (see ``chat.py``); :class:`CompletionSession` continues a story turn by turn
+(``gptforge generate --interactive``). Streaming decodes the whole continuation so far and emits
+only the new suffix, which is correct for tokenizers whose tokens are partial UTF-8 characters
 (byte-level BPE): an incomplete character is held back until its last byte arrives
 (:class:`TextDecoder`, one per sample).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +20,10 @@ import torch
 from gptforge.checkpoints.format import resolve_checkpoint
 from gptforge.checkpoints.loading import build_model
 from gptforge.errors import GptforgeError
-from gptforge.inference.engine import Engine, SamplingSettings
+from gptforge.inference.engine import Engine
 from gptforge.inference.int8 import QUANTIZATIONS, quantize_int8
 from gptforge.inference.kv_cache import KVCache
+from gptforge.inference.sampling import SamplingSettings, settings_from_kwargs
 from gptforge.model.gpt import GPT
 from gptforge.runtime.device import cpu_has_native_bf16, resolve_device
 
@@ -96,8 +99,9 @@ class TextGenerator:
                                     stop_ids=[self.tokenizer.eos_id], cache=cache)
 
     def stream(self, prompt: str, **kwargs) -> Iterator[str]:
-        """Yield pieces of text of one sample as they are generated (EOS not included)."""
-        steps = self.stream_ids(prompt, SamplingSettings(**kwargs))
+        """Yield pieces of text of one sample as they are generated (EOS not included);
+        ``kwargs``: :class:`~gptforge.inference.sampling.SamplingSettings` fields."""
+        steps = self.stream_ids(prompt, settings_from_kwargs(**kwargs))
         yield from self.decode_stream(steps, stop_ids=[self.tokenizer.eos_id])
 
     def decode_stream(self, steps: Iterator[torch.Tensor], stop_ids) -> Iterator[str]:
@@ -112,10 +116,15 @@ class TextGenerator:
                 yield piece
 
     def generate(self, prompt: str, *, num_samples: int = 1, **kwargs) -> str | list[str]:
-        """The continuation of ``prompt`` (a list of them if ``num_samples > 1``)."""
+        """The continuation of ``prompt`` (a list of them if ``num_samples > 1``).
+
+        ``kwargs`` are :class:`~gptforge.inference.sampling.SamplingSettings` fields:
+        ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``,
+        ``frequency_penalty``, ``presence_penalty``, ``seed``; the penalties count each row's
+        own generated tokens."""
         rows: list[list[int]] = [[] for _ in range(num_samples)]
         finished = [False] * num_samples
-        for step in self.stream_ids(prompt, SamplingSettings(**kwargs), num_samples):
+        for step in self.stream_ids(prompt, settings_from_kwargs(**kwargs), num_samples):
             for i, token in enumerate(step.tolist()):
                 finished[i] = finished[i] or token == self.tokenizer.eos_id
                 if not finished[i]:
@@ -143,3 +152,43 @@ class TextGenerator:
             return complete_chat(self, messages, cache=self._chat_cache, **kwargs)
         finally:
             self._chat_cache_lock.release()
+
+
+class CompletionSession:
+    """A story continued turn by turn (``gptforge generate --interactive``).
+
+    ``extend(text)`` appends ``text`` to the story and streams the model's continuation, which is
+    appended too: the story accumulates (prompt + continuation + new text + continuation ...).
+    ``settings`` may be replaced between turns; with a ``seed``, the n-th turn uses ``seed + n``.
+    The KV cache is kept from one turn to the next, so each turn prefills only the tokens beyond
+    what the cache already holds (``Engine.generate``); the text is what a fresh prefill gives.
+    """
+
+    def __init__(self, generator: TextGenerator, settings: SamplingSettings):
+        self.generator, self.settings = generator, settings
+        self.story = ""
+        self.turns = 0
+        self.cache = generator.engine.new_cache()
+
+    def reset(self) -> None:
+        """Start over with an empty story (the cache is rewound by the next prompt)."""
+        self.story = ""
+
+    def extend(self, text: str) -> Iterator[str]:
+        """Stream the continuation of the story followed by ``text``. The prompt is encoded here,
+        so text the tokenizer cannot encode raises at once, with the story untouched."""
+        story = self.story + text
+        ids = self.generator.encode_prompt(story)
+        seed = None if self.settings.seed is None else self.settings.seed + self.turns
+        settings = dataclasses.replace(self.settings, seed=seed)
+        return self._stream(story, self.generator.stream_ids(ids, settings, cache=self.cache))
+
+    def _stream(self, story: str, steps: Iterator[torch.Tensor]) -> Iterator[str]:
+        pieces: list[str] = []
+        try:
+            for piece in self.generator.decode_stream(steps, [self.generator.tokenizer.eos_id]):
+                pieces.append(piece)
+                yield piece
+        finally:  # an interrupted continuation keeps what was shown
+            self.story = story + "".join(pieces)
+            self.turns += 1

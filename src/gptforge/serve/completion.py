@@ -16,13 +16,14 @@ end-of-text token that finished it included.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from gptforge.errors import GptforgeError
 from gptforge.inference.chat import default_max_new_tokens, reply_steps
-from gptforge.inference.engine import SamplingSettings, brief_repr
 from gptforge.inference.kv_cache import KVCache
+from gptforge.inference.sampling import SamplingSettings, brief_repr
 from gptforge.inference.textgen import TextDecoder, TextGenerator
 from gptforge.serve.protocol import ApiError, GenerationRequest
 from gptforge.tokenizer.chat_template import render_prompt, stop_ids
@@ -67,10 +68,7 @@ def prepare(generator: TextGenerator, request: GenerationRequest) -> Job:
                             f"{brief_repr(max_tokens)}); lower it or shorten the prompt",
                        param="max_tokens", code="context_length_exceeded")
     try:  # protocol.py has checked every field; this is a second line of defence, never a 500
-        settings = SamplingSettings(max_new_tokens=max_tokens, temperature=request.temperature,
-                                    top_k=request.top_k, top_p=request.top_p,
-                                    repetition_penalty=request.repetition_penalty,
-                                    seed=request.seed)
+        settings = dataclasses.replace(request.sampling, max_new_tokens=max_tokens)
     except GptforgeError as err:
         raise ApiError(400, str(err)) from None
     return Job(request, prompt, settings)

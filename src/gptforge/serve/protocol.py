@@ -1,8 +1,10 @@
 """The OpenAI wire format: request bodies checked into a :class:`GenerationRequest`, and the JSON
 of responses, stream chunks and errors.
 
-Only this module knows field names of the OpenAI API. A field that would change the output in a
-way the model cannot honour (``logprobs``, tools, a non-zero ``frequency_penalty``, ...) is refused
+Only this module knows field names of the OpenAI API. The sampling fields are mapped onto
+:class:`~gptforge.inference.sampling.SamplingSettings`, whose validation is the one check: its
+message, in the request field's name, is the 400. A field that would change the output in a
+way the model cannot honour (``logprobs``, tools, ``logit_bias``, ...) is refused
 with a 400 naming it, never ignored; fields that change nothing here (``user``, ``metadata``, ...)
 are accepted; unknown fields are ignored with a warning in the server log, as vLLM does, so that
 chat front-ends that send their own extras keep working. docs/serving.md lists every field.
@@ -13,7 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from gptforge.inference.engine import brief_repr, is_finite_number
+from gptforge.inference.sampling import SamplingSettings, SettingError, brief_repr, setting_fields
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +49,7 @@ class GenerationRequest:
     prompt: str | None
     model: str | None
     max_tokens: int | None  # None: the endpoint's default, within the context window
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
+    sampling: SamplingSettings  # its max_new_tokens is settled with the prompt (completion.py)
     stop: tuple[str, ...] = ()
     n: int = 1
     stream: bool = False
@@ -67,6 +65,16 @@ COMMON_FIELDS = {"model", "max_tokens", "max_completion_tokens", "temperature", 
 CHAT_FIELDS = {"messages", "top_logprobs", "tools", "tool_choice", "functions", "function_call",
                "response_format"}
 TEXT_FIELDS = {"prompt", "echo", "suffix", "best_of"}
+# The request fields that are sampling settings (top_k and repetition_penalty are vLLM's
+# extensions), and the SamplingSettings field each sets. max_completion_tokens is the newer name
+# of max_tokens; when both are given, it counts.
+SAMPLING_FIELDS = {"max_completion_tokens": "max_new_tokens", "max_tokens": "max_new_tokens",
+                   "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                   "repetition_penalty": "repetition_penalty",
+                   "frequency_penalty": "frequency_penalty",
+                   "presence_penalty": "presence_penalty", "seed": "seed"}
+# Where the OpenAI API is stricter than SamplingSettings: (low, high) of the request field.
+API_BOUNDS = {"temperature": (0, 2), "max_tokens": (1, None), "max_completion_tokens": (1, None)}
 
 
 def parse_chat_request(body: dict) -> GenerationRequest:
@@ -111,10 +119,6 @@ def parse_text_request(body: dict) -> GenerationRequest:
 
 
 def _common_fields(body: dict) -> dict:
-    for name in ("frequency_penalty", "presence_penalty"):
-        if _number(body, name, -2.0, 2.0, 0.0) != 0:
-            raise _unsupported(name, f"{name} is not implemented; repetition_penalty (> 1 "
-                                     "penalises tokens already in the text, 1 = off) is")
     if body.get("logit_bias"):
         raise _unsupported("logit_bias", "logit_bias is not supported")
     if body.get("logprobs") is not None and body.get("logprobs") is not False:  # 0 asks too
@@ -127,20 +131,36 @@ def _common_fields(body: dict) -> dict:
     if options is not None and not isinstance(options, dict):
         raise ApiError(400, "stream_options must be an object", param="stream_options")
     include_usage = bool((options or {}).get("include_usage")) and stream
-    # max_completion_tokens is the newer name of max_tokens; the first one given counts.
-    max_tokens = _integer(body, "max_completion_tokens", 1, None, None)
-    if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", 1, None, None)
-    top_k = _integer(body, "top_k", -1, None, 0)
-    return dict(
-        model=model, max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 0.0, 2.0, 1.0),
-        top_p=_number(body, "top_p", 0.0, 1.0, 1.0),
-        top_k=max(top_k, 0),  # -1 (vLLM) and 0 both mean all tokens
-        repetition_penalty=_number(body, "repetition_penalty", 0.0, None, 1.0, open_low=True),
-        seed=_integer(body, "seed", -(2**63), 2**64 - 1, None),
-        stop=_stop(body), n=_integer(body, "n", 1, MAX_CHOICES, 1), stream=stream,
-        include_usage=include_usage)
+    sampling, max_tokens = _sampling(body)
+    return dict(model=model, max_tokens=max_tokens, sampling=sampling, stop=_stop(body),
+                n=_integer(body, "n", 1, MAX_CHOICES, 1), stream=stream,
+                include_usage=include_usage)
+
+
+def _sampling(body: dict) -> tuple[SamplingSettings, int | None]:
+    """The request's sampling settings, and its max_tokens (None when not given); an
+    :class:`ApiError` naming the request field when :class:`SamplingSettings` refuses a value."""
+    values, params = {}, {}
+    for param, name in SAMPLING_FIELDS.items():
+        value = body.get(param)
+        if value is not None and name not in values:
+            if isinstance(value, float) and value.is_integer() and \
+                    setting_fields()[name].metadata["kind"] is int:
+                value = int(value)  # 100.0 from a JavaScript client
+            values[name], params[name] = value, param
+    if values.get("top_k") == -1:
+        values["top_k"] = 0  # vLLM's "all tokens", as 0 is
+    try:
+        settings = SamplingSettings(**values)
+    except SettingError as err:
+        raise ApiError(400, f"{params[err.name]} {err.problem}", param=params[err.name]) from None
+    for name, param in params.items():
+        low, high = API_BOUNDS.get(param, (None, None))
+        value = values[name]
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f">= {low}" + (f" and <= {high}" if high is not None else "")
+            raise ApiError(400, f"{param} must be {bounds}, got {brief_repr(value)}", param=param)
+    return settings, values.get("max_new_tokens")
 
 
 def _messages(body: dict) -> list[dict]:
@@ -186,21 +206,6 @@ def _stop(body: dict) -> tuple[str, ...]:
         raise ApiError(400, f"stop must be a non-empty string or a list of at most "
                             f"{MAX_STOP_STRINGS} of them", param="stop")
     return tuple(stops)
-
-
-def _number(body: dict, name: str, low: float, high: float | None, default: float | None, *,
-            open_low: bool = False) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not is_finite_number(value):  # also NaN, Infinity and integers too large for a float
-        raise ApiError(400, f"{name} must be a finite number, got {brief_repr(value)}", param=name)
-    too_low = value <= low if open_low else value < low
-    if too_low or (high is not None and value > high):
-        bounds = f"{'>' if open_low else '>='} {low:g}"
-        bounds += f" and <= {high:g}" if high is not None else ""
-        raise ApiError(400, f"{name} must be {bounds}, got {value:g}", param=name)
-    return float(value)
 
 
 def _integer(body: dict, name: str, low: int, high: int | None, default: int | None) -> int | None:
