@@ -95,6 +95,7 @@ class _Exploit:
         return (print, ("this must never run",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_malicious_trainer_state_is_refused_without_running_it(run, capsys):
     state = latest(run) / "trainer_state.pt"
     with open(state, "wb") as f:
