@@ -248,8 +248,9 @@ def _read_text(path: Path) -> Iterator[tuple[str, str]]:
     yield str(path), decode_utf8(_read_bytes(path), str(path))
 
 
-def _read_lines(path: Path) -> Iterator[tuple[str, str]]:
-    """One document per line, without its line end; streamed, so the file may be any size."""
+def utf8_lines(path: Path) -> Iterator[tuple[str, str]]:
+    """``(path:line, line)`` for every line of a UTF-8 file, line end included; streamed, so the
+    file may be any size. A line that is not UTF-8 is one error naming the file and line."""
     try:
         f = path.open("rb")
     except OSError as err:
@@ -257,9 +258,15 @@ def _read_lines(path: Path) -> Iterator[tuple[str, str]]:
     with f:
         offset = 0
         for lineno, raw in enumerate(f, start=1):
-            line = decode_utf8(raw, f"{path}:{lineno}", offset)
+            where = f"{path}:{lineno}"
+            yield where, decode_utf8(raw, where, offset)
             offset += len(raw)
-            yield f"{path}:{lineno}", line.rstrip("\r\n")
+
+
+def _read_lines(path: Path) -> Iterator[tuple[str, str]]:
+    """One document per line, without its line end."""
+    for where, line in utf8_lines(path):
+        yield where, line.rstrip("\r\n")
 
 
 def _read_paragraphs(path: Path) -> Iterator[tuple[str, str]]:
@@ -305,26 +312,17 @@ def decode_utf8(data: bytes, where: str, offset: int = 0) -> str:
 def jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
     """``(path:line, value)`` for each non-blank line of a JSONL file; a line that is not UTF-8
     or not JSON is one error naming the file and line."""
-    try:
-        f = path.open("rb")
-    except OSError as err:
-        raise GptforgeError(f"{path}: cannot read ({err.strerror})") from None
-    with f:
-        offset = 0
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            line = decode_utf8(raw, where, offset)
-            offset += len(raw)
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise GptforgeError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") \
-                    from None
-            except RecursionError:
-                raise GptforgeError(f"{where}: invalid JSON (nested too deeply)") from None
-            yield where, value
+    for where, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise GptforgeError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") \
+                from None
+        except RecursionError:
+            raise GptforgeError(f"{where}: invalid JSON (nested too deeply)") from None
+        yield where, value
 
 
 def json_value(path: Path) -> Any:
