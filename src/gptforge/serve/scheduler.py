@@ -102,7 +102,8 @@ class Scheduler:
                                 "decodes together (gptforge serve --max-batch)", param="n")
         ticket = Ticket(generation, self.request_timeout)
         with self._cond:
-            if len(self.waiting) >= self.max_queue:
+            # Free rows take the first waiting requests at the next step: they do not queue.
+            if len(self.waiting) >= self.max_queue + len(self.free):
                 retry = max(1, math.ceil(self._mean_seconds))
                 raise ApiError(429, f"the server is busy: {len(self.waiting)} requests are "
                                     f"waiting already (--max-queue {self.max_queue}); retry in "
