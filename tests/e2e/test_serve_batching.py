@@ -241,7 +241,7 @@ def test_metrics_read_by_prometheus_client(servers):
     call(server, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2})
     families = {f.name: f for f in parser.text_string_to_metric_families(
         call(server, "GET", "/metrics")[2])}
-    assert families["gptforge_request_duration"].type == "histogram"
+    assert families["gptforge_request_duration_seconds"].type == "histogram"
     assert families["gptforge_completion_tokens"].samples[0].value == 2
 
 
