@@ -266,3 +266,21 @@ def test_health_reports_the_load(servers):
     assert json.loads(json.dumps(call(server, "GET", "/health")[2])) == {
         "status": "ok", "model": "tiny", "queue_depth": 0, "active_requests": 0,
         "active_slots": 0, "slots": 4}
+
+
+def test_a_failing_step_is_a_500_and_the_server_goes_on(servers, caplog):
+    server = servers()
+    decoder = server.scheduler.decoder
+    real_decode = decoder.decode
+
+    def broken(*args):
+        decoder.decode = real_decode  # once
+        raise RuntimeError("a bug")
+
+    decoder.decode = broken
+    body = {"prompt": "hello", "max_tokens": 5, "temperature": 0}
+    status, _, answer = call(server, "POST", "/v1/completions", body)
+    assert status == 500 and answer["error"]["type"] == "server_error"
+    assert "a bug" not in json.dumps(answer)  # the traceback stays in the log
+    assert call(server, "POST", "/v1/completions", body)[0] == 200
+    assert server.scheduler.load() == (0, 0, 0)

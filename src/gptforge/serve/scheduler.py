@@ -67,8 +67,11 @@ class Ticket:
         return event == ADMITTED
 
     def deltas(self):
-        """The text pieces in order, until the generation has ended (or was stopped)."""
+        """The text pieces in order, until the generation has ended (or was stopped);
+        :class:`ApiError` 500 if the scheduler failed."""
         while (event := self.events.get()) is not None:
+            if isinstance(event, ApiError):
+                raise event
             yield from event
 
     def abandon(self) -> None:
@@ -139,6 +142,7 @@ class Scheduler:
             except Exception:  # a bug: fail the requests under way, keep serving the others
                 log.exception("internal error in the scheduler; its requests are ended")
                 for ticket in list(self.active):
+                    ticket.events.put(_internal_error())
                     self._release(ticket)
         for ticket in list(self.active):  # closing: everything under way ends here, unfinished
             ticket.generation.cancelled = True
@@ -192,8 +196,7 @@ class Scheduler:
             except Exception:  # a bug: this request gets a 500, the others go on
                 log.exception("internal error starting a request")
                 self.free = sorted(set(self.free) | set(ticket.slots))
-                ticket.events.put(ApiError(500, "internal server error (the server log has "
-                                                "the details)", type="server_error"))
+                ticket.events.put(_internal_error())
 
     def _start(self, ticket: Ticket) -> None:
         """Prefill the ticket's prompt into its slots and make it a running request."""
@@ -255,3 +258,8 @@ class Scheduler:
         seconds = time.monotonic() - ticket.arrived
         self._mean_seconds = 0.9 * self._mean_seconds + 0.1 * seconds
         ticket.events.put(None)
+
+
+def _internal_error() -> ApiError:
+    return ApiError(500, "internal server error (the server log has the details)",
+                    type="server_error")

@@ -137,6 +137,16 @@ class ModelServer(ThreadingHTTPServer):
         return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
+def _readable_now(sock: socket.socket) -> bool:
+    """Whether a read from ``sock`` would return at once (poll has no limit on descriptor
+    numbers, unlike select's 1024; Windows has only select)."""
+    if not hasattr(select, "poll"):
+        return bool(select.select([sock], [], [], 0)[0])
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 class RequestHandler(BaseHTTPRequestHandler):
     server: ModelServer
     protocol_version = "HTTP/1.1"  # keep-alive, and chunked transfer encoding for streams
@@ -428,8 +438,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             return True
         sock = self.connection
         try:
-            readable, _, _ = select.select([sock], [], [], 0)
-            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+            return _readable_now(sock) and sock.recv(1, socket.MSG_PEEK) == b""
         except (OSError, ValueError):  # reset, or closed by this thread meanwhile (fd -1)
             return True
 
