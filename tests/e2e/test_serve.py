@@ -373,7 +373,9 @@ def test_bad_requests_get_openai_errors(server, path, body, status, param, words
 
 
 def test_routes_methods_and_sizes(server):
-    assert call(server, "GET", "/health")[2] == {"status": "ok", "model": "tiny"}
+    assert call(server, "GET", "/health")[2] == {"status": "ok", "model": "tiny",
+                                                 "queue_depth": 0, "active_requests": 0,
+                                                 "active_slots": 0, "slots": 16}
     models = call(server, "GET", "/v1/models")[2]
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny"]
     assert call(server, "GET", "/v1/models/tiny")[2]["id"] == "tiny"
@@ -413,22 +415,24 @@ def test_api_key(ckpt):
 
 
 class Gate:
-    """Wraps a server's engine so that its generation waits after ``hold_at`` steps until
-    ``resume`` is set; ``steps`` counts what the engine computed."""
+    """Wraps a server's batch decoder so that its decode step ``hold_at`` waits until
+    ``resume`` is set (the first ``hold_at`` tokens are out by then); ``steps`` counts the
+    decode steps computed."""
 
     def __init__(self, server, monkeypatch, hold_at: int = 3):
         self.steps, self.held, self.resume = 0, threading.Event(), threading.Event()
-        real_generate = server.generator.engine.generate
+        decoder = server.scheduler.decoder
+        real_decode = decoder.decode
 
-        def gated_generate(*args, **kwargs):
-            for step in real_generate(*args, **kwargs):
-                self.steps += 1
-                if self.steps == hold_at:
-                    self.held.set()
-                    self.resume.wait(10)
-                yield step
+        def gated_decode(*args, **kwargs):
+            logits = real_decode(*args, **kwargs)
+            self.steps += 1
+            if self.steps == hold_at:
+                self.held.set()
+                self.resume.wait(10)
+            return logits
 
-        monkeypatch.setattr(server.generator.engine, "generate", gated_generate)
+        monkeypatch.setattr(decoder, "decode", gated_decode)
 
 
 def start_stream(server) -> socket.socket:
@@ -474,7 +478,7 @@ def test_shutdown_stops_the_generation_under_way(ckpt, monkeypatch, caplog):
         server.shutdown()
         threading.Timer(0.2, gate.resume.set).start()
         server.close()  # waits until the generation let go and the connection's thread ended
-        assert not server.generation_lock.locked() and not server._connections
+        assert not server.scheduler.active and not server._connections
         assert gate.steps <= 4
         (line,) = log_lines(caplog, "(server shutting down)")
         assert line.startswith("POST /v1/chat/completions 499 ")

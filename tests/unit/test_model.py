@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from gptforge.inference.kv_cache import KVCache
+from gptforge.inference.kv_cache import KVCache, SlotCache
 from gptforge.model import GPT, ModelConfig
 from gptforge.model.layers import MLP, apply_rope, rope_tables
 from gptforge.model.lora import apply_lora, lora_modules, merge_lora
@@ -50,6 +50,41 @@ def assert_cached_decoding_matches_full_forward(model: GPT) -> None:
         pieces.append(model(idx[:, t:t + 1], kv_cache=cache))
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-4)
     assert cache.pos == 20
+
+
+@pytest.mark.parametrize("arch", [{}, LLAMA, SWITCHES["all-sinusoidal"]],
+                         ids=["gpt2-learned", "llama-rope", "sinusoidal"])
+def test_rows_of_different_lengths_decode_as_if_alone(arch):
+    """Continuous batching: three rows of a slot cache, prefilled to lengths 3, 9 and 6 (one
+    row at a time, then a chunk for two rows at once), decode together with per-row positions;
+    every row's logits are those of a full forward of its own sequence."""
+    torch.manual_seed(0)
+    model = GPT(tiny(**arch)).eval()
+    seqs = torch.randint(0, 50, (3, 16))
+    lengths = [3, 9, 6]
+    cache = SlotCache.for_model(model, slots=4)
+    slots = [2, 0, 3]  # not in order, not contiguous: the cache gathers the rows
+    for slot, seq, n in zip(slots, seqs, lengths):
+        model(seq[None, :n - 2], kv_cache=cache.rows[slot])  # a row alone: a KVCache view
+    first = [slots[0], slots[2]]  # two rows of lengths 1 and 4 take a chunk of 2 tokens each
+    chunk = torch.stack([seqs[0, 1:3], seqs[2, 4:6]])
+    step = cache.step(first, chunk)
+    model(chunk, kv_cache=step, positions=step.positions)
+    step.advance()
+    model(seqs[1:2, 7:9], kv_cache=cache.rows[slots[1]])
+    steps = []
+    for t in range(5):  # one token per row at once, each at its own position
+        idx = torch.stack([seqs[i, lengths[i] + t] for i in range(3)])[:, None]
+        step = cache.step(slots, idx)
+        steps.append(model(idx, kv_cache=step, positions=step.positions))
+        step.advance()
+    for i, n in enumerate(lengths):
+        full = model(seqs[i:i + 1, :n + 5])[0, n:]  # (5, V)
+        torch.testing.assert_close(torch.cat([s[i] for s in steps]), full, atol=1e-5,
+                                   rtol=1e-4)
+    assert [cache.rows[s].pos for s in slots] == [n + 5 for n in lengths]
+    with pytest.raises(ValueError, match="kv_cache"):
+        model(seqs[:, :1], positions=torch.zeros(3, 1, dtype=torch.long))
 
 
 def test_causality_future_tokens_do_not_change_past_logits():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 from pathlib import Path
@@ -18,8 +19,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "serve", help="serve a checkpoint over an OpenAI-compatible HTTP API",
         description="Serve a checkpoint over an OpenAI-compatible HTTP API: /v1/chat/completions, "
-                    "/v1/completions, /v1/models, /health. One generation at a time; see "
-                    "docs/serving.md.")
+                    "/v1/completions, /v1/models, /health, /metrics. Concurrent requests are "
+                    "decoded together (continuous batching); see docs/serving.md.")
     p.add_argument("checkpoint", metavar="CKPT_OR_RUN_DIR")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 "
@@ -39,6 +40,14 @@ def register(subparsers) -> None:
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="int8: weight-only int8 linear layers, about 4x smaller than float32 "
                         "(not with --compile)")
+    p.add_argument("--max-batch", type=int, default=16, metavar="B",
+                   help="requests' rows decoded together (KV cache rows; default: 16); "
+                        "1 = one generation at a time")
+    p.add_argument("--max-queue", type=int, default=128, metavar="Q",
+                   help="requests that may wait for a free row; more get 429 (default: 128)")
+    p.add_argument("--request-timeout", type=float, default=None, metavar="S",
+                   help="seconds a request may take: still queued then, it gets 408; being "
+                        "generated, it ends with finish_reason 'length' (default: no limit)")
     p.set_defaults(func=run)
 
 
@@ -52,6 +61,13 @@ def run(args: argparse.Namespace) -> int:
         raise GptforgeError(f"--port must be between 0 and 65535, got {args.port}")
     if args.backlog < 1:
         raise GptforgeError(f"--backlog must be >= 1, got {args.backlog}")
+    if args.max_batch < 1 or args.max_queue < 0:
+        raise GptforgeError(f"--max-batch must be >= 1 and --max-queue >= 0, got "
+                            f"{args.max_batch} and {args.max_queue}")
+    timeout = args.request_timeout
+    if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
+        raise GptforgeError(f"--request-timeout must be a positive number of seconds, got "
+                            f"{timeout}")
     generator = gptforge.load(args.checkpoint, device=args.device, compile=args.compile)
     generator = gptforge.load(args.checkpoint, device=args.device, compile=args.compile,
                               quantize=args.quantize)
@@ -63,7 +79,9 @@ def run(args: argparse.Namespace) -> int:
     name = args.model_name or Path(args.checkpoint).resolve().name
     try:
         server = ModelServer(generator, args.host, args.port, model_name=name,
-                             api_key=args.api_key or None, backlog=args.backlog)
+                             api_key=args.api_key or None, backlog=args.backlog,
+                             max_batch=args.max_batch, max_queue=args.max_queue,
+                             request_timeout=timeout)
     except OSError as err:
         raise GptforgeError(f"cannot listen on {args.host}:{args.port}: "
                             f"{err.strerror or err}") from None

@@ -112,10 +112,14 @@ def reply_steps(generator: TextGenerator, prompt: list[int], settings: SamplingS
     """The engine's steps ((num_samples,) ids each) of replies to the rendered ``prompt``: the
     turn ends at a :func:`stop_ids` id, and the other chat markers are never sampled."""
     tokenizer = generator.tokenizer
-    stops = stop_ids(tokenizer)
-    banned = sorted(set(tokenizer.special_tokens.values()) - set(stops))
-    return generator.engine.generate(prompt, settings, num_samples=num_samples, stop_ids=stops,
-                                     banned_ids=banned, cache=cache)
+    return generator.engine.generate(prompt, settings, num_samples=num_samples,
+                                     stop_ids=stop_ids(tokenizer),
+                                     banned_ids=banned_ids(tokenizer), cache=cache)
+
+
+def banned_ids(tokenizer) -> list[int]:
+    """The special ids a reply never samples: the markers only the template writes."""
+    return sorted(set(tokenizer.special_tokens.values()) - set(stop_ids(tokenizer)))
 
 
 def stream_reply(generator: TextGenerator, prompt: list[int], settings: SamplingSettings,

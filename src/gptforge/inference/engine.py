@@ -42,6 +42,53 @@ log = logging.getLogger(__name__)
 _compile_failed = False  # set once torch.compile has failed in this process: warn and retry never
 
 
+class SequenceSampler:
+    """Picks the next token of each of ``rows`` sequences continuing ``prompt``, one step at a
+    time, with one request's settings: the penalties over its history, banned ids, then
+    temperature / top-k / top-p with its own seeded generator. The engine's generation and the
+    server's batched decoding (``batching.py``) both sample through it, so a request gets the
+    same tokens either way."""
+
+    def __init__(self, prompt: Sequence[int], rows: int, settings: SamplingSettings,
+                 banned_ids: Sequence[int], vocab_size: int, device: torch.device):
+        self.settings = settings
+        n = len(prompt)
+        # The whole history in one preallocated buffer; `history` is a view of its filled part.
+        self.tokens = torch.empty(rows, n + settings.max_new_tokens, dtype=torch.long,
+                                  device=device)
+        self.tokens[:, :n] = torch.tensor(list(prompt), dtype=torch.long, device=device)
+        self.length = n
+        self.banned = torch.tensor(list(banned_ids), dtype=torch.long, device=device)
+        # How often each row has generated each token, for the frequency/presence penalties.
+        self.counts = torch.zeros(rows, vocab_size, device=device)  # (B, V)
+        self.generator = None
+        if settings.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(settings.seed)
+
+    @property
+    def history(self) -> torch.Tensor:
+        """(rows, length) ids so far: the prompt, then one column per sampled step."""
+        return self.tokens[:, :self.length]
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """Next ids (rows,) from ``logits`` (rows, V); they are appended to the history."""
+        s = self.settings
+        if s.repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, self.history, s.repetition_penalty)
+        logits = apply_frequency_presence_penalty(logits, self.counts, s.frequency_penalty,
+                                                  s.presence_penalty)
+        if len(self.banned):
+            logits = logits.index_fill(1, self.banned, float("-inf"))
+        next_ids = sample_next(logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                               generator=self.generator)
+        if self.length < self.tokens.size(1):
+            self.tokens[:, self.length] = next_ids
+            self.length += 1
+            self.counts.scatter_add_(1, next_ids[:, None],
+                                     torch.ones_like(next_ids, dtype=self.counts.dtype)[:, None])
+        return next_ids
+
+
 class Engine:
     def __init__(self, model: torch.nn.Module, vocab_size: int | None = None, *,
                  compile: bool = False, weight_dtype: torch.dtype | None = None):
@@ -76,45 +123,24 @@ class Engine:
         if cache is not None and cache.batch_size != num_samples:
             raise ValueError(f"the cache holds {cache.batch_size} rows, not num_samples "
                              f"({num_samples})")
-        gen = None
-        if settings.seed is not None:
-            gen = torch.Generator(device=self.device).manual_seed(settings.seed)
-        # The whole history lives in one preallocated buffer; `tokens[:, :n]` is a view of it.
-        n = len(prompt)
-        tokens = torch.empty(num_samples, n + settings.max_new_tokens, dtype=torch.long,
-                             device=self.device)
-        tokens[:, :n] = torch.tensor(list(prompt), dtype=torch.long, device=self.device)
+        sampler = SequenceSampler(prompt, num_samples, settings, banned_ids, self.vocab_size,
+                                  self.device)
         if not use_cache:
             cache = None
         elif cache is None:
             cache = self.new_cache(num_samples)
-        logits = self._prefill(tokens[:, :n], cache)
+        logits = self._prefill(sampler.history, cache)
         done = torch.zeros(num_samples, dtype=torch.bool, device=self.device)
         stops = torch.tensor(list(stop_ids), dtype=torch.long, device=self.device)
-        banned = torch.tensor(list(banned_ids), dtype=torch.long, device=self.device)
-        penalty = settings.repetition_penalty
-        # How often each row has generated each token, for the frequency/presence penalties.
-        counts = torch.zeros(num_samples, self.vocab_size, device=self.device)  # (B, V)
-        ones = torch.ones(num_samples, 1, device=self.device)
-        for _ in range(settings.max_new_tokens):
-            if penalty != 1.0:
-                logits = apply_repetition_penalty(logits, tokens[:, :n], penalty)
-            logits = apply_frequency_presence_penalty(logits, counts, settings.frequency_penalty,
-                                                      settings.presence_penalty)
-            if len(banned_ids):
-                logits = logits.index_fill(1, banned, float("-inf"))
-            next_ids = sample_next(logits, temperature=settings.temperature,
-                                   top_k=settings.top_k, top_p=settings.top_p, generator=gen)
+        for step in range(settings.max_new_tokens):
+            next_ids = sampler.sample(logits)
             yield next_ids
             if len(stop_ids):
                 done |= torch.isin(next_ids, stops)
                 if bool(done.all()):
                     return
-            tokens[:, n] = next_ids
-            counts.scatter_add_(1, next_ids[:, None], ones)  # (B, 1) ids
-            n += 1
-            if n - len(prompt) < settings.max_new_tokens:  # the last token needs no logits
-                logits = self._step(tokens[:, :n], cache)
+            if step + 1 < settings.max_new_tokens:  # the last token needs no logits
+                logits = self._step(sampler.history, cache)
 
     def _logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Last-position logits (B, V) without the padding rows of the vocabulary."""

@@ -13,6 +13,12 @@ else: no optimizer, no loss, no distributed code, no file I/O (see ``train/`` an
 position restarts at 0 where its example starts, so every example is computed exactly as if it
 were alone in the row (the idea of "packing with attention masks", e.g. Krell et al., 2021,
 https://arxiv.org/abs/2107.02027).
+
+*Rows of different lengths* (continuous batching, ``inference/batching.py``): ``positions``
+(B, T) gives each token its own position. The cache then stores a token's keys and values at the
+index equal to its position and returns the indices ``0..max(positions)``; a token attends to the
+indices up to its own position, so each row sees its own sequence only (Yu et al., 2022, "Orca",
+https://www.usenix.org/conference/osdi22/presentation/yu).
 """
 
 from __future__ import annotations
@@ -60,6 +66,14 @@ def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
     starts = _segment_starts(segment_ids)
     segment_start = torch.where(starts, index, 0).cummax(dim=1).values  # (B, T)
     return index - segment_start
+
+
+def position_attention_mask(positions: torch.Tensor) -> torch.Tensor:
+    """Mask (B, 1, T, L) over cache indices ``0..L-1`` with ``L = max(positions) + 1``, True =
+    may attend: a token at position p sees the indices <= p of its own row."""
+    length = int(positions.max()) + 1
+    index = torch.arange(length, device=positions.device)
+    return (index[None, None, None, :] <= positions[:, None, :, None])  # (B, 1, T, L)
 
 
 def segment_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
@@ -118,32 +132,26 @@ class GPT(nn.Module):
                 nn.init.normal_(module.down.weight, mean=0.0, std=residual_std)
 
     def forward(self, idx: torch.Tensor, kv_cache=None, logits_to_keep: int = 0,
-                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                segment_ids: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, padded_vocab) for token ids ``idx`` (B, T).
 
         With ``kv_cache``, ``idx`` continues the sequence stored in the cache. ``logits_to_keep=n``
         computes logits for the last n positions only (generation needs just the last one).
         ``segment_ids`` (B, T) marks packed rows: runs of equal ids are independent sequences.
+        ``positions`` (B, T), with a ``kv_cache`` that stores by position (see the module
+        docstring): each row continues its own sequence; the caller moves the rows' lengths.
         """
-        B, T = idx.shape
-        start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size "
-                             f"{self.config.block_size}")
-        if segment_ids is not None and kv_cache is not None:
-            raise ValueError("segment_ids (packed rows) cannot be combined with a kv_cache")
-        attn_mask = None
-        if segment_ids is not None:  # packed rows: positions restart in each segment
-            pos = segment_positions(segment_ids)  # (B, T)
-            attn_mask = segment_attention_mask(segment_ids)  # (B, 1, T, T)
+        if positions is not None:
+            pos, attn_mask = self._row_positions(positions, kv_cache, segment_ids)
         else:
-            pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+            pos, attn_mask = self._positions(idx, kv_cache, segment_ids)
         x, rope = self._embed(idx, pos)
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope, kv_cache, attn_mask)
-        if kv_cache is not None:
-            kv_cache.advance(T)
+        if kv_cache is not None and positions is None:
+            kv_cache.advance(idx.size(1))
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         logits = self.lm_head(self.norm_f(x))
@@ -151,6 +159,28 @@ class GPT(nn.Module):
         if cap > 0:
             logits = cap * torch.tanh(logits / cap)
         return logits
+
+    def _positions(self, idx: torch.Tensor, kv_cache, segment_ids: torch.Tensor | None):
+        """Positions ((T,), or (B, T) for packed rows) and the mask (None: causal) of ``idx``."""
+        T = idx.size(1)
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size "
+                             f"{self.config.block_size}")
+        if segment_ids is None:
+            return torch.arange(start, start + T, device=idx.device), None  # (T,)
+        if kv_cache is not None:
+            raise ValueError("segment_ids (packed rows) cannot be combined with a kv_cache")
+        # Packed rows: positions restart in each segment.
+        return segment_positions(segment_ids), segment_attention_mask(segment_ids)
+
+    def _row_positions(self, positions: torch.Tensor, kv_cache, segment_ids):
+        """Each row's own ``positions`` (B, T) and the mask over the cache indices they see."""
+        if kv_cache is None or segment_ids is not None:
+            raise ValueError("positions need a kv_cache and cannot be combined with segment_ids")
+        if int(positions.max()) >= self.config.block_size or int(positions.min()) < 0:
+            raise ValueError(f"positions must lie in [0, block_size {self.config.block_size})")
+        return positions, position_attention_mask(positions)
 
     def _embed(self, idx: torch.Tensor, pos: torch.Tensor):
         """Token embeddings (B, T, C) with absolute positions added, and the rotary tables for

@@ -1,12 +1,13 @@
 """One completion request run on the model: prompt ids, then text pieces per choice as the engine
 produces token ids, cut at stop strings, with finish reasons and token counts.
 
-The generation itself is the library's: chat prompts are rendered by the chat template and
-continued by :func:`~gptforge.inference.chat.reply_steps` (which ends a turn at ``<|end|>`` and
-never samples the other markers), text prompts by ``TextGenerator.stream_ids``; ids become text
-through :class:`~gptforge.inference.textgen.TextDecoder`. So with the same settings a reply is the
-text ``gptforge.load(path).chat(messages)`` or ``.stream(prompt)`` gives. ``n`` choices are the
-engine's ``num_samples`` rows, sampled together in one batch.
+Chat prompts are rendered by the chat template, and a turn ends at ``<|end|>`` with the other
+markers never sampled, as in :func:`~gptforge.inference.chat.reply_steps`; text prompts are
+continued until the end-of-text token; ids become text through
+:class:`~gptforge.inference.textgen.TextDecoder`. The ids come from the server's scheduler
+(``scheduler.py``), which samples as ``Engine.generate`` does, so with the same settings a reply is
+the text ``gptforge.load(path).chat(messages)`` or ``.stream(prompt)`` gives. ``n`` choices are
+``n`` rows sampled together with one generator, as the engine's ``num_samples``.
 
 The prompt and the reply must fit the context window (prompt tokens + max_tokens <= block_size,
 the rule of the OpenAI API): a prompt is never cut and the model never runs past the length it
@@ -17,12 +18,11 @@ end-of-text token that finished it included.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gptforge.errors import GptforgeError
-from gptforge.inference.chat import default_max_new_tokens, reply_steps
-from gptforge.inference.kv_cache import KVCache
+from gptforge.inference.chat import banned_ids, default_max_new_tokens
 from gptforge.inference.sampling import SamplingSettings, brief_repr
 from gptforge.inference.textgen import TextDecoder, TextGenerator
 from gptforge.serve.protocol import ApiError, GenerationRequest
@@ -129,17 +129,18 @@ class Choice:
 
 
 class Generation:
-    """Runs a :class:`Job`; iterate :meth:`deltas`, then read the texts, reasons and counts.
+    """A :class:`Job`'s choices as token ids arrive: :meth:`push` each step's ids (one per
+    choice), :meth:`end` when max_tokens is reached; both return the new :class:`Delta` pieces.
+    Then read the texts, reasons and counts.
 
-    ``cache`` (one row, for n = 1): the KV cache kept from the previous request, so a prompt that
-    repeats the last one's beginning (a chat re-sending its conversation) prefills only the rest.
-    ``is_cancelled`` is asked before every step; when it says True (the client went away),
-    generation stops there and :attr:`cancelled` is set.
+    ``stop_ids`` end a choice, ``banned_ids`` are never to be sampled (chat: the template's
+    markers, as in ``gptforge chat``). ``is_cancelled`` is asked before every step (see
+    :meth:`stop_asked`); once it says True (the client went away), :attr:`cancelled` is set.
     """
 
-    def __init__(self, generator: TextGenerator, job: Job, cache: KVCache | None = None,
+    def __init__(self, generator: TextGenerator, job: Job,
                  is_cancelled: Callable[[], bool] = lambda: False):
-        self.generator, self.job, self.cache = generator, job, cache
+        self.generator, self.job = generator, job
         self.is_cancelled = is_cancelled
         self.cancelled = False
         tokenizer = generator.tokenizer
@@ -147,6 +148,7 @@ class Generation:
                         for _ in range(job.request.n)]
         chat = job.request.kind == "chat"
         self.stop_ids = set(stop_ids(tokenizer) if chat else [tokenizer.eos_id])
+        self.banned_ids = banned_ids(tokenizer) if chat else []
 
     @property
     def prompt_tokens(self) -> int:
@@ -164,31 +166,19 @@ class Generation:
     def finish_reasons(self) -> list[str | None]:
         return [c.finish_reason for c in self.choices]
 
-    def deltas(self) -> Iterator[Delta]:
-        """The text as it is generated; closing this iterator stops the generation."""
-        steps = self._steps()
-        try:
-            if self._stop_asked():
-                return
-            for step in steps:
-                for i, token in enumerate(step.tolist()):
-                    delta = self._advance(i, token)
-                    if delta is not None:
-                        yield delta
-                if all(c.finish_reason for c in self.choices) or self._stop_asked():
-                    return
-            for i, choice in enumerate(self.choices):  # max_tokens reached
-                if choice.finish_reason is None:
-                    yield self._finish(i, choice.stops.flush(), "length")
-        finally:
-            steps.close()  # the engine stops at once (a generator closed mid-way)
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason for c in self.choices)
 
-    def _steps(self):
-        job, n = self.job, self.job.request.n
-        cache = self.cache if n == 1 else None
-        if job.request.kind == "chat":
-            return reply_steps(self.generator, job.prompt, job.settings, cache, num_samples=n)
-        return self.generator.stream_ids(job.prompt, job.settings, num_samples=n, cache=cache)
+    def push(self, tokens: list[int]) -> list[Delta]:
+        """The text the step's ``tokens`` (one per choice) add."""
+        deltas = (self._advance(i, token) for i, token in enumerate(tokens))
+        return [d for d in deltas if d is not None]
+
+    def end(self, reason: str = "length") -> list[Delta]:
+        """Finish the choices still open (max_tokens reached, or the time was up)."""
+        return [self._finish(i, c.stops.flush(), reason)
+                for i, c in enumerate(self.choices) if c.finish_reason is None]
 
     def _advance(self, index: int, token: int) -> Delta | None:
         choice = self.choices[index]
@@ -212,6 +202,6 @@ class Generation:
         choice.finish_reason = reason
         return Delta(index, text, reason)
 
-    def _stop_asked(self) -> bool:
+    def stop_asked(self) -> bool:
         self.cancelled = self.cancelled or self.is_cancelled()
         return self.cancelled

@@ -1,24 +1,26 @@
 """The HTTP side of ``gptforge serve``, on the standard library's ``http.server``.
 
-Routes: ``GET /health`` (no key needed, for probes), ``GET /v1/models`` and
+Routes: ``GET /health`` (no key needed, for probes: status, queue depth, running requests),
+``GET /metrics`` (Prometheus text format, ``metrics.py``), ``GET /v1/models`` and
 ``/v1/models/{id}``, ``POST /v1/chat/completions``, ``POST /v1/completions``. Every error is
 OpenAI's error JSON with its status; a bug is a 500 whose traceback goes to the server log only.
 Each request is logged in one line: method, path, status, tokens (prompt+completion), seconds.
 
-Concurrency: a ``ThreadingHTTPServer`` gives each connection a thread, but the model is not
-thread-safe (and one generation already uses the cores or the GPU), so generations take turns
-under one lock, in no particular order. Requests are checked and tokenized before they wait, so
-bad ones are answered at once, and ``/health`` and ``/v1/models`` answer while a reply is being
-generated. A streamed reply holds the lock until it is sent, at the client's reading pace;
+Concurrency: a ``ThreadingHTTPServer`` gives each connection a thread, and one scheduler thread
+owns the model (``scheduler.py``): it decodes all running requests together, up to
+``max_batch`` KV cache rows, and a request joins or leaves between two decode steps (continuous
+batching). Requests are checked and tokenized before they queue, so bad ones are answered at
+once; at most ``max_queue`` wait for a row, more get 429 with ``Retry-After``. The request's
+thread passes the pieces the scheduler produces on to its client, at the client's reading pace;
 a client that stops reading for ``RequestHandler.timeout`` seconds is dropped.
 
 Streaming is Server-Sent Events (``data: {json}\\n\\n`` ... ``data: [DONE]\\n\\n``) over
 HTTP/1.1 chunked transfer encoding, so the connection stays usable afterwards (an HTTP/1.0 client
-gets an HTTP/1.0 reply whose body ends where the connection closes). Before each token the
-handler checks whether the client has closed its connection; if it has, generation stops
-there (for streamed and whole replies alike) and the request is logged with status 499.
-Shutting down (:meth:`ModelServer.close`) stops a generation the same way, then closes the open
-connections and waits for their threads.
+gets an HTTP/1.0 reply whose body ends where the connection closes). Before each step the
+scheduler checks whether each client has closed its connection; if one has, its request stops
+there (streamed and whole replies alike, queued ones too) and is logged with status 499.
+Shutting down (:meth:`ModelServer.close`) stops every generation the same way, then closes the
+open connections and waits for their threads.
 
 Load: the listening socket queues up to ``backlog`` (default 128) connections not yet accepted;
 http.server's default of 5 made bursts of a few dozen simultaneous clients lose connections.
@@ -31,12 +33,12 @@ import hmac
 import json
 import logging
 import re
+import select
 import socket
 import sys
 import threading
 import time
 import uuid
-from contextlib import closing
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -45,16 +47,21 @@ from gptforge import __version__
 from gptforge.inference.textgen import TextGenerator
 from gptforge.serve import protocol
 from gptforge.serve.completion import Generation, prepare
+from gptforge.serve.metrics import Metrics
 from gptforge.serve.protocol import ApiError
+from gptforge.serve.scheduler import Scheduler, Ticket
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4 * 2**20
 BACKLOG = 128  # connections the kernel queues before they are accepted (capped by somaxconn)
+MAX_BATCH = 16  # KV cache rows decoded together (>= protocol.MAX_CHOICES: any n fits)
+MAX_QUEUE = 128  # requests waiting for a row before more get 429
 CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 CLIENT_CLOSED = 499  # nginx's status for a request the client gave up on (logged, never sent)
 ROUTES = {  # path: (method, handler method)
     "/health": ("GET", "_health"),
+    "/metrics": ("GET", "_metrics"),
     "/v1/models": ("GET", "_models"),
     "/v1/chat/completions": ("POST", "_chat"),
     "/v1/completions": ("POST", "_completions"),
@@ -64,25 +71,29 @@ ROUTES = {  # path: (method, handler method)
 class ModelServer(ThreadingHTTPServer):
     """Serves one :class:`TextGenerator` under ``model_name``; ``api_key``: required bearer key.
 
+    ``max_batch``: KV cache rows decoded together; ``max_queue``: requests that may wait for
+    one; ``request_timeout``: seconds a request may take from its arrival (None: no limit).
     Port 0 picks a free port (see :attr:`url`). Run it with ``serve_forever()``; after
     ``shutdown()`` (or an interrupt), :meth:`close` it."""
 
     daemon_threads = True  # a connection never holds up exit (close() joins the threads)
 
     def __init__(self, generator: TextGenerator, host: str = "127.0.0.1", port: int = 8000, *,
-                 model_name: str, api_key: str | None = None, backlog: int = BACKLOG):
+                 model_name: str, api_key: str | None = None, backlog: int = BACKLOG,
+                 max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE,
+                 request_timeout: float | None = None):
         self.generator, self.model_name, self.api_key = generator, model_name, api_key
         self.request_queue_size = backlog  # read by server_activate's listen()
-        self.generation_lock = threading.Lock()
-        self.stopping = threading.Event()  # set at shutdown: the running generation stops
+        self.stopping = threading.Event()  # set at shutdown: every generation stops
         self._connections: dict[socket.socket, threading.Thread] = {}  # open ones, for close()
         self._connections_lock = threading.Lock()
-        # The KV cache kept from one request to the next (used by n = 1 requests, under the lock).
-        self.cache = generator.engine.new_cache()
         self.created = int(time.time())
         if ":" in host:  # an IPv6 address such as ::1
             self.address_family = socket.AF_INET6
-        super().__init__((host, port), RequestHandler)
+        super().__init__((host, port), RequestHandler)  # may fail: then no thread was started
+        self.metrics = Metrics()
+        self.scheduler = Scheduler(generator, max_batch=max_batch, max_queue=max_queue,
+                                   request_timeout=request_timeout, metrics=self.metrics)
 
     def process_request_thread(self, request, client_address) -> None:
         with self._connections_lock:
@@ -103,11 +114,12 @@ class ModelServer(ThreadingHTTPServer):
             log.exception("internal error on the connection from %s", client_address[0])
 
     def close(self, timeout: float = 10.0) -> None:
-        """Shut down after ``serve_forever`` has returned: stop listening, end the generation
-        under way at its next token, close the open (keep-alive) connections and wait up to
+        """Shut down after ``serve_forever`` has returned: stop listening, end the generations
+        under way at their next token, close the open (keep-alive) connections and wait up to
         ``timeout`` seconds for their threads, so that none is left running at exit."""
         self.server_close()
-        self.stop_generating(timeout)
+        self.stopping.set()
+        self.scheduler.close(timeout)
         with self._connections_lock:
             connections = list(self._connections.items())
         for sock, _ in connections:
@@ -119,19 +131,20 @@ class ModelServer(ThreadingHTTPServer):
         for _, thread in connections:
             thread.join(max(0.0, deadline - time.monotonic()))
 
-    def stop_generating(self, timeout: float = 10.0) -> bool:
-        """Stop the generation under way at its next token and wait (up to ``timeout`` seconds)
-        until it has let go of the model; later ones stop before their first token."""
-        self.stopping.set()
-        if not self.generation_lock.acquire(timeout=timeout):
-            return False
-        self.generation_lock.release()
-        return True
-
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def _readable_now(sock: socket.socket) -> bool:
+    """Whether a read from ``sock`` would return at once (poll has no limit on descriptor
+    numbers, unlike select's 1024; Windows has only select)."""
+    if not hasattr(select, "poll"):
+        return bool(select.select([sock], [], [], 0)[0])
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class RequestHandler(BaseHTTPRequestHandler):
@@ -166,6 +179,7 @@ class RequestHandler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         started = time.perf_counter()
         self.status, self.tokens, self.note, self.dispatched = 0, "", "", True
+        self.generation: Generation | None = None
         if self.request_version == "HTTP/1.0":
             # Reply in HTTP/1.0: no chunked encoding, and a streamed body ends at the close.
             self.protocol_version, self.close_connection = "HTTP/1.0", True
@@ -180,9 +194,21 @@ class RequestHandler(BaseHTTPRequestHandler):
             self._send_error(ApiError(500, "internal server error (the server log has the "
                                            "details)", type="server_error"))
         finally:
+            seconds = time.perf_counter() - started
             log.info("%s %s %s%s %.2f s%s", self.command, self._path(), self.status,
-                     f" {self.tokens} tokens" if self.tokens else "",
-                     time.perf_counter() - started, self.note)
+                     f" {self.tokens} tokens" if self.tokens else "", seconds, self.note)
+            self._record(seconds)
+
+    def _record(self, seconds: float) -> None:
+        """Count the request in the metrics (by route: unknown paths are one "other" route)."""
+        path = self._path()
+        route = "/v1/models/{id}" if path.startswith("/v1/models/") else \
+            path if path in ROUTES else "other"
+        generation = self.generation
+        tokens = None if generation is None else (generation.prompt_tokens,
+                                                  generation.completion_tokens)
+        answered = generation is not None and self.status == 200
+        self.server.metrics.request(route, self.status, seconds if answered else None, tokens)
 
     def _route(self) -> None:
         path = self._path()
@@ -219,7 +245,22 @@ class RequestHandler(BaseHTTPRequestHandler):
     # -- routes ------------------------------------------------------------------------------
 
     def _health(self) -> None:
-        self._send_json(200, {"status": "ok", "model": self.server.model_name})
+        queued, running, rows = self.server.scheduler.load()
+        self._send_json(200, {"status": "ok", "model": self.server.model_name,
+                              "queue_depth": queued, "active_requests": running,
+                              "active_slots": rows, "slots": self.server.scheduler.max_batch})
+
+    def _metrics(self) -> None:
+        scheduler = self.server.scheduler
+        text = self.server.metrics.render(*scheduler.load(), scheduler.max_batch)
+        data = text.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+        self.status = 200
 
     def _models(self) -> None:
         model = protocol.model_object(self.server.model_name, self.server.created)
@@ -241,19 +282,25 @@ class RequestHandler(BaseHTTPRequestHandler):
         job = prepare(self.server.generator, request)  # bad prompts are refused before waiting
         head = {"id": f"{id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": self.server.model_name}
-        with self.server.generation_lock:
-            generation = Generation(self.server.generator, job,
-                                    cache=self.server.cache if request.n == 1 else None,
-                                    is_cancelled=self._client_gone)
-            if request.stream:
-                self._stream(generation, head)
+        generation = Generation(self.server.generator, job, is_cancelled=self._client_gone)
+        ticket = self.server.scheduler.submit(generation)  # 429 if the queue is full
+        self.generation = generation
+        try:
+            if not ticket.wait_admitted():  # 408 if its time ran out in the queue
+                self._client_went_away()
+            elif request.stream:
+                self._stream(ticket, head)
             else:
-                self._answer(generation, head)
+                self._answer(ticket, head)
+        finally:
+            ticket.abandon()  # its rows are freed at the next step if it is still running
+            if ticket.timed_out:
+                self.note = " (timed out)"
 
-    def _answer(self, generation: Generation, head: dict) -> None:
-        with closing(generation.deltas()) as deltas:
-            for _ in deltas:
-                pass
+    def _answer(self, ticket: Ticket, head: dict) -> None:
+        generation = ticket.generation
+        for _ in ticket.deltas():
+            pass
         self._count(generation)
         if generation.cancelled:
             self._client_went_away()
@@ -263,7 +310,8 @@ class RequestHandler(BaseHTTPRequestHandler):
                                                     generation.texts,
                                                     generation.finish_reasons, usage))
 
-    def _stream(self, generation: Generation, head: dict) -> None:
+    def _stream(self, ticket: Ticket, head: dict) -> None:
+        generation = ticket.generation
         request = generation.job.request
         kind, with_usage = request.kind, request.include_usage
         self.send_response(200)
@@ -280,15 +328,14 @@ class RequestHandler(BaseHTTPRequestHandler):
                 for i in range(request.n):
                     self._event(protocol.chunk_body(kind, head, i, role=True,
                                                     include_usage=with_usage))
-            with closing(generation.deltas()) as deltas:
-                for delta in deltas:
-                    if delta.text:
-                        self._event(protocol.chunk_body(kind, head, delta.index, text=delta.text,
-                                                        include_usage=with_usage))
-                    if delta.finish_reason:
-                        self._event(protocol.chunk_body(kind, head, delta.index,
-                                                        finish_reason=delta.finish_reason,
-                                                        include_usage=with_usage))
+            for delta in ticket.deltas():
+                if delta.text:
+                    self._event(protocol.chunk_body(kind, head, delta.index, text=delta.text,
+                                                    include_usage=with_usage))
+                if delta.finish_reason:
+                    self._event(protocol.chunk_body(kind, head, delta.index,
+                                                    finish_reason=delta.finish_reason,
+                                                    include_usage=with_usage))
             if generation.cancelled:  # the stream stays unfinished: the reply is not whole
                 self._client_went_away()
                 return
@@ -384,20 +431,16 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def _client_gone(self) -> bool:
         """Whether the client has closed its connection (it sends nothing while it waits), or
-        the server is shutting down."""
+        the server is shutting down. Asked from the scheduler's thread while this one may be
+        writing, so the socket's own timeout is left alone: select says whether a peek returns
+        at once (with data, or with b"" at the end of the stream)."""
         if self.server.stopping.is_set():
             return True
         sock = self.connection
-        timeout = sock.gettimeout()
         try:
-            sock.settimeout(0)
-            return sock.recv(1, socket.MSG_PEEK) == b""
-        except BlockingIOError:  # nothing to read: still connected
-            return False
-        except OSError:  # reset
+            return _readable_now(sock) and sock.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):  # reset, or closed by this thread meanwhile (fd -1)
             return True
-        finally:
-            sock.settimeout(timeout)
 
     def _client_went_away(self) -> None:
         self.status, self.close_connection = CLIENT_CLOSED, True
