@@ -119,3 +119,16 @@ def test_other_tokenizer_and_optimizer_without_checkpoint_are_refused(base, tmp_
     assert "--tokenizer" in capsys.readouterr().err
     assert main(run_args(base, tmp_path / "b", "train.init_optimizer=true")) == 1
     assert "needs init_from" in capsys.readouterr().err
+
+
+def test_freeze_applies_to_sft_too(base, tmp_path):
+    chat = '{"messages": [{"role": "user", "content": "Romeo"}, ' \
+           '{"role": "assistant", "content": "the moon"}]}\n'
+    (tmp_path / "chats.jsonl").write_text(chat * 8)
+    assert main(["sft", f"init_from={base / 'base'}", f"finetune.data={tmp_path / 'chats.jsonl'}",
+                 f"train.out_dir={tmp_path / 'sft'}", "train.max_steps=3", "train.batch_size=4",
+                 "finetune.val_fraction=0", "train.freeze=blocks", *QUIET]) == 0
+    before = read_safetensors(latest_checkpoint(base / "base") / "model.safetensors")
+    after = read_safetensors(latest_checkpoint(tmp_path / "sft") / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and not any(k.startswith("blocks.") for k in changed), changed
