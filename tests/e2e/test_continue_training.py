@@ -119,6 +119,9 @@ def test_other_tokenizer_and_optimizer_without_checkpoint_are_refused(base, tmp_
     assert "--tokenizer" in capsys.readouterr().err
     assert main(run_args(base, tmp_path / "b", "train.init_optimizer=true")) == 1
     assert "needs init_from" in capsys.readouterr().err
+    assert main(["dpo", f"init_from={base / 'base'}", "finetune.data=prefs.jsonl", *QUIET,
+                 f"train.out_dir={tmp_path / 'c'}", "model.dropout=0.1"]) == 1
+    assert "model.dropout=0.1 does not apply to gptforge dpo" in capsys.readouterr().err
 
 
 def test_freeze_applies_to_sft_too(base, tmp_path):

@@ -126,3 +126,17 @@ def test_sliding_window_and_missing_shard_are_refused(tmp_path, capsys):
     assert main(["import", str(tmp_path / "sharded"), "--out", str(tmp_path / "b")]) == 1
     err = capsys.readouterr().err
     assert "missing shard model-00002" in err and err.count("\n") == 1
+
+
+def test_a_directory_without_tokenizer_or_with_pickled_code_is_refused(tmp_path, capsys):
+    make_hf_model(tmp_path / "hf", "llama")
+    (tmp_path / "hf" / "tokenizer.json").unlink()
+    capsys.readouterr()
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "a")]) == 1
+    assert "no tokenizer.json" in capsys.readouterr().err
+
+    make_hf_model(tmp_path / "bin", "llama", lambda m, d: m.config.save_pretrained(d))
+    torch.save({"weights": object()}, tmp_path / "bin" / "pytorch_model.bin")
+    capsys.readouterr()
+    assert main(["import", str(tmp_path / "bin"), "--out", str(tmp_path / "b")]) == 1
+    assert "was refused" in capsys.readouterr().err

@@ -57,8 +57,14 @@ class _FromCheckpoint:
                                            self.model_overrides, Path(cfg.train.out_dir),
                                            dist_info)
         self.base = self.start.ckpt
-        cfg = dataclasses.replace(cfg, model=self.model_config(self.start.model_config))
-        return cfg, self.base / "tokenizer", self.start.meta["tokenizer"]
+        model = self.model_config(self.start.model_config)
+        for key in self.model_overrides:  # a setting this stage fixes (DPO: no dropout)
+            if getattr(model, key) != getattr(cfg.model, key):
+                raise GptforgeError(f"model.{key}={getattr(cfg.model, key)} does not apply to "
+                                    f"gptforge {self.name}, which uses {getattr(model, key)}; "
+                                    f"drop model.{key}")
+        return dataclasses.replace(cfg, model=model), self.base / "tokenizer", \
+            self.start.meta["tokenizer"]
 
     def model_config(self, saved: ModelConfig) -> ModelConfig:
         """The architecture to fine-tune: the starting checkpoint's."""
