@@ -18,9 +18,8 @@ from gptforge.errors import GptforgeError
 
 # Order is the order shown in ``gptforge --help``.
 COMMANDS = ("prepare", "tokenizer", "train", "sft", "dpo", "generate", "chat", "serve",
-            "eval", "export", "plot",
-            "sweep",
-            "plan")
+            "eval", "export", "import", "plot", "sweep", "plan")
+MODULES = {"import": "import_hf"}  # a command whose module name differs ("import": a keyword)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f"gptforge.commands.{name}").register(subparsers)
+        module = importlib.import_module(f"gptforge.commands.{MODULES.get(name, name)}")
+        module.register(subparsers)
     return parser
 
 

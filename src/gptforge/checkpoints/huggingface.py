@@ -44,6 +44,7 @@ What changes between the two layouts is names and shapes, never values:
 The tokenizer becomes ``tokenizer.json`` (the ``tokenizers`` library's format: byte-level BPE
 already is one; a char vocabulary is written as a one-character-per-token word model), and the
 chat template becomes a Jinja template in ``tokenizer_config.json`` for ``apply_chat_template``.
+A tokenizer imported from this layout (``gptforge import``) is written back as its own files.
 """
 
 from __future__ import annotations
@@ -63,6 +64,21 @@ ARCHITECTURES = ("gpt2", "llama", "qwen3", "mixtral", "qwen3_next")
 
 # transformers' ``hidden_act`` for the gate of each gated MLP (LlamaMLP: act(gate) * up).
 HIDDEN_ACTS = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh", "reglu": "relu"}
+
+# The name tables of both directions (export here, import in ``hf_import.py``), per block.
+# GPT-2: transformers name -> (gptforge name, width of a Conv1D's output or None for a norm).
+# A Conv1D stores its weight as (in, out), the transpose of nn.Linear's.
+GPT2_LAYER = {"ln_1": ("norm1", None), "ln_2": ("norm2", None),
+              "attn.c_attn": ("attn.qkv", "qkv"), "attn.c_proj": ("attn.proj", "embd"),
+              "mlp.c_fc": ("mlp.up", "hidden"), "mlp.c_proj": ("mlp.down", "embd")}
+# Llama family: transformers name -> gptforge name, for tensors that keep their shape.
+LLAMA_NORMS = {"input_layernorm": "norm1", "post_attention_layernorm": "norm2"}
+QK_NORMS = {"self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm"}
+# gptforge's fused matrices and the transformers matrices they split into, in row order.
+QKV_PARTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # of attn.qkv
+GLU_PARTS = ("mlp.gate_proj", "mlp.up_proj")  # of mlp.up (gate rows first)
+EXPERT_GLU_PARTS = ("w1", "w3")  # of mlp.experts.E.up in Mixtral's block_sparse_moe.experts.E
+MIXTRAL_MOE = "block_sparse_moe."
 
 # The chat template of tokenizer/chat_template.py in Jinja, the language of transformers'
 # apply_chat_template: <|role|>content<|end|> per message, then <|assistant|> to generate.
@@ -159,10 +175,9 @@ def _gpt2_weights(sd: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
            "transformer.ln_f.bias": bias_or_zeros("norm_f.bias", C)}
     for i in range(cfg.n_layer):
         ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
-        pairs = {"ln_1": ("norm1", None), "ln_2": ("norm2", None),
-                 "attn.c_attn": ("attn.qkv", 3 * C), "attn.c_proj": ("attn.proj", C),
-                 "mlp.c_fc": ("mlp.up", cfg.hidden_dim), "mlp.c_proj": ("mlp.down", C)}
-        for hf_name, (name, width) in pairs.items():
+        widths = {None: None, "qkv": 3 * C, "embd": C, "hidden": cfg.hidden_dim}
+        for hf_name, (name, conv_width) in GPT2_LAYER.items():
+            width = widths[conv_width]
             weight = sd[ours + name + ".weight"]
             if width is not None:  # a Conv1D: (in, out)
                 weight = weight.t()
@@ -179,34 +194,31 @@ def _llama_weights(sd: dict, cfg: ModelConfig, arch: str) -> dict[str, torch.Ten
            "model.norm.weight": sd["norm_f.weight"]}
     for i in range(cfg.n_layer):
         ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
-        out[theirs + "input_layernorm.weight"] = sd[ours + "norm1.weight"]
-        out[theirs + "post_attention_layernorm.weight"] = sd[ours + "norm2.weight"]
+        for hf_name, name in LLAMA_NORMS.items():
+            out[f"{theirs}{hf_name}.weight"] = sd[f"{ours}{name}.weight"]
         for kind in ("weight", "bias"):
             qkv = sd.get(f"{ours}attn.qkv.{kind}")
             if qkv is None:
                 continue
-            q, k, v = qkv.split([q_rows, kv_rows, kv_rows])
-            out[f"{theirs}self_attn.q_proj.{kind}"] = q
-            out[f"{theirs}self_attn.k_proj.{kind}"] = k
-            out[f"{theirs}self_attn.v_proj.{kind}"] = v
+            for part, rows in zip(QKV_PARTS, qkv.split([q_rows, kv_rows, kv_rows])):
+                out[f"{theirs}{part}.{kind}"] = rows
             out[f"{theirs}self_attn.o_proj.{kind}"] = sd[f"{ours}attn.proj.{kind}"]
             if arch == "mixtral":
                 continue
-            gate, up = sd[f"{ours}mlp.up.{kind}"].chunk(2)
-            out[f"{theirs}mlp.gate_proj.{kind}"] = gate
-            out[f"{theirs}mlp.up_proj.{kind}"] = up
+            for part, rows in zip(GLU_PARTS, sd[f"{ours}mlp.up.{kind}"].chunk(2)):
+                out[f"{theirs}{part}.{kind}"] = rows
             out[f"{theirs}mlp.down_proj.{kind}"] = sd[f"{ours}mlp.down.{kind}"]
         if arch == "mixtral":  # the per-expert layout every transformers version reads
-            moe = f"{theirs}block_sparse_moe."
+            moe = theirs + MIXTRAL_MOE
             out[moe + "gate.weight"] = sd[f"{ours}mlp.router.weight"]
             for e in range(cfg.n_experts):
-                gate, up = sd[f"{ours}mlp.experts.{e}.up.weight"].chunk(2)
-                out[f"{moe}experts.{e}.w1.weight"] = gate
-                out[f"{moe}experts.{e}.w3.weight"] = up
+                halves = sd[f"{ours}mlp.experts.{e}.up.weight"].chunk(2)
+                for part, rows in zip(EXPERT_GLU_PARTS, halves):
+                    out[f"{moe}experts.{e}.{part}.weight"] = rows
                 out[f"{moe}experts.{e}.w2.weight"] = sd[f"{ours}mlp.experts.{e}.down.weight"]
         if arch in ("qwen3", "qwen3_next"):
-            out[theirs + "self_attn.q_norm.weight"] = sd[ours + "attn.q_norm.weight"]
-            out[theirs + "self_attn.k_norm.weight"] = sd[ours + "attn.k_norm.weight"]
+            for hf_name, name in QK_NORMS.items():
+                out[f"{theirs}{hf_name}.weight"] = sd[f"{ours}{name}.weight"]
     return out
 
 
@@ -274,6 +286,10 @@ def write_tokenizer(tokenizer_dir: Path, out: Path, block_size: int) -> dict[str
     """``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` in ``out``;
     returns the special tokens' ids."""
     tokenizer = load_tokenizer(tokenizer_dir)
+    if tokenizer.kind == "hf":  # imported from this layout: its own files, unchanged
+        for name, data in tokenizer.files.items():
+            (out / name).write_bytes(data)
+        return tokenizer.special_tokens
     if tokenizer.kind == "bpe":
         shutil.copyfile(Path(tokenizer_dir) / tokenizer.file_name, out / "tokenizer.json")
     elif tokenizer.kind == "char":
@@ -329,5 +345,6 @@ def write_huggingface(model: torch.nn.Module, meta: dict, source: Path, out: Pat
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {"bos_token_id": specials[EOS_TOKEN], "pad_token_id": specials[PAD_TOKEN],
                   # a chat turn ends with <|end|>, a document with <|endoftext|>
-                  "eos_token_id": [specials[END_TOKEN], specials[EOS_TOKEN]]}
+                  "eos_token_id": [i for i in (specials.get(END_TOKEN), specials[EOS_TOKEN])
+                                   if i is not None]}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

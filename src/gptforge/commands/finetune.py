@@ -31,10 +31,12 @@ def register_stage(subparsers, kind: str) -> None:
 
 def run(args: argparse.Namespace, kind: str) -> int:
     from gptforge.commands.train import resolve
+    from gptforge.config.loader import override_keys
     from gptforge.train.finetune import STAGES
     from gptforge.train.launch import train
 
     cfg = resolve(args, PRESETS[kind])
     if cfg is None:
         return 0
-    return train(cfg, resume=bool(args.resume), overwrite=args.overwrite, stage=STAGES[kind]())
+    stage = STAGES[kind](model_overrides=override_keys(args.overrides, "model"))
+    return train(cfg, resume=bool(args.resume), overwrite=args.overwrite, stage=stage)

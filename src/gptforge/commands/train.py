@@ -26,12 +26,15 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gptforge.config.loader import override_keys
     from gptforge.train.launch import train
+    from gptforge.train.pretraining import Pretraining
 
     cfg = resolve(args, DEFAULT_PRESET)
     if cfg is None:
         return 0
-    return train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+    stage = Pretraining(model_overrides=override_keys(args.overrides, "model"))
+    return train(cfg, resume=bool(args.resume), overwrite=args.overwrite, stage=stage)
 
 
 def resolve(args: argparse.Namespace, default_preset: str):

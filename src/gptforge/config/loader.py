@@ -69,6 +69,11 @@ def load_config(source: str | None = None, overrides: list[str] = (),
 ALIASES = {"init_from": "finetune.init_from"}
 
 
+def override_keys(overrides: list[str], section: str) -> list[str]:
+    """The keys of ``section`` that ``overrides`` set (``model.n_layer=4`` -> ``n_layer``)."""
+    return [key for sec, key, _ in map(parse_override, overrides) if sec == section]
+
+
 def parse_override(item: str) -> tuple[str, str, Any]:
     """``section.key=value`` -> (section, key, value); value read as TOML, else kept as text."""
     name, sep, raw = item.partition("=")

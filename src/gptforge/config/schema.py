@@ -128,6 +128,15 @@ class TrainConfig(_Section):
     """Tokens generated per sample (0 = no samples)."""
     num_samples: int = 1
     """Samples generated at the end of training (one per evaluation during training)."""
+    freeze: str = ""
+    """Parts of the model that keep their starting weights, comma-separated: ``embeddings``,
+    ``blocks:A-B`` (0-based, inclusive), ``blocks:N``, ``blocks``, ``norm_f``, ``lm_head``
+    (tied embeddings are the output layer: either freezes both). Empty = train everything.
+    Every stage (train, sft, dpo); see docs/continue_training.md."""
+    init_optimizer: bool = False
+    """With ``init_from``: carry the starting checkpoint's optimizer moments over (its
+    trainer_state.pt; the parameters trained must be the same) instead of starting them at zero.
+    The learning rate, betas and weight decay are this run's."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -217,8 +226,12 @@ class RuntimeConfig(_Section):
 @dataclass(frozen=True)
 class FinetuneConfig:
     init_from: str = ""
-    """Checkpoint or run directory to start from (``gptforge sft``/``dpo``): its weights,
-    architecture and tokenizer are used; the ``[model]`` section is ignored."""
+    """Checkpoint, run directory or Hugging Face model directory to start a new run from (every
+    stage: ``gptforge train``, ``sft``, ``dpo``; given as ``init_from=PATH``): its weights,
+    architecture and tokenizer are used and the ``[model]`` section is replaced; a ``model.*``
+    override on the command line must agree with it (except dropout, MoE loss weights and, without
+    learned positions, block_size). Unlike ``--resume``, a new run: new data, schedule and
+    optimizer (docs/continue_training.md)."""
     data: str = ""
     """Conversation files (sft) or preference files (dpo): comma-separated paths or globs of
     .jsonl/.json."""

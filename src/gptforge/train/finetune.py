@@ -1,7 +1,9 @@
 """Fine-tuning stages: supervised fine-tuning (SFT) and direct preference optimisation (DPO).
 
-Both start from a trained checkpoint (``finetune.init_from``), whose architecture and tokenizer
-they keep, and run the same training loop as pretraining with other batches and another objective:
+Both start from a trained checkpoint (``init_from``: a gptforge checkpoint or run, or a Hugging
+Face directory, resolved as for continued pretraining in ``init_from.py``), whose architecture
+and tokenizer they keep, and run the same training loop as pretraining with other batches and
+another objective:
 
 - **SFT** trains on conversations with the loss on the assistant's tokens only, so the model learns
   to answer rather than to imitate the user.
@@ -23,18 +25,15 @@ from pathlib import Path
 import torch
 
 from gptforge.checkpoints.checkpointer import load_full_weights
-from gptforge.checkpoints.format import (
-    load_weights,
-    model_config_of,
-    read_meta,
-    resolve_checkpoint,
-    weights_sha256,
-)
+from gptforge.checkpoints.format import load_weights, read_meta, weights_sha256
 from gptforge.config.schema import Config
 from gptforge.errors import GptforgeError
 from gptforge.model.config import ModelConfig
 from gptforge.model.gpt import GPT
+from gptforge.train.freeze import freeze
+from gptforge.train.init_from import StartingPoint
 from gptforge.train.objectives import DirectPreference, MaskedLanguageModeling, Objective
+from gptforge.train.pretraining import init_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +44,27 @@ class _FromCheckpoint:
 
     name = ""
 
+    def __init__(self, model_overrides: tuple[str, ...] | list[str] = ()):
+        # The model.* keys set on the command line: they must agree with the checkpoint.
+        self.model_overrides = tuple(model_overrides)
+
     # ---- model and tokenizer from the starting checkpoint ---------------------------------
     def setup(self, cfg: Config, dist_info) -> tuple[Config, Path, dict]:
         if not cfg.finetune.init_from:
             raise GptforgeError(f"gptforge {self.name} needs a checkpoint to start from: "
-                                "init_from=RUN_DIR_OR_CKPT")
-        self.base = resolve_checkpoint(cfg.finetune.init_from).resolve()
-        meta = read_meta(self.base)
-        if "lora" in meta:
-            raise GptforgeError(f"{self.base} holds LoRA adapters only; merge them first with "
-                                f"`gptforge export {self.base} --merge-lora --out DIR` and start "
-                                "from DIR")
-        model_cfg = self.model_config(model_config_of(meta, self.base))
-        cfg = dataclasses.replace(cfg, model=model_cfg)
-        return cfg, self.base / "tokenizer", meta["tokenizer"]
+                                "init_from=RUN_DIR_OR_CKPT_OR_HF_DIR")
+        self.start = StartingPoint.resolve(cfg.finetune.init_from, cfg.model,
+                                           self.model_overrides, Path(cfg.train.out_dir),
+                                           dist_info)
+        self.base = self.start.ckpt
+        model = self.model_config(self.start.model_config)
+        for key in self.model_overrides:  # a setting this stage fixes (DPO: no dropout)
+            if getattr(model, key) != getattr(cfg.model, key):
+                raise GptforgeError(f"model.{key}={getattr(cfg.model, key)} does not apply to "
+                                    f"gptforge {self.name}, which uses {getattr(model, key)}; "
+                                    f"drop model.{key}")
+        return dataclasses.replace(cfg, model=model), self.base / "tokenizer", \
+            self.start.meta["tokenizer"]
 
     def model_config(self, saved: ModelConfig) -> ModelConfig:
         """The architecture to fine-tune: the starting checkpoint's."""
@@ -66,6 +72,9 @@ class _FromCheckpoint:
 
     def init_weights(self, cfg: Config, model: GPT) -> None:
         load_weights(model, self.base)
+
+    def init_optimizer(self, cfg: Config, model: GPT, optimizer) -> None:
+        init_optimizer(cfg, self.start, model, optimizer)
 
     # ---- objective, LoRA ---------------------------------------------------------------------
     def build_objective(self, cfg: Config, model: GPT) -> Objective:
@@ -141,6 +150,7 @@ class SupervisedFinetuning(_FromCheckpoint):
 
     def build_objective(self, cfg: Config, model: GPT) -> Objective:
         self.add_adapters(cfg, model)
+        freeze(model, cfg.train.freeze)
         return MaskedLanguageModeling()
 
     def read_records(self, paths: list[str]) -> list:
@@ -172,6 +182,7 @@ class PreferenceOptimization(_FromCheckpoint):
         # A frozen copy of the starting policy, taken before any adapters are added.
         reference = copy.deepcopy(model).eval().requires_grad_(False)
         self.add_adapters(cfg, model)
+        freeze(model, cfg.train.freeze)
         return DirectPreference(reference, beta=cfg.dpo.beta, sft_weight=cfg.dpo.sft_weight)
 
     def read_records(self, paths: list[str]) -> list:

@@ -135,6 +135,8 @@ def _train(cfg: Config, stage: Stage, precision, dist_info, *, resume: bool,
     if cfg.runtime.compile:
         train_model = torch.compile(train_model)
     optimizer = build_optimizer(model, cfg.optim, precision.device)
+    if ckpt is None:  # a resumed run restores its own optimizer below
+        stage.init_optimizer(cfg, model, optimizer)
     train_loader, val_loader = stage.loaders(cfg, dist_info, run_dir)
     weights_filter, extra_meta = stage.checkpoint_extras(cfg, model)
     checkpointer = Checkpointer(

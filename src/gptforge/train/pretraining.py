@@ -2,6 +2,8 @@
 
 It finds (or, for a built-in corpus, prepares) the data, takes the vocabulary from the data's
 tokenizer, starts from random weights, and reads batches of ``block_size`` windows from the shards.
+With ``init_from`` it starts instead from a trained model's architecture and weights (continued
+pretraining, ``init_from.py``), on data prepared with that model's tokenizer.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ from pathlib import Path
 
 from gptforge import atomic
 from gptforge.checkpoints.checkpointer import load_full_weights
+from gptforge.checkpoints.format import load_weights
 from gptforge.config.schema import Config
 from gptforge.data.manifest import Manifest
 from gptforge.errors import GptforgeError
 from gptforge.model.gpt import GPT
 from gptforge.runtime import distributed
+from gptforge.train.freeze import freeze
+from gptforge.train.init_from import StartingPoint
 from gptforge.train.objectives import LanguageModeling
 
 log = logging.getLogger(__name__)
@@ -57,23 +62,44 @@ class Pretraining:
 
     name = "train"
 
+    def __init__(self, model_overrides: tuple[str, ...] | list[str] = ()):
+        # The model.* keys set on the command line: with init_from they must agree with it.
+        self.model_overrides = tuple(model_overrides)
+        self.start: StartingPoint | None = None
+
     def setup(self, cfg: Config, dist_info) -> tuple[Config, Path, dict]:
         """(config with the vocabulary filled in, tokenizer dir, tokenizer info)."""
         if dist_info.is_main:
             prepared_data(cfg)  # prepares a built-in corpus on first use
         distributed.barrier(dist_info)
         self.manifest = prepared_data(cfg)
-        return with_vocab(cfg, self.manifest), self.manifest.tokenizer_dir, \
-            self.manifest.tokenizer.info
+        tokenizer = self.manifest.tokenizer
+        if not cfg.finetune.init_from:
+            return with_vocab(cfg, self.manifest), self.manifest.tokenizer_dir, tokenizer.info
+        self.start = StartingPoint.resolve(cfg.finetune.init_from, cfg.model,
+                                           self.model_overrides, Path(cfg.train.out_dir),
+                                           dist_info)
+        self.start.check_tokenizer(tokenizer.sha256, self.manifest.dir)
+        log.info("starting from the weights of %s", self.start.ckpt)
+        cfg = dataclasses.replace(cfg, model=self.start.model_config)
+        return with_vocab(cfg, self.manifest), self.manifest.tokenizer_dir, tokenizer.info
 
     def init_weights(self, cfg: Config, model: GPT) -> None:
-        """Nothing to load: pretraining starts from the random initialisation."""
+        """The starting checkpoint's weights with ``init_from``; else the random ones."""
+        if self.start is not None:
+            load_weights(model, self.start.ckpt)
+
+    def init_optimizer(self, cfg: Config, model: GPT, optimizer) -> None:
+        """``train.init_optimizer``: the starting checkpoint's optimizer state."""
+        init_optimizer(cfg, self.start, model, optimizer)
 
     def loaders(self, cfg: Config, dist_info, run_dir: Path):
         return build_loaders(cfg, self.manifest, dist_info, run_dir)
 
     def build_objective(self, cfg: Config, model: GPT):
-        """The objective; called once the initial weights are in place."""
+        """The objective; called once the initial weights are in place (``train.freeze``
+        applied here, before the optimizer is built)."""
+        freeze(model, cfg.train.freeze)
         return LanguageModeling()
 
     def checkpoint_extras(self, cfg: Config, model: GPT):
@@ -82,6 +108,16 @@ class Pretraining:
 
     def load_run_weights(self, model: GPT, ckpt: Path) -> None:
         load_full_weights(model, ckpt)
+
+
+def init_optimizer(cfg: Config, start: StartingPoint | None, model: GPT, optimizer) -> None:
+    """Carry the optimizer state of ``start`` over when ``train.init_optimizer`` asks for it."""
+    if not cfg.train.init_optimizer:
+        return
+    if start is None:
+        raise GptforgeError("train.init_optimizer=true needs init_from=CHECKPOINT (a gptforge "
+                            "checkpoint whose optimizer state to carry over)")
+    start.load_optimizer_state(model, optimizer)
 
 
 def build_loaders(cfg: Config, manifest: Manifest, dist_info, run_dir: Path):

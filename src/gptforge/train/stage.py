@@ -4,7 +4,8 @@ Every stage runs the same loop (``loop.py``); a stage says only what differs: wh
 the tokenizer come from, the initial weights, the objective, the batches, and what a checkpoint
 of it holds. ``launch.train(cfg, stage=...)`` calls these in order::
 
-    setup -> init_weights -> build_objective -> loaders -> checkpoint_extras
+    setup -> init_weights -> build_objective -> init_optimizer (new runs) -> loaders
+    -> checkpoint_extras
     (and load_run_weights when a run is resumed or rolled back)
 
 ``Pretraining`` is in ``pretraining.py``; ``SupervisedFinetuning`` and ``PreferenceOptimization``
@@ -38,6 +39,10 @@ class Stage(Protocol):
 
     def init_weights(self, cfg: Config, model: GPT) -> None:
         """Put the initial weights into the freshly built ``model`` (or keep the random ones)."""
+
+    def init_optimizer(self, cfg: Config, model: GPT, optimizer) -> None:
+        """Put a starting state into the fresh optimizer of a new run (``train.init_optimizer``
+        carries the ``init_from`` checkpoint's over), or leave it fresh."""
 
     def build_objective(self, cfg: Config, model: GPT) -> Objective:
         """The objective, once the initial weights are in place (it may add LoRA adapters to
