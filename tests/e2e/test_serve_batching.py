@@ -155,27 +155,34 @@ def test_a_full_queue_gets_429_with_retry_after(servers):
 def test_request_timeout(servers):
     """A request still queued when its time runs out gets 408; a running one ends cut, "length".
 
-    One row, 0.5 s per request, 50 ms per step: the first request runs and is cut at 0.5 s, the
-    second (queued a moment later) then runs, and the third, queued behind both, is never
-    admitted before its own 0.5 s are up."""
+    One row, 0.5 s per request. The decode step is held (as a long step would be) until both the
+    running and the queued request are past their time, then released: the scheduler's next
+    turn cuts the one and refuses the other, whatever the machine's speed."""
     server = servers(max_batch=1, request_timeout=0.5)
     real_decode = server.scheduler.decoder.decode
-    server.scheduler.decoder.decode = lambda *a: (threading.Event().wait(0.05),
-                                                  real_decode(*a))[1]
+    release, steps = threading.Event(), []
+
+    def held_decode(*args):
+        steps.append(1)
+        if len(steps) >= 3:  # a few tokens out, then the step takes "long"
+            release.wait(30)
+        return real_decode(*args)
+
+    server.scheduler.decoder.decode = held_decode
     results = {}
 
     def run(name, body):
         results[name] = call(server, "POST", "/v1/completions", body)
 
-    threads = [threading.Thread(target=run, args=("running", {
-        "prompt": "hello", "max_tokens": 40, "temperature": 0, "stream": True}))]
+    threads = [threading.Thread(target=run, args=(name, body)) for name, body in (
+        ("running", {"prompt": "hello", "max_tokens": 40, "temperature": 0, "stream": True}),
+        ("queued", {"prompt": "hi", "max_tokens": 2}))]
     threads[0].start()
-    wait_for(lambda: server.scheduler.load()[1] == 1)
-    threads.append(threading.Thread(target=run, args=("next", {
-        "prompt": "hi", "max_tokens": 40, "temperature": 0})))
+    wait_for(lambda: len(steps) >= 3)
     threads[1].start()
     wait_for(lambda: server.scheduler.load()[0] == 1)
-    run("queued", {"prompt": "hi", "max_tokens": 2})
+    threading.Event().wait(0.6)  # both are now past their 0.5 s
+    release.set()
     for thread in threads:
         thread.join(30)
     status, _, answer = results["queued"]
