@@ -61,7 +61,7 @@ BAD_CONVERSATIONS = [
     ({"text": "hello", "meta": 1}, "unknown format, keys ['meta', 'text']"),
     ({"messages": [{"content": "Hi"}]}, "missing 'role'"),
     ({"messages": [{"role": "user"}]}, "missing 'content'"),
-    ({"messages": [{"role": "tool", "content": "x"}, EXCHANGE[1]]}, "role 'tool' is not allowed"),
+    ({"messages": [{"role": "robot", "content": "x"}, EXCHANGE[1]]}, "role 'robot' is not allowed"),
     ({"conversations": [{"from": "bot", "value": "x"}]}, "speaker 'bot' is not allowed"),
     ({"messages": [{"role": "user", "content": None}, EXCHANGE[1]]}, "content must be a string"),
     ({"messages": []}, "empty conversation"),
