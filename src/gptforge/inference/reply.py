@@ -52,7 +52,8 @@ class ChatReply(str):
 class ReplySplitter:
     """Text pieces in, ``(kind, text)`` pieces out, kind ``"reasoning"`` or ``"content"``."""
 
-    def __init__(self):
+    def __init__(self, tools: bool = True):
+        self.tools = tools  # without tools offered, <tool_call> text stays in the content
         self.state = "start"  # start -> reasoning -> content -> calls
         self.pending = ""  # text not yet routed (a marker may be starting)
         self.calls_text = ""
@@ -91,6 +92,9 @@ class ReplySplitter:
         if self.strip_next:
             text = self.pending = text.lstrip()
             self.strip_next = not text
+        if self.state == "content" and not self.tools:
+            self.pending = ""
+            return self._emit("content", text) if text else None
         found = text.find(marker)
         if found >= 0:
             kind = self.state
