@@ -243,33 +243,71 @@ class GptforgeTemplate(ChatTemplate):
         return ()
 
 
-class ChatMLTemplate(ChatTemplate):
-    """ChatML (``<|im_start|>role\\ncontent<|im_end|>\\n``), as Qwen writes it."""
+class HeaderTemplate(ChatTemplate):
+    """A turn is ``head[0] + role + head[1]``, the content, ``end`` and ``after``: ChatML and
+    Llama 3 are two settings of it. :meth:`jinja` writes the same layout for Hugging Face's
+    ``apply_chat_template`` (the tests check that both give the same text)."""
 
-    name, end = "chatml", "<|im_end|>"
-
-    def opening(self, role: str) -> list[Segment]:
-        return [Segment(f"<|im_start|>{role}\n")]
-
-    def closing(self, learn: bool) -> list[Segment]:
-        return [Segment(self.end, learn=learn), Segment("\n")]
-
-
-class Llama3Template(ChatTemplate):
-    """Llama 3 (``<|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|>``); tool
-    results are the ``ipython`` role, as Llama 3.1 names it. No ``<|begin_of_text|>``."""
-
-    name, end = "llama3", "<|eot_id|>"
-    tool_role = "ipython"
+    def __init__(self, name: str, head: tuple[str, str], end: str, after: str, tool_role: str,
+                 tool_wrap: tuple[str, str]):
+        self.name, self.head, self.end, self.after = name, head, end, after
+        self.tool_role, self.tool_wrap = tool_role, tool_wrap
 
     def opening(self, role: str) -> list[Segment]:
-        return [Segment(f"<|start_header_id|>{role}<|end_header_id|>\n\n")]
+        return [Segment(self.head[0] + role + self.head[1])]
 
     def closing(self, learn: bool) -> list[Segment]:
-        return [Segment(self.end, learn=learn)]
+        return [Segment(self.end, learn=learn), Segment(self.after)]
 
     def tool_result(self, content: str) -> list[Segment]:
-        return [Segment(content, content=True)]
+        return [Segment(self.tool_wrap[0]), Segment(content, content=True),
+                Segment(self.tool_wrap[1])]
+
+    def jinja(self) -> str:
+        """This template in Jinja, reading ``reasoning_content`` (or ``reasoning``),
+        ``tool_calls``, ``tool`` messages and ``tools`` as :meth:`segments` does."""
+        q = json.dumps  # Jinja string literals (JSON escapes are valid in Jinja strings)
+        head = lambda role: f"{q(self.head[0])} + {role} + {q(self.head[1])}"  # noqa: E731
+        close = q(self.end + self.after)
+        think0, think1 = (q(t) for t in self.reasoning_style)
+        call0, call1 = (q(t) for t in self.call_style)
+        return (
+            "{%- set ns = namespace(tools='') -%}"
+            "{%- if tools -%}{%- set ns.tools = '<tools>' -%}"
+            "{%- for tool in tools -%}{%- set ns.tools = ns.tools + '\\n' + (tool | tojson) -%}"
+            "{%- endfor -%}{%- set ns.tools = ns.tools + '\\n</tools>' -%}"
+            "{%- if not messages or messages[0].role != 'system' -%}"
+            f"{{{{- {head(q('system'))} + ns.tools + {close} -}}}}"
+            "{%- endif -%}{%- endif -%}"
+            "{%- for message in messages -%}"
+            "{%- if message.role == 'tool' -%}"
+            f"{{{{- {head(q(self.tool_role))} + {q(self.tool_wrap[0])} + message.content + "
+            f"{q(self.tool_wrap[1])} + {close} -}}}}"
+            "{%- elif message.role == 'assistant' -%}"
+            f"{{{{- {head(q('assistant'))} -}}}}"
+            "{%- set reasoning = message.reasoning_content or message.reasoning -%}"
+            f"{{%- if reasoning -%}}{{{{- {think0} + reasoning + {think1} -}}}}{{%- endif -%}}"
+            "{{- message.content or '' -}}"
+            "{%- for call in message.tool_calls or [] -%}"
+            f"{{%- if message.content or not loop.first -%}}{{{{- {call0} -}}}}"
+            f"{{%- else -%}}{{{{- {q(self.call_style[0].lstrip())} -}}}}{{%- endif -%}}"
+            "{{- '{\"name\": ' + (call.function.name | tojson) + ', \"arguments\": ' + "
+            f"call.function.arguments + '}}' + {call1} -}}}}"
+            "{%- endfor -%}"
+            f"{{{{- {close} -}}}}"
+            "{%- else -%}"
+            f"{{{{- {head('message.role')} + message.content -}}}}"
+            "{%- if loop.first and message.role == 'system' and tools -%}"
+            "{{- '\\n\\n' + ns.tools -}}{%- endif -%}"
+            f"{{{{- {close} -}}}}"
+            "{%- endif -%}{%- endfor -%}"
+            f"{{%- if add_generation_prompt -%}}{{{{- {head(q('assistant'))} -}}}}{{%- endif -%}}")
+
+
+CHATML = HeaderTemplate("chatml", ("<|im_start|>", "\n"), "<|im_end|>", "\n", "user",
+                        ("<tool_response>\n", "\n</tool_response>"))
+LLAMA3 = HeaderTemplate("llama3", ("<|start_header_id|>", "<|end_header_id|>\n\n"),
+                        "<|eot_id|>", "", "ipython", ("", ""))
 
 
 def single_id(tokenizer: Tokenizer, text: str) -> int | None:
@@ -305,9 +343,8 @@ def with_tools(messages: list[dict], tools: Sequence[dict] | None, separator: st
     return [{"role": "system", "content": tools_block(tools)}, *messages]
 
 
-TEMPLATES: dict[str, type[ChatTemplate]] = {
-    "gptforge": GptforgeTemplate, "chatml": ChatMLTemplate, "llama3": Llama3Template}
 DEFAULT = GptforgeTemplate()
+TEMPLATES: dict[str, ChatTemplate] = {"gptforge": DEFAULT, "chatml": CHATML, "llama3": LLAMA3}
 
 
 def chat_template(name: str, tokenizer: Tokenizer | None = None) -> ChatTemplate:
@@ -316,7 +353,7 @@ def chat_template(name: str, tokenizer: Tokenizer | None = None) -> ChatTemplate
     if name in ("", "gptforge"):
         return DEFAULT
     if name in TEMPLATES:
-        return TEMPLATES[name]()
+        return TEMPLATES[name]
     if name == "jinja":
         from gptforge.tokenizer.jinja_template import JinjaTemplate
 
