@@ -17,9 +17,9 @@ call it) and ``tool_calls`` in OpenAI's shape (``[{"type": "function", "function
 "arguments": "JSON string"}}]``); ``tool`` messages hold tool results (``tool_call_id`` optional).
 
 Everything comes out in one shape, lists of ``{"role", "content"}`` messages with roles from
-:data:`~gptforge.tokenizer.chat_template.MESSAGE_ROLES`. A record that cannot be used stops the run with a
-:class:`GptforgeError` naming where it is (``path:line`` in a .jsonl file, ``path[index]`` in a
-.json array, index from 0) and what is wrong with it.
+:data:`~gptforge.tokenizer.chat_template.MESSAGE_ROLES`. A record that cannot be used stops the run
+with a :class:`GptforgeError` naming where it is (``path:line`` in a .jsonl file, ``path[index]`` in
+a .json array, index from 0) and what is wrong with it.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """The OpenAI wire format: request bodies checked into a :class:`GenerationRequest`, and the JSON
 of responses, stream chunks and errors.
 
-Only this module knows field names of the OpenAI API. A field that would change the output in a
-way the model cannot honour (``logprobs``, forced tool choice, a non-zero ``frequency_penalty``, ...) is refused
-with a 400 naming it, never ignored; fields that change nothing here (``user``, ``metadata``, ...)
-are accepted; unknown fields are ignored with a warning in the server log, as vLLM does, so that
-chat front-ends that send their own extras keep working. docs/serving.md lists every field.
+Only this module knows field names of the OpenAI API. A field that would change the output in a way
+the model cannot honour (``logprobs``, a forced ``tool_choice``, a non-zero ``frequency_penalty``,
+...) is refused with a 400 naming it, never ignored; fields that change nothing here (``user``,
+``metadata``, ...) are accepted; unknown fields are ignored with a warning in the server log, as
+vLLM does, so that chat front-ends that send their own extras keep working. docs/serving.md lists
+every field.
 
 ``tools`` (OpenAI's function definitions) are rendered into the prompt by the model's chat
 template; a reply's ``<tool_call>`` blocks come back as ``tool_calls`` with ``finish_reason:
