@@ -14,7 +14,8 @@ records). The common public layouts are recognised record by record, so files ca
 
 An assistant message may hold ``reasoning`` (or ``reasoning_content``, as OpenAI-compatible servers
 call it) and ``tool_calls`` in OpenAI's shape (``[{"type": "function", "function": {"name": ...,
-"arguments": "JSON string"}}]``); ``tool`` messages hold tool results (``tool_call_id`` optional).
+"arguments": "JSON string"}}]``); ``tool`` messages hold tool results (``tool_call_id`` optional);
+a record's ``tools`` (function definitions) go into its system message.
 
 Everything comes out in one shape, lists of ``{"role", "content"}`` messages with roles from
 :data:`~gptforge.tokenizer.chat_template.MESSAGE_ROLES`. A record that cannot be used stops the run
@@ -31,7 +32,7 @@ from pathlib import Path
 from gptforge.data.sources import json_value, jsonl_records
 from gptforge.errors import GptforgeError
 from gptforge.tokenizer.base import surrogate_problem
-from gptforge.tokenizer.chat_template import MESSAGE_ROLES
+from gptforge.tokenizer.chat_template import MESSAGE_ROLES, with_tools
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "tool": "tool"}
@@ -108,7 +109,18 @@ def _conversation(record) -> list[dict]:
                         f"{', '.join(CONVERSATION_FORMATS)}")
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRecord("no assistant turn to learn from")
-    return messages
+    return with_tools(messages, _tool_definitions(record.get("tools")), "\n\n")
+
+
+def _tool_definitions(tools) -> list[dict] | None:
+    """A record's ``tools`` (OpenAI's function definitions), shown in its system message as the
+    named templates show a request's tools, so training and serving see the same prompt."""
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("function"), dict) for t in tools):
+        raise BadRecord('"tools" must be a list of {"type": "function", "function": {...}}')
+    return tools
 
 
 def _single_exchange(record: dict) -> list[dict]:
