@@ -45,7 +45,8 @@ def write_jsonl(path, records):
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("reasoning")
-    text = json.dumps([WEATHER, HI]) + "<think></think><tool_call></tool_call><tools>\n|_im_start end system"
+    markers = "<think></think><tool_call></tool_call><tools>\n|_im_start end system"
+    text = json.dumps([WEATHER, HI]) + markers
     tokenizer = train_tokenizer("char", [text])
     tokenizer.save(root / "tokenizer")
     torch.manual_seed(0)
@@ -80,8 +81,9 @@ def test_sft_on_reasoning_and_tool_calls_then_dpo_on_two_conversations(base, tmp
     data = write_jsonl(tmp_path / "sft.jsonl", [WEATHER, HI])
     out = tmp_path / "sft"
     assert main(["sft", f"init_from={base}", f"finetune.data={data}", f"train.out_dir={out}",
-                 "train.max_steps=20", "train.batch_size=2", "optim.lr=1e-2", "train.log_interval=1",
-                 "schedule.warmup_steps=2", "finetune.chat_template=gptforge", *QUIET]) == 0
+                 "train.max_steps=20", "train.batch_size=2", "optim.lr=1e-2",
+                 "train.log_interval=1", "schedule.warmup_steps=2",
+                 "finetune.chat_template=gptforge", *QUIET]) == 0
     losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     assert losses[-1] < 0.7 * losses[0], losses
     assert read_meta(resolve_checkpoint(out))["chat_template"] == "gptforge"
