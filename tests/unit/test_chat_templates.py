@@ -217,3 +217,32 @@ def test_prompt_opens_the_assistant_turn_and_stops(hf, bpe):
     assert CHATML.stop_ids(tokenizer) == [tokenizer.encode("<|im_end|>")[0], tokenizer.eos_id]
     assert CHATML.stop_strings(tokenizer) == ()
     assert CHATML.stop_strings(bpe) == ("<|im_end|>",)  # no such token: stop at the text
+
+
+def test_a_jinja_template_whose_tokens_span_a_content_boundary_is_refused(hf):
+    tokenizer, _ = hf
+    # "Weather" is a token of this BPE; "Weat" + "her" written apart are other ids.
+    template = JinjaTemplate("{% for m in messages %}{{ 'Weat' + m.content }}{% endfor %}")
+    messages = [{"role": "user", "content": "her"}, {"role": "assistant", "content": "her"}]
+    ids, _ = encode_segments(tokenizer, [template.segments(messages)])[0]
+    assert tokenizer.decode(ids) == "WeatherWeather"
+    with pytest.raises(GptforgeError, match="other ids than its parts"):
+        template.check_ids(tokenizer, messages, ids)
+
+
+def test_sft_encoding_names_the_conversation_a_jinja_template_fails_on(hf):
+    from gptforge.data.finetune_loader import encode_sft_examples
+
+    tokenizer, _ = hf
+    template = chat_template("jinja", tokenizer)
+    good = CONVERSATION[1:3]
+    examples = encode_sft_examples(tokenizer, [good], template)
+    assert learned_runs(tokenizer, *examples[0]) == LEARNED["chatml"][:1]
+    # QWEN_STYLE shows a system message only when it comes first: a later one is dropped, so
+    # its content is not in the rendering and the mask cannot be exact.
+    dropped = [good[0], {"role": "system", "content": "late rule"}, good[1]]
+    with pytest.raises(GptforgeError) as err:
+        encode_sft_examples(tokenizer, [good, dropped], template)
+    message = str(err.value)
+    assert message.startswith("conversation 1 (counting from 0") and "'jinja'" in message
+    assert "\n" not in message

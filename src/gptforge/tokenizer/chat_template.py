@@ -361,7 +361,8 @@ def chat_template(name: str, tokenizer: Tokenizer | None = None) -> ChatTemplate
         if not source:
             raise GptforgeError("chat_template = jinja: the tokenizer ships no chat_template "
                                 "(tokenizer_config.json); choose gptforge, chatml or llama3")
-        return JinjaTemplate(source)
+        named = getattr(tokenizer, "named_tokens", {})  # bos/eos as its config names them
+        return JinjaTemplate(source, named.get("bos") or "", named.get("eos") or "")
     raise GptforgeError(f"chat_template = {name!r}: unknown template (choose one of: "
                         f"{', '.join([*TEMPLATES, 'jinja'])})")
 
