@@ -112,7 +112,10 @@ class _FromCheckpoint:
 
     def template_name(self, cfg: Config) -> str:
         """``finetune.chat_template``, or the starting checkpoint's, or gptforge's own."""
-        return cfg.finetune.chat_template or read_meta(self.base).get("chat_template", "gptforge")
+        if cfg.finetune.chat_template:
+            return cfg.finetune.chat_template
+        base = getattr(self, "base", None)  # set by setup()
+        return read_meta(base).get("chat_template", "gptforge") if base else "gptforge"
 
     # ---- data ---------------------------------------------------------------------------------
     def loaders(self, cfg: Config, dist_info, run_dir: Path):
