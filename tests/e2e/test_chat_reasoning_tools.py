@@ -21,7 +21,7 @@ from gptforge.metrics.sinks import read_metrics
 from gptforge.model import GPT
 from gptforge.serve.server import ModelServer
 from gptforge.tokenizer import train_tokenizer
-from gptforge.tokenizer.chat_template import DEFAULT
+from gptforge.tokenizer.chat_template import CHATML, DEFAULT
 from tests.e2e.test_serve import call, events
 from tests.tiny_checkpoints import save_model, tiny_config
 
@@ -105,6 +105,12 @@ def test_sft_on_reasoning_and_tool_calls_then_dpo_on_two_conversations(base, tmp
     generator = gptforge.load(tmp_path / "chatml", device="cpu")
     assert generator.chat_template.name == "chatml"
     assert isinstance(generator.chat(prompt, max_new_tokens=8), str)
+    # ... and exported for transformers as its Jinja.
+    hf_dir = tmp_path / "hf"
+    assert main(["export", str(tmp_path / "chatml"), "--format", "huggingface",
+                 "--out", str(hf_dir)]) == 0
+    config = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == CHATML.jinja()
 
 
 def test_chat_api_returns_reasoning_and_tool_calls(base):
