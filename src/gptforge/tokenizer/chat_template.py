@@ -161,23 +161,25 @@ def encode_segments(tokenizer: Tokenizer, renders: list[list[Segment]]
 # ---- templates -------------------------------------------------------------------------------
 
 class ChatTemplate:
-    """A named template: ``segments`` renders messages; ``end`` closes an assistant turn."""
+    """A template: ``segments`` renders messages, turn by turn, from the pieces a subclass gives
+    (``opening`` of a turn, ``closing``, the layout of tool results, reasoning and calls);
+    ``end`` is the marker that closes an assistant turn."""
 
     name = ""
     end = ""
+    tool_role = "user"  # the role whose turn holds a tool result
+    reasoning_style = ("<think>\n", "\n</think>\n\n")  # around the reasoning
+    call_style = ("\n<tool_call>\n", "\n</tool_call>")  # around each tool call's JSON
 
     def segments(self, messages: list[dict], tools: Sequence[dict] | None = None,
                  add_generation_prompt: bool = False) -> list[Segment]:
         check_messages(messages)
-        messages = with_tools(messages, tools, self.tools_separator)
         out: list[Segment] = []
-        for message in messages:
+        for message in with_tools(messages, tools, "\n\n"):
             out += self.turn(message)
         if add_generation_prompt:
             out += self.opening("assistant")
         return out
-
-    tools_separator = "\n\n"
 
     def turn(self, message: dict) -> list[Segment]:
         role = message["role"]
@@ -189,11 +191,6 @@ class ChatTemplate:
             else [Segment(message["content"], content=True)]
         return [*self.opening(role), *body, *self.closing(learn)]
 
-    # per-template pieces
-    tool_role = "user"
-    reasoning_style = ("<think>\n", "\n</think>\n\n")
-    call_style = ("\n<tool_call>\n", "\n</tool_call>")
-
     def opening(self, role: str) -> list[Segment]:
         raise NotImplementedError
 
@@ -201,8 +198,7 @@ class ChatTemplate:
         raise NotImplementedError
 
     def tool_result(self, content: str) -> list[Segment]:
-        return [Segment("<tool_response>\n"), Segment(content, content=True),
-                Segment("\n</tool_response>")]
+        raise NotImplementedError
 
     def render_text(self, messages: list[dict], tools: Sequence[dict] | None = None,
                     add_generation_prompt: bool = False) -> str:
@@ -224,7 +220,6 @@ class GptforgeTemplate(ChatTemplate):
     name, end = "gptforge", END_TOKEN
     reasoning_style = THINK
     call_style = TOOL_CALL
-    tools_separator = "\n\n"
 
     def opening(self, role: str) -> list[Segment]:
         return [Segment(ROLE_TOKENS[role], token=ROLE_TOKENS[role])]
