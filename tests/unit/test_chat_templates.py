@@ -246,3 +246,17 @@ def test_sft_encoding_names_the_conversation_a_jinja_template_fails_on(hf):
     message = str(err.value)
     assert message.startswith("conversation 1 (counting from 0") and "'jinja'" in message
     assert "\n" not in message
+
+
+def test_generation_blocks_render_their_body(hf):
+    """The mask comes from prefixes (the turn after the generation prompt), blocks or not."""
+    tokenizer, reference = hf
+    source = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}"
+              "{% generation %}{{ m.content }}<|im_end|>{% endgeneration %}\n{% else %}"
+              "{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    template = JinjaTemplate(source)
+    expected = reference.apply_chat_template(PLAIN, tokenize=False, chat_template=source)
+    assert template.render_text(PLAIN) == expected
+    ids, mask = encode_segments(tokenizer, [template.segments(PLAIN)])[0]
+    assert learned_runs(tokenizer, ids, mask) == ["Hello!<|im_end|>"]
