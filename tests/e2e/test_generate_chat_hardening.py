@@ -87,7 +87,7 @@ def test_chat_warns_about_a_model_that_was_only_pretrained(base, tmp_path, caplo
     assert warning.startswith(f"warning: {ckpt} has not been fine-tuned for chat")
     # What SFT and DPO write into model.json (LoRA runs too) silences it.
     extras = SupervisedFinetuning().checkpoint_extras(Config(), model)[1]
-    assert extras == {"fine_tuned": "sft"}
+    assert extras == {"fine_tuned": "sft", "chat_template": "gptforge"}
     tuned = save_model(tmp_path / "sft", model, tokenizer, ckpt / "tokenizer", extra_meta=extras)
     assert chat_warnings(tuned, caplog, monkeypatch) == []
     torch.manual_seed(0)

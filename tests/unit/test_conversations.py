@@ -61,7 +61,7 @@ BAD_CONVERSATIONS = [
     ({"text": "hello", "meta": 1}, "unknown format, keys ['meta', 'text']"),
     ({"messages": [{"content": "Hi"}]}, "missing 'role'"),
     ({"messages": [{"role": "user"}]}, "missing 'content'"),
-    ({"messages": [{"role": "tool", "content": "x"}, EXCHANGE[1]]}, "role 'tool' is not allowed"),
+    ({"messages": [{"role": "robot", "content": "x"}, EXCHANGE[1]]}, "role 'robot' is not allowed"),
     ({"conversations": [{"from": "bot", "value": "x"}]}, "speaker 'bot' is not allowed"),
     ({"messages": [{"role": "user", "content": None}, EXCHANGE[1]]}, "content must be a string"),
     ({"messages": []}, "empty conversation"),
@@ -148,3 +148,62 @@ def test_file_level_problems(tmp_path):
     latin1.write_bytes(json.dumps({"messages": EXCHANGE}).encode() + b"\n\xe9\n")
     with pytest.raises(GptforgeError, match=r"latin1\.jsonl:2: not valid UTF-8 \(byte offset"):
         read_conversations([str(latin1)])
+
+
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+
+
+def test_reasoning_tool_calls_and_tool_results_are_read(tmp_path):
+    record = {"tools": [{"type": "function", "function": {"name": "get_weather"}}],
+              "messages": [
+                  {"role": "user", "content": "Weather?"},
+                  {"role": "assistant", "content": None, "reasoning_content": "Ask the tool.",
+                   "tool_calls": [{**CALL, "id": "c1"}]},
+                  {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+                  {"role": "assistant", "reasoning": "It said sunny.", "content": "Sunny.",
+                   "tool_calls": [{"type": "function", "function": {
+                       "name": "log", "arguments": {"n": 1}}}]}]}
+    [messages] = read_conversations([write_jsonl(tmp_path / "t.jsonl", [record])])
+    assert messages[0] == {"role": "system", "content": '<tools>\n{"type": "function", '
+                           '"function": {"name": "get_weather"}}\n</tools>'}
+    assert messages[2] == {"role": "assistant", "content": "", "reasoning": "Ask the tool.",
+                           "tool_calls": [{**CALL, "id": "c1"}]}
+    assert messages[3] == {"role": "tool", "content": "sunny"}
+    assert messages[4]["reasoning"] == "It said sunny."
+    assert messages[4]["tool_calls"][0]["function"]["arguments"] == '{"n": 1}'  # object -> JSON
+
+
+@pytest.mark.parametrize("call, words", [
+    ({"type": "function", "function": {"name": "f", "arguments": "{not json"}}, "not valid JSON"),
+    ({"type": "function"}, "must be"),
+])
+def test_bad_tool_calls_name_file_and_line(tmp_path, call, words):
+    record = {"messages": [EXCHANGE[0], {**EXCHANGE[1], "tool_calls": [call]}]}
+    path = write_jsonl(tmp_path / "t.jsonl", [{"messages": EXCHANGE}, record])
+    with pytest.raises(GptforgeError) as err:
+        read_conversations([path])
+    assert str(err.value).startswith(f"{path}:2: messages[1].tool_calls[0]")
+    assert words in str(err.value)
+
+
+def test_two_whole_conversations_make_a_preference(tmp_path):
+    prompt = [{"role": "system", "content": "Be kind."}, *EXCHANGE,
+              {"role": "user", "content": "Bye"}]
+    record = {"chosen": [*prompt, {"role": "assistant", "content": "Goodbye!"}],
+              "rejected": [*prompt, {"role": "assistant", "content": "Whatever."}]}
+    [pair] = read_preferences([write_jsonl(tmp_path / "p.jsonl", [record])])
+    assert pair == {"prompt": prompt, "chosen": [{"role": "assistant", "content": "Goodbye!"}],
+                    "rejected": [{"role": "assistant", "content": "Whatever."}]}
+
+
+@pytest.mark.parametrize("rejected, words", [
+    ([{"role": "user", "content": "Hey"}, {"role": "assistant", "content": "Go."}],
+     "differ at message 0"),
+    ([*EXCHANGE, {"role": "user", "content": "more"}], "must end with the assistant turn"),
+    (EXCHANGE, "the same answer"),
+])
+def test_two_conversations_that_do_not_share_a_prefix_are_refused(tmp_path, rejected, words):
+    path = write_jsonl(tmp_path / "p.jsonl", ["", {"chosen": EXCHANGE, "rejected": rejected}])
+    with pytest.raises(GptforgeError) as err:
+        read_preferences([path])
+    assert str(err.value).startswith(f"{path}:2: ") and words in str(err.value)

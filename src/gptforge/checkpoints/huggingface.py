@@ -58,7 +58,7 @@ import torch
 from gptforge.errors import GptforgeError
 from gptforge.model.config import ModelConfig
 from gptforge.tokenizer.base import EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS, load_tokenizer
-from gptforge.tokenizer.chat_template import END_TOKEN, ROLE_TOKENS, ROLES
+from gptforge.tokenizer.chat_template import END_TOKEN, ROLE_TOKENS, ROLES, TEMPLATES
 
 ARCHITECTURES = ("gpt2", "llama", "qwen3", "mixtral", "qwen3_next")
 
@@ -282,9 +282,16 @@ def hf_config(cfg: ModelConfig, arch: str, specials: dict[str, int],
 
 # ---- tokenizer -----------------------------------------------------------------------------
 
-def write_tokenizer(tokenizer_dir: Path, out: Path, block_size: int) -> dict[str, int]:
+def jinja_chat_template(name: str) -> str:
+    """The Jinja of the named chat template a checkpoint was fine-tuned with (model.json)."""
+    template = TEMPLATES.get(name)
+    return template.jinja() if hasattr(template, "jinja") else CHAT_TEMPLATE
+
+
+def write_tokenizer(tokenizer_dir: Path, out: Path, block_size: int,
+                    template: str = "gptforge") -> dict[str, int]:
     """``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` in ``out``;
-    returns the special tokens' ids."""
+    returns the special tokens' ids. ``template``: the chat template's name."""
     tokenizer = load_tokenizer(tokenizer_dir)
     if tokenizer.kind == "hf":  # imported from this layout: its own files, unchanged
         for name, data in tokenizer.files.items():
@@ -304,7 +311,7 @@ def write_tokenizer(tokenizer_dir: Path, out: Path, block_size: int) -> dict[str
                                              if t not in (EOS_TOKEN, PAD_TOKEN)]}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **special,
               "model_max_length": block_size, "clean_up_tokenization_spaces": False,
-              "chat_template": CHAT_TEMPLATE}
+              "chat_template": jinja_chat_template(template)}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     return tokenizer.special_tokens
@@ -335,7 +342,8 @@ def write_huggingface(model: torch.nn.Module, meta: dict, source: Path, out: Pat
 
     cfg: ModelConfig = model.config
     arch = architecture_of(cfg)
-    specials = write_tokenizer(source / "tokenizer", out, cfg.block_size)
+    specials = write_tokenizer(source / "tokenizer", out, cfg.block_size,
+                               meta.get("chat_template", "gptforge"))
     save_file(hf_state_dict(model, arch), str(out / "model.safetensors"),
               metadata={"format": "pt"})
     expert_hidden = model.blocks[0].mlp.experts[0].down.in_features if cfg.n_experts else 0

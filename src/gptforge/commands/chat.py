@@ -94,16 +94,40 @@ def warn_if_not_chat_tuned(path: str) -> None:
 
 
 def print_reply(session, text: str) -> None:
+    """Stream the reply; reasoning (between <think> and </think>) on its own ``thinking>`` line,
+    the answer after ``assistant>``, tool calls last (docs/chat_format.md)."""
+    from gptforge.inference.reply import ReplySplitter
+
     pieces = session.reply(text)  # raises here, before any output, if text cannot be encoded
-    sys.stdout.write("assistant> ")
+    splitter, shown = ReplySplitter(), None
     try:
         for piece in pieces:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+            for kind, part in splitter.feed(piece):
+                shown = _write_part(kind, part, shown)
+        rest, calls = splitter.finish()
+        for kind, part in rest:
+            shown = _write_part(kind, part, shown)
+        if shown is None:
+            sys.stdout.write("assistant> ")
+        for call in calls:
+            function = call["function"]
+            sys.stdout.write(f"\ntool call> {function['name']}({function['arguments']})")
     except KeyboardInterrupt:  # Ctrl-C while answering: stop this reply, keep chatting
         sys.stdout.write(" [interrupted]")
     sys.stdout.write("\n")
     sys.stdout.flush()
+
+
+def _write_part(kind: str, text: str, shown: str | None) -> str:
+    """Write ``text`` of ``kind``, opening its line when the kind changes; the kind shown."""
+    if not text:
+        return shown
+    if kind != shown:
+        label = "thinking> " if kind == "reasoning" else "assistant> "
+        sys.stdout.write(("\n" if shown else "") + label)
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    return kind
 
 
 def run_command(session, line: str) -> bool:
@@ -130,6 +154,8 @@ def run_command(session, line: str) -> bool:
 def print_history(session) -> None:
     messages = session.messages()
     for message in messages:
+        if message.get("reasoning"):
+            print(f"[{message['role']} thinking] {message['reasoning']}")
         print(f"[{message['role']}] {message['content']}")
     if not session.history:
         print("(no turns yet)")

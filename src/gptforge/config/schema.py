@@ -240,6 +240,10 @@ class FinetuneConfig:
     packing: bool = False
     """SFT: pack several conversations into each row (attention kept within each) instead of
     padding one per row."""
+    chat_template: Literal["", "gptforge", "chatml", "llama3", "jinja"] = ""
+    """How conversations are rendered: gptforge's own (<|role|>content<|end|>), chatml, llama3,
+    or jinja (the tokenizer's own chat_template); empty = the starting checkpoint's, else gptforge.
+    Recorded in model.json, so chat, serve and generate use the same (docs/chat_format.md)."""
 
 
 @dataclass(frozen=True)

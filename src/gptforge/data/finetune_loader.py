@@ -35,7 +35,7 @@ from gptforge.data.loader import EpochOrder, OrderedLoader
 from gptforge.errors import GptforgeError
 from gptforge.model.loss import IGNORE_INDEX
 from gptforge.tokenizer.base import Tokenizer
-from gptforge.tokenizer.chat_template import check_messages, encode_contents, render_encoded
+from gptforge.tokenizer.chat_template import DEFAULT, ChatTemplate, encode_segments
 
 log = logging.getLogger(__name__)
 
@@ -47,40 +47,59 @@ ENCODE_CHUNK = 512
 
 # ---- conversations -> examples ---------------------------------------------------------------
 
-def encode_sft_examples(tokenizer: Tokenizer, conversations: list[list[dict]]) -> list[Example]:
-    """(ids, loss mask) of each conversation, rendered with the chat template."""
-    return _encode_all(tokenizer, conversations, "conversation")
+def encode_sft_examples(tokenizer: Tokenizer, conversations: list[list[dict]],
+                        template: ChatTemplate = DEFAULT) -> list[Example]:
+    """(ids, loss mask) of each conversation, rendered with the chat ``template``."""
+    return _encode_all(tokenizer, conversations, "conversation", template)
 
 
-def encode_preference_examples(tokenizer: Tokenizer, records: list[dict]
+def encode_preference_examples(tokenizer: Tokenizer, records: list[dict],
+                               template: ChatTemplate = DEFAULT
                                ) -> list[tuple[list[int], list[bool], list[int], list[bool]]]:
     """(chosen ids, chosen mask, rejected ids, rejected mask) of each preference record.
 
     Each side is the prompt followed by that answer; the mask covers the answer's assistant
     tokens only (assistant turns inside the prompt are context, not the preferred behaviour).
     """
-    parts = [part for r in records for part in (r["prompt"], r["chosen"], r["rejected"])]
-    encoded = _encode_all(tokenizer, parts, "preference record", per_record=3)
+    parts = [side for r in records for side in (r["prompt"] + r["chosen"],
+                                                 r["prompt"] + r["rejected"])]
+    encoded = _encode_all(tokenizer, parts, "preference record", template, per_record=2)
     examples = []
-    for i in range(0, len(encoded), 3):
-        (prompt, _), (chosen, chosen_mask), (rejected, rejected_mask) = encoded[i:i + 3]
-        context = [False] * len(prompt)
-        examples.append((prompt + chosen, context + chosen_mask,
-                         prompt + rejected, context + rejected_mask))
+    for i, record in enumerate(records):
+        (chosen, chosen_mask), (rejected, rejected_mask) = encoded[2 * i:2 * i + 2]
+        # Assistant turns inside the prompt are context: the mask starts after the prompt,
+        # whose tokens are where the two sides first differ at the latest.
+        context = _prompt_length(chosen, rejected, template, tokenizer, record["prompt"])
+        examples.append((chosen, [False] * context + chosen_mask[context:],
+                         rejected, [False] * context + rejected_mask[context:]))
     return examples
 
 
+def _prompt_length(chosen: list[int], rejected: list[int], template: ChatTemplate,
+                   tokenizer: Tokenizer, prompt: list[dict]) -> int:
+    """Tokens of the prompt at the start of both sides (rendered in one piece with each answer,
+    so that a template that renders whole conversations sees the answer in place)."""
+    if not prompt:
+        return 0
+    prompt_ids = encode_segments(tokenizer, [template.segments(prompt)])[0][0]
+    n = len(prompt_ids)
+    if chosen[:n] != prompt_ids or rejected[:n] != prompt_ids:  # a template that looks ahead
+        n = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b),
+                 min(len(chosen), len(rejected)))
+    return n
+
+
 def _encode_all(tokenizer: Tokenizer, conversations: list[list[dict]], what: str,
-                per_record: int = 1) -> list[Example]:
+                template: ChatTemplate, per_record: int = 1) -> list[Example]:
     examples: list[Example] = []
     for start in range(0, len(conversations), ENCODE_CHUNK):
         chunk = conversations[start:start + ENCODE_CHUNK]
         try:
-            examples += _encode_chunk(tokenizer, chunk)
+            examples += _encode_chunk(tokenizer, chunk, template)
         except GptforgeError:
             for i, conversation in enumerate(chunk, start=start):  # find the culprit
                 try:
-                    _encode_chunk(tokenizer, [conversation])
+                    _encode_chunk(tokenizer, [conversation], template)
                 except GptforgeError as err:
                     raise GptforgeError(f"{what} {i // per_record} (counting from 0 in reading "
                                         f"order): {err}") from None
@@ -88,12 +107,14 @@ def _encode_all(tokenizer: Tokenizer, conversations: list[list[dict]], what: str
     return examples
 
 
-def _encode_chunk(tokenizer: Tokenizer, conversations: list[list[dict]]) -> list[Example]:
-    for messages in conversations:
-        check_messages(messages)
-    contents = iter(encode_contents(tokenizer, [m["content"] for c in conversations for m in c]))
-    return [render_encoded(tokenizer, messages, [next(contents) for _ in messages])
-            for messages in conversations]
+def _encode_chunk(tokenizer: Tokenizer, conversations: list[list[dict]],
+                  template: ChatTemplate) -> list[Example]:
+    examples = encode_segments(tokenizer, [template.segments(c) for c in conversations])
+    check_ids = getattr(template, "check_ids", None)  # templates that are only text (Jinja)
+    if check_ids is not None:
+        for messages, (ids, _) in zip(conversations, examples, strict=True):
+            check_ids(tokenizer, messages, ids)
+    return examples
 
 
 # ---- examples -> rows ------------------------------------------------------------------------

@@ -184,8 +184,9 @@ def prompt_ids_of(generator: TextGenerator, example: GenExample, shots: Sequence
     budget = prompt_budget(generator.model.config.block_size, settings.max_new_tokens)
     try:
         if settings.chat:
-            _, ids = fit_conversation(tokenizer, chat_messages(example, shots), budget)
-            stops = chat_stop_ids(tokenizer)
+            template = generator.chat_template  # the one the model was fine-tuned with
+            _, ids = fit_conversation(tokenizer, chat_messages(example, shots), budget, template)
+            stops = chat_stop_ids(tokenizer, template)
             return ids, stops, sorted(set(tokenizer.special_tokens.values()) - set(stops))
         ids = generator.encode_prompt(plain_prompt(example, shots))
     except GptforgeError as err:

@@ -32,8 +32,9 @@ from typing import TYPE_CHECKING
 
 from gptforge.errors import GptforgeError
 from gptforge.inference.kv_cache import KVCache
+from gptforge.inference.reply import ChatReply, parse_reply
 from gptforge.inference.sampling import SamplingSettings, settings_from_kwargs
-from gptforge.tokenizer.chat_template import check_messages, render_prompt, stop_ids
+from gptforge.tokenizer.chat_template import DEFAULT, ChatTemplate, check_messages, render_prompt
 
 if TYPE_CHECKING:
     import torch
@@ -59,7 +60,9 @@ def prompt_budget(block_size: int, max_new_tokens: int) -> int:
     return block_size - max_new_tokens
 
 
-def fit_conversation(tokenizer, messages: list[dict], budget: int) -> tuple[list[dict], list[int]]:
+def fit_conversation(tokenizer, messages: list[dict], budget: int,
+                     template: ChatTemplate = DEFAULT, tools: list[dict] | None = None
+                     ) -> tuple[list[dict], list[int]]:
     """``messages`` shortened so that their prompt has at most ``budget`` tokens, and that prompt.
 
     Drops the oldest turns after a leading system message (a user message together with the
@@ -69,27 +72,30 @@ def fit_conversation(tokenizer, messages: list[dict], budget: int) -> tuple[list
     check_messages(messages)
     if not messages:
         raise GptforgeError("no messages to reply to")
+    def render(kept: list[dict]) -> list[int]:
+        return render_prompt(tokenizer, kept, template, tools)
+
     head = messages[:1] if messages and messages[0]["role"] == "system" else []
     turns = list(messages[len(head):])
-    prompt = render_prompt(tokenizer, head + turns)
+    prompt = render(head + turns)
     while len(prompt) > budget and len(turns) > 1:
         turns.pop(0)
-        while len(turns) > 1 and turns[0]["role"] == "assistant":  # start with a user turn
+        while len(turns) > 1 and turns[0]["role"] != "user":  # start with a user turn
             turns.pop(0)
-        prompt = render_prompt(tokenizer, head + turns)
+        prompt = render(head + turns)
     if len(prompt) > budget:
-        turns[-1] = _cut_left(tokenizer, head, turns[-1], budget)
-        prompt = render_prompt(tokenizer, head + turns)
+        turns[-1] = _cut_left(render, head, turns[-1], budget)
+        prompt = render(head + turns)
     return head + turns, prompt
 
 
-def _cut_left(tokenizer, head: list[dict], message: dict, budget: int) -> dict:
+def _cut_left(render, head: list[dict], message: dict, budget: int) -> dict:
     """``message`` keeping the longest end of its content whose prompt fits ``budget`` tokens."""
     text = message["content"]
 
     def fits(n_chars: int) -> bool:
         kept = {**message, "content": text[len(text) - n_chars:]}
-        return len(render_prompt(tokenizer, head + [kept])) <= budget
+        return len(render(head + [kept])) <= budget
 
     if not fits(0):
         raise GptforgeError(f"the system message and the chat markers alone exceed the "
@@ -110,16 +116,18 @@ def _cut_left(tokenizer, head: list[dict], message: dict, budget: int) -> dict:
 def reply_steps(generator: TextGenerator, prompt: list[int], settings: SamplingSettings,
                 cache: KVCache | None = None, num_samples: int = 1) -> Iterator[torch.Tensor]:
     """The engine's steps ((num_samples,) ids each) of replies to the rendered ``prompt``: the
-    turn ends at a :func:`stop_ids` id, and the other chat markers are never sampled."""
+    turn ends at a stop id of the generator's chat template, and the other chat markers are
+    never sampled."""
     tokenizer = generator.tokenizer
-    return generator.engine.generate(prompt, settings, num_samples=num_samples,
-                                     stop_ids=stop_ids(tokenizer),
-                                     banned_ids=banned_ids(tokenizer), cache=cache)
+    stops = generator.chat_template.stop_ids(tokenizer)
+    return generator.engine.generate(prompt, settings, num_samples=num_samples, stop_ids=stops,
+                                     banned_ids=banned_ids(tokenizer, generator.chat_template),
+                                     cache=cache)
 
 
-def banned_ids(tokenizer) -> list[int]:
+def banned_ids(tokenizer, template: ChatTemplate = DEFAULT) -> list[int]:
     """The special ids a reply never samples: the markers only the template writes."""
-    return sorted(set(tokenizer.special_tokens.values()) - set(stop_ids(tokenizer)))
+    return sorted(set(tokenizer.special_tokens.values()) - set(template.stop_ids(tokenizer)))
 
 
 def stream_reply(generator: TextGenerator, prompt: list[int], settings: SamplingSettings,
@@ -128,21 +136,44 @@ def stream_reply(generator: TextGenerator, prompt: list[int], settings: Sampling
 
     With a ``cache`` (``generator.engine.new_cache()``) kept from the previous reply, only the
     part of ``prompt`` it does not hold is prefilled."""
+    template, tokenizer = generator.chat_template, generator.tokenizer
     steps = reply_steps(generator, prompt, settings, cache)
-    yield from generator.decode_stream(steps, stop_ids(generator.tokenizer))
+    pieces = generator.decode_stream(steps, template.stop_ids(tokenizer))
+    yield from cut_at(pieces, template.stop_strings(tokenizer))
+
+
+def cut_at(pieces: Iterator[str], ends: tuple[str, ...]) -> Iterator[str]:
+    """``pieces`` up to the first of ``ends`` (an end-of-turn marker the tokenizer has no single
+    token for, so the template writes it as text); text that may start one is held back."""
+    if not ends:
+        yield from pieces
+        return
+    held = ""
+    for piece in pieces:
+        held += piece
+        found = [i for i in (held.find(e) for e in ends) if i >= 0]
+        if found:
+            yield held[:min(found)]
+            return
+        keep = max((k for e in ends for k in range(1, len(e)) if held.endswith(e[:k])),
+                   default=0)
+        yield held[:len(held) - keep]
+        held = held[len(held) - keep:]
+    yield held
 
 
 def complete_chat(generator: TextGenerator, messages: list[dict], *,
                   max_new_tokens: int | None = None, cache: KVCache | None = None,
-                  **sampling) -> str:
-    """The assistant's reply to ``messages`` (fitted to the context window first); ``cache``:
-    see :func:`stream_reply`."""
+                  tools: list[dict] | None = None, **sampling) -> ChatReply:
+    """The assistant's reply to ``messages`` (fitted to the context window first), its
+    reasoning and tool calls apart; ``cache``: see :func:`stream_reply`."""
     block_size = generator.model.config.block_size
     max_new_tokens = max_new_tokens or default_max_new_tokens(block_size)
     budget = prompt_budget(block_size, max_new_tokens)
-    _, prompt = fit_conversation(generator.tokenizer, list(messages), budget)
+    _, prompt = fit_conversation(generator.tokenizer, list(messages), budget,
+                                 generator.chat_template, tools)
     settings = settings_from_kwargs(max_new_tokens=max_new_tokens, **sampling)
-    return "".join(stream_reply(generator, prompt, settings, cache))
+    return parse_reply("".join(stream_reply(generator, prompt, settings, cache)))
 
 
 class ChatSession:
@@ -187,7 +218,8 @@ class ChatSession:
         answer is what gets recorded.
         """
         messages = self.messages() + [{"role": "user", "content": user_text}]
-        fitted, prompt = fit_conversation(self.generator.tokenizer, messages, self.budget)
+        fitted, prompt = fit_conversation(self.generator.tokenizer, messages, self.budget,
+                                          self.generator.chat_template)
         seed = None if self.seed is None else self.seed + self.replies
         return self._stream(fitted, prompt, dataclasses.replace(self.settings, seed=seed))
 
@@ -200,5 +232,5 @@ class ChatSession:
                 yield piece
         finally:
             self.history = fitted[1:] if self.system else fitted
-            self.history.append({"role": "assistant", "content": "".join(pieces)})
+            self.history.append(parse_reply("".join(pieces)).message())
             self.replies += 1

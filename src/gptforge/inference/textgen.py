@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from gptforge.checkpoints.format import resolve_checkpoint
+from gptforge.checkpoints.format import read_meta, resolve_checkpoint
 from gptforge.checkpoints.loading import build_model
 from gptforge.errors import GptforgeError
 from gptforge.inference.engine import Engine
@@ -26,6 +26,7 @@ from gptforge.inference.kv_cache import KVCache
 from gptforge.inference.sampling import SamplingSettings, settings_from_kwargs
 from gptforge.model.gpt import GPT
 from gptforge.runtime.device import cpu_has_native_bf16, resolve_device
+from gptforge.tokenizer.chat_template import DEFAULT, ChatTemplate, chat_template
 
 
 def load_model(ckpt: Path, device: torch.device, quantize: str | None = None) -> GPT:
@@ -62,8 +63,10 @@ class TextDecoder:
 
 
 class TextGenerator:
-    def __init__(self, model: GPT, tokenizer, compile: bool = False):
+    def __init__(self, model: GPT, tokenizer, compile: bool = False,
+                 template: ChatTemplate = DEFAULT):
         self.model, self.tokenizer = model, tokenizer
+        self.chat_template = template  # the one the model was fine-tuned with (model.json)
         # compile: a compiled static-shape decode step (2-4.5x faster at batch 1 on CPU, after a
         # 20-30 s cold compile; docs/benchmarks.md), with bf16 weights where the CPU has them.
         weight_dtype = None
@@ -84,7 +87,9 @@ class TextGenerator:
                                 "compiled decode step reads float weights; choose one")
         ckpt = resolve_checkpoint(path)
         model = load_model(ckpt, resolve_device(device), quantize)
-        return cls(model, load_tokenizer(ckpt / "tokenizer"), compile=compile)
+        tokenizer = load_tokenizer(ckpt / "tokenizer")
+        template = chat_template(read_meta(ckpt).get("chat_template", "gptforge"), tokenizer)
+        return cls(model, tokenizer, compile=compile, template=template)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         # An empty prompt starts a new document, which is what the separator token means.
@@ -133,7 +138,9 @@ class TextGenerator:
         return texts[0] if num_samples == 1 else texts
 
     def chat(self, messages: list[dict], **kwargs) -> str:
-        """The assistant's reply to a conversation ``[{"role", "content"}, ...]``.
+        """The assistant's reply to a conversation ``[{"role", "content"}, ...]``: a
+        :class:`~gptforge.inference.reply.ChatReply`, the answer as a ``str`` with ``.reasoning``
+        and ``.tool_calls`` beside it (``tools=[...]`` offers tools, OpenAI's shape).
 
         ``kwargs`` are sampling settings (``max_new_tokens``, ``temperature``, ...); the oldest
         turns are left out if the conversation does not fit the context (see ``chat.py``). No

@@ -13,6 +13,11 @@ The prompt and the reply must fit the context window (prompt tokens + max_tokens
 the rule of the OpenAI API): a prompt is never cut and the model never runs past the length it
 was trained on. ``completion_tokens`` counts every token sampled for a choice, the end-of-turn or
 end-of-text token that finished it included.
+
+A chat reply is rendered by the model's chat template (the one it was fine-tuned with, with the
+request's ``tools``) and split as it streams by :class:`~gptforge.inference.reply.ReplySplitter`:
+reasoning goes to ``reasoning_content``, ``<tool_call>`` blocks (when the request offers tools)
+become ``tool_calls`` at the end, with the finish reason ``"tool_calls"``.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ from dataclasses import dataclass
 
 from gptforge.errors import GptforgeError
 from gptforge.inference.chat import banned_ids, default_max_new_tokens
+from gptforge.inference.reply import ReplySplitter
 from gptforge.inference.sampling import SamplingSettings, brief_repr
 from gptforge.inference.textgen import TextDecoder, TextGenerator
 from gptforge.serve.protocol import ApiError, GenerationRequest
-from gptforge.tokenizer.chat_template import render_prompt, stop_ids
+from gptforge.tokenizer.chat_template import render_prompt
 
 TEXT_MAX_TOKENS = 16  # the OpenAI API's default max_tokens for /v1/completions
 
@@ -45,7 +51,8 @@ def prepare(generator: TextGenerator, request: GenerationRequest) -> Job:
     param = "messages" if request.kind == "chat" else "prompt"
     try:
         if request.kind == "chat":
-            prompt = render_prompt(generator.tokenizer, request.messages)
+            prompt = render_prompt(generator.tokenizer, request.messages,
+                                   generator.chat_template, request.tools)
         else:
             prompt = generator.encode_prompt(request.prompt)
     except GptforgeError as err:  # e.g. a character a char tokenizer never saw
@@ -112,20 +119,41 @@ class StopStrings:
 
 @dataclass(frozen=True)
 class Delta:
-    """New text of choice ``index``; ``finish_reason`` is set on its last one."""
+    """New text (and reasoning) of choice ``index``; ``finish_reason`` and ``tool_calls`` are set
+    on its last one."""
 
     index: int
     text: str
     finish_reason: str | None = None
+    reasoning: str = ""
+    tool_calls: tuple[dict, ...] = ()
 
 
 @dataclass
 class Choice:
     decoder: TextDecoder
     stops: StopStrings
+    splitter: ReplySplitter | None = None  # chat replies: reasoning and tool calls apart
     text: str = ""
+    reasoning: str = ""
+    tool_calls: list[dict] | None = None
     tokens: int = 0
     finish_reason: str | None = None
+
+    def route(self, text: str, finish: bool = False) -> tuple[str, str]:
+        """(content, reasoning) of new ``text``; on ``finish``, what was held back too."""
+        if self.splitter is None:
+            self.text += text
+            return text, ""
+        parts = self.splitter.feed(text)
+        if finish:
+            rest, self.tool_calls = self.splitter.finish()
+            parts += rest
+        content = "".join(t for kind, t in parts if kind == "content")
+        reasoning = "".join(t for kind, t in parts if kind == "reasoning")
+        self.text += content
+        self.reasoning += reasoning
+        return content, reasoning
 
 
 class Generation:
@@ -143,12 +171,14 @@ class Generation:
         self.generator, self.job = generator, job
         self.is_cancelled = is_cancelled
         self.cancelled = False
-        tokenizer = generator.tokenizer
-        self.choices = [Choice(TextDecoder(tokenizer), StopStrings(job.request.stop))
-                        for _ in range(job.request.n)]
+        tokenizer, template = generator.tokenizer, generator.chat_template
         chat = job.request.kind == "chat"
-        self.stop_ids = set(stop_ids(tokenizer) if chat else [tokenizer.eos_id])
-        self.banned_ids = banned_ids(tokenizer) if chat else []
+        stops = job.request.stop + (template.stop_strings(tokenizer) if chat else ())
+        self.choices = [Choice(TextDecoder(tokenizer), StopStrings(stops),
+                               ReplySplitter(tools=bool(job.request.tools)) if chat else None)
+                        for _ in range(job.request.n)]
+        self.stop_ids = set(template.stop_ids(tokenizer) if chat else [tokenizer.eos_id])
+        self.banned_ids = banned_ids(tokenizer, template) if chat else []
 
     @property
     def prompt_tokens(self) -> int:
@@ -161,6 +191,14 @@ class Generation:
     @property
     def texts(self) -> list[str]:
         return [c.text for c in self.choices]
+
+    @property
+    def reasonings(self) -> list[str]:
+        return [c.reasoning for c in self.choices]
+
+    @property
+    def tool_calls(self) -> list[list[dict]]:
+        return [c.tool_calls or [] for c in self.choices]
 
     @property
     def finish_reasons(self) -> list[str | None]:
@@ -193,14 +231,16 @@ class Generation:
         text, stopped = choice.stops.feed(piece)
         if stopped:
             return self._finish(index, text, "stop")
-        choice.text += text
-        return Delta(index, text) if text else None
+        content, reasoning = choice.route(text)
+        return Delta(index, content, reasoning=reasoning) if content or reasoning else None
 
     def _finish(self, index: int, text: str, reason: str) -> Delta:
         choice = self.choices[index]
-        choice.text += text
+        content, reasoning = choice.route(text, finish=True)
+        if choice.tool_calls and reason == "stop":
+            reason = "tool_calls"
         choice.finish_reason = reason
-        return Delta(index, text, reason)
+        return Delta(index, content, reason, reasoning, tuple(choice.tool_calls or ()))
 
     def stop_asked(self) -> bool:
         self.cancelled = self.cancelled or self.is_cancelled()

@@ -4,10 +4,15 @@ of responses, stream chunks and errors.
 Only this module knows field names of the OpenAI API. The sampling fields are mapped onto
 :class:`~gptforge.inference.sampling.SamplingSettings`, whose validation is the one check: its
 message, in the request field's name, is the 400. A field that would change the output in a
-way the model cannot honour (``logprobs``, tools, ``logit_bias``, ...) is refused
-with a 400 naming it, never ignored; fields that change nothing here (``user``, ``metadata``, ...)
-are accepted; unknown fields are ignored with a warning in the server log, as vLLM does, so that
-chat front-ends that send their own extras keep working. docs/serving.md lists every field.
+way the model cannot honour (``logprobs``, a forced ``tool_choice``, ``logit_bias``, ...) is
+refused with a 400 naming it, never ignored; fields that change nothing here (``user``,
+``metadata``, ...) are accepted; unknown fields are ignored with a warning in the server log, as
+vLLM does, so that chat front-ends that send their own extras keep working. docs/serving.md lists
+every field.
+
+``tools`` (OpenAI's function definitions) are rendered into the prompt by the model's chat
+template; a reply's ``<tool_call>`` blocks come back as ``tool_calls`` with ``finish_reason:
+"tool_calls"``, and its reasoning (``<think>``) as ``reasoning_content`` (docs/chat_format.md).
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from gptforge.errors import GptforgeError
 from gptforge.inference.sampling import SamplingSettings, SettingError, brief_repr, setting_fields
+from gptforge.tokenizer.chat_template import tool_call_json
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,7 @@ class GenerationRequest:
     n: int = 1
     stream: bool = False
     include_usage: bool = False
+    tools: tuple[dict, ...] = ()  # function definitions offered to the model
 
 
 # Fields that change nothing in a reply from this server: accepted without a word.
@@ -82,18 +90,36 @@ def parse_chat_request(body: dict) -> GenerationRequest:
     _warn_unknown(body, COMMON_FIELDS | CHAT_FIELDS)
     if body.get("top_logprobs"):
         raise _unsupported("top_logprobs", "log probabilities are not implemented")
-    for name in ("tools", "functions"):
-        if body.get(name):
-            raise _unsupported(name, "tool and function calling are not supported")
-    for name in ("tool_choice", "function_call"):
-        if body.get(name) not in (None, "none", "auto"):
-            raise _unsupported(name, "tool and function calling are not supported")
+    if body.get("functions") or body.get("function_call") not in (None, "none", "auto"):
+        raise _unsupported("functions", "the legacy functions/function_call are not supported; "
+                                        "pass tools")
+    if body.get("tool_choice") not in (None, "none", "auto"):
+        raise _unsupported("tool_choice", "only \"auto\" and \"none\" are supported (the "
+                                          "model decides whether to call a tool)")
+    tools = () if body.get("tool_choice") == "none" else _tools(body.get("tools"))
     fmt = body.get("response_format")
     if fmt not in (None, {}) and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
         raise _unsupported("response_format", "only {\"type\": \"text\"} is supported "
                                               "(no JSON mode or schemas)")
-    return GenerationRequest(kind="chat", messages=_messages(body), prompt=None,
+    return GenerationRequest(kind="chat", messages=_messages(body), prompt=None, tools=tools,
                              **_common_fields(body))
+
+
+def _tools(tools) -> tuple[dict, ...]:
+    """The ``tools`` list, each ``{"type": "function", "function": {"name": str, ...}}``."""
+    if tools is None:
+        return ()
+    if not isinstance(tools, list):
+        raise ApiError(400, "tools must be a list of {\"type\": \"function\", \"function\": "
+                            "{...}} objects", param="tools")
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" \
+                or not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ApiError(400, f"tools[{i}] must be {{\"type\": \"function\", \"function\": "
+                                "{\"name\": str, \"description\", \"parameters\"}}",
+                           param=f"tools[{i}]")
+    return tuple(tools)
 
 
 def parse_text_request(body: dict) -> GenerationRequest:
@@ -178,10 +204,12 @@ def _message(i: int, message) -> dict:
     role = message.get("role")
     if role == "developer":  # OpenAI's newer name for the system message
         role = "system"
-    if role not in ("system", "user", "assistant"):
+    if role not in ("system", "user", "assistant", "tool"):
         raise ApiError(400, f"messages[{i}].role {role!r} is not supported; use system "
-                            "(or developer), user or assistant", param=f"messages[{i}].role")
+                            "(or developer), user, assistant or tool", param=f"messages[{i}].role")
     content = message.get("content")
+    if content is None and role == "assistant" and message.get("tool_calls"):
+        content = ""
     if isinstance(content, list):  # content parts: text only
         texts = [part.get("text") for part in content if isinstance(part, dict)
                  and part.get("type") == "text"]
@@ -193,7 +221,31 @@ def _message(i: int, message) -> dict:
     if not isinstance(content, str):
         raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts",
                        param=f"messages[{i}].content")
-    return {"role": role, "content": content}
+    out = {"role": role, "content": content}
+    if role == "assistant":
+        out |= _assistant_extras(i, message)
+    return out
+
+
+def _assistant_extras(i: int, message: dict) -> dict:
+    """The ``reasoning_content`` and ``tool_calls`` of an assistant message sent back."""
+    extras = {}
+    reasoning = message.get("reasoning_content", message.get("reasoning"))
+    if reasoning:
+        if not isinstance(reasoning, str):
+            raise ApiError(400, f"messages[{i}].reasoning_content must be a string",
+                           param=f"messages[{i}].reasoning_content")
+        extras["reasoning"] = reasoning
+    calls = message.get("tool_calls")
+    if calls:
+        try:
+            for call in calls:
+                tool_call_json(call)
+        except (GptforgeError, TypeError) as err:
+            raise ApiError(400, f"messages[{i}].tool_calls: {err}",
+                           param=f"messages[{i}].tool_calls") from None
+        extras["tool_calls"] = calls
+    return extras
 
 
 def _stop(body: dict) -> tuple[str, ...]:
@@ -252,10 +304,14 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def response_body(kind: str, head: dict, texts: list[str], reasons: list[str],
-                  usage_: dict) -> dict:
-    """The whole (non-streamed) answer; ``head``: id, created and model."""
+                  usage_: dict, reasonings: list[str] | None = None,
+                  tool_calls: list[list[dict]] | None = None) -> dict:
+    """The whole (non-streamed) answer; ``head``: id, created and model; ``reasonings`` and
+    ``tool_calls`` of each chat choice, where the model produced them."""
     if kind == "chat":
-        choices = [{"index": i, "message": {"role": "assistant", "content": text},
+        reasonings = reasonings or [""] * len(texts)
+        tool_calls = tool_calls or [[] for _ in texts]
+        choices = [{"index": i, "message": _reply_message(text, reasonings[i], tool_calls[i]),
                     "logprobs": None, "finish_reason": reason}
                    for i, (text, reason) in enumerate(zip(texts, reasons))]
         return {**_opening(head, "chat.completion"), "choices": choices, "usage": usage_}
@@ -264,14 +320,29 @@ def response_body(kind: str, head: dict, texts: list[str], reasons: list[str],
     return {**_opening(head, "text_completion"), "choices": choices, "usage": usage_}
 
 
+def _reply_message(text: str, reasoning: str, tool_calls: list[dict]) -> dict:
+    message = {"role": "assistant", "content": text}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return message
+
+
 def chunk_body(kind: str, head: dict, index: int, *, text: str | None = None,
                role: bool = False, finish_reason: str | None = None,
-               include_usage: bool = False) -> dict:
-    """One streamed piece of choice ``index``: its role (chat, first), text, or finish reason."""
+               include_usage: bool = False, reasoning: str | None = None,
+               tool_calls: list[dict] | None = None) -> dict:
+    """One streamed piece of choice ``index``: its role (chat, first), text, reasoning
+    (``reasoning_content``), tool calls (each whole, with its ``index``), or finish reason."""
     if kind == "chat":
         delta: dict = {"role": "assistant", "content": ""} if role else {}
+        if reasoning:
+            delta["reasoning_content"] = reasoning
         if text is not None:
             delta["content"] = text
+        if tool_calls:
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(tool_calls)]
         choice = {"index": index, "delta": delta, "logprobs": None,
                   "finish_reason": finish_reason}
         body = {**_opening(head, "chat.completion.chunk"), "choices": [choice]}

@@ -308,7 +308,9 @@ class RequestHandler(BaseHTTPRequestHandler):
         usage = protocol.usage(generation.prompt_tokens, generation.completion_tokens)
         self._send_json(200, protocol.response_body(generation.job.request.kind, head,
                                                     generation.texts,
-                                                    generation.finish_reasons, usage))
+                                                    generation.finish_reasons, usage,
+                                                    generation.reasonings,
+                                                    generation.tool_calls))
 
     def _stream(self, ticket: Ticket, head: dict) -> None:
         generation = ticket.generation
@@ -329,8 +331,11 @@ class RequestHandler(BaseHTTPRequestHandler):
                     self._event(protocol.chunk_body(kind, head, i, role=True,
                                                     include_usage=with_usage))
             for delta in ticket.deltas():
-                if delta.text:
-                    self._event(protocol.chunk_body(kind, head, delta.index, text=delta.text,
+                if delta.text or delta.reasoning or delta.tool_calls:
+                    self._event(protocol.chunk_body(kind, head, delta.index,
+                                                    text=delta.text or None,
+                                                    reasoning=delta.reasoning,
+                                                    tool_calls=list(delta.tool_calls),
                                                     include_usage=with_usage))
                 if delta.finish_reason:
                     self._event(protocol.chunk_body(kind, head, delta.index,

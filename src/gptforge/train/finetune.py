@@ -97,7 +97,9 @@ class _FromCheckpoint:
                  cfg.lora.rank, len(wrapped), trainable / 1e6, model.num_params() / 1e6)
 
     def checkpoint_extras(self, cfg: Config, model: GPT):
-        marker = {"fine_tuned": self.name}  # model.json says so: `gptforge chat` warns without it
+        # model.json says so (`gptforge chat` warns without it) and names the chat template, so
+        # chat, serve and generate render conversations as the model was trained on them.
+        marker = {"fine_tuned": self.name, "chat_template": self.template_name(cfg)}
         if cfg.lora.rank <= 0:
             return None, marker
         from gptforge.model.lora import lora_config_of
@@ -117,11 +119,20 @@ class _FromCheckpoint:
 
         load_adapters(model, ckpt)
 
+    def template_name(self, cfg: Config) -> str:
+        """``finetune.chat_template``, or the starting checkpoint's, or gptforge's own."""
+        if cfg.finetune.chat_template:
+            return cfg.finetune.chat_template
+        base = getattr(self, "base", None)  # set by setup()
+        return read_meta(base).get("chat_template", "gptforge") if base else "gptforge"
+
     # ---- data ---------------------------------------------------------------------------------
     def loaders(self, cfg: Config, dist_info, run_dir: Path):
         from gptforge.tokenizer import load_tokenizer
+        from gptforge.tokenizer.chat_template import chat_template
 
         tokenizer = load_tokenizer(self.base / "tokenizer")
+        self.template = chat_template(self.template_name(cfg), tokenizer)
         paths = [p.strip() for p in cfg.finetune.data.split(",") if p.strip()]
         if not paths:
             raise GptforgeError(f"gptforge {self.name} needs data: finetune.data=FILE.jsonl")
@@ -161,7 +172,8 @@ class SupervisedFinetuning(_FromCheckpoint):
     def loader(self, tokenizer, records, cfg: Config, **kwargs):
         from gptforge.data.finetune_loader import SFTLoader, encode_sft_examples
 
-        loader = SFTLoader(encode_sft_examples(tokenizer, records), cfg.model.block_size,
+        loader = SFTLoader(encode_sft_examples(tokenizer, records, self.template),
+                           cfg.model.block_size,
                            cfg.train.batch_size, pad_id=tokenizer.pad_id,
                            packing=cfg.finetune.packing, **kwargs)
         _warn_truncated(loader, cfg)
@@ -193,7 +205,7 @@ class PreferenceOptimization(_FromCheckpoint):
     def loader(self, tokenizer, records, cfg: Config, **kwargs):
         from gptforge.data.finetune_loader import PreferenceLoader, encode_preference_examples
 
-        loader = PreferenceLoader(encode_preference_examples(tokenizer, records),
+        loader = PreferenceLoader(encode_preference_examples(tokenizer, records, self.template),
                                   cfg.model.block_size, cfg.train.batch_size,
                                   pad_id=tokenizer.pad_id, **kwargs)
         _warn_truncated(loader, cfg)
