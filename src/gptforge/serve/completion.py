@@ -12,19 +12,25 @@ The prompt and the reply must fit the context window (prompt tokens + max_tokens
 the rule of the OpenAI API): a prompt is never cut and the model never runs past the length it
 was trained on. ``completion_tokens`` counts every token sampled for a choice, the end-of-turn or
 end-of-text token that finished it included.
+
+Log probabilities (``logprobs``) are scored by ``inference/logprobs.py`` from the ids alone, one
+per token of the returned text (the end-of-turn or end-of-text token that finished a choice is
+not listed; tokens cut by a stop string are). ``echo`` (text completions) returns the prompt as
+the start of each choice, with its tokens' logprobs when asked.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gptforge.errors import GptforgeError
 from gptforge.inference.chat import default_max_new_tokens, reply_steps
 from gptforge.inference.engine import SamplingSettings, brief_repr
 from gptforge.inference.kv_cache import KVCache
+from gptforge.inference.logprobs import LogprobFollower, TokenLogprob, prompt_logprobs
 from gptforge.inference.textgen import TextDecoder, TextGenerator
-from gptforge.serve.protocol import ApiError, GenerationRequest
+from gptforge.serve.protocol import ApiError, GenerationRequest, logprobs_body
 from gptforge.tokenizer.chat_template import render_prompt, stop_ids
 
 TEXT_MAX_TOKENS = 16  # the OpenAI API's default max_tokens for /v1/completions
@@ -119,6 +125,8 @@ class Delta:
     index: int
     text: str
     finish_reason: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens since the previous delta
+    offset: int = 0  # where the first of them starts in the choice's text (characters)
 
 
 @dataclass
@@ -128,6 +136,10 @@ class Choice:
     text: str = ""
     tokens: int = 0
     finish_reason: str | None = None
+    follower: LogprobFollower | None = None  # scores each token when logprobs are asked for
+    entries: list[TokenLogprob] = field(default_factory=list)  # scored tokens, echo first
+    sent: int = 0  # entries already in a delta
+    offset: int = 0  # characters of the tokens in those deltas
 
 
 class Generation:
@@ -149,6 +161,11 @@ class Generation:
                         for _ in range(job.request.n)]
         chat = job.request.kind == "chat"
         self.stop_ids = set(stop_ids(tokenizer) if chat else [tokenizer.eos_id])
+        top_n = job.request.logprobs
+        if top_n is not None:
+            for choice in self.choices:
+                choice.follower = LogprobFollower(generator.model, job.prompt,
+                                                  tokenizer.vocab_size, top_n)
 
     @property
     def prompt_tokens(self) -> int:
@@ -172,6 +189,8 @@ class Generation:
         try:
             if self._stop_asked():
                 return
+            if self.job.request.echo:
+                yield from self._echo()
             for step in steps:
                 for i, token in enumerate(step.tolist()):
                     delta = self._advance(i, token)
@@ -184,6 +203,41 @@ class Generation:
                     yield self._finish(i, choice.stops.flush(), "length")
         finally:
             steps.close()  # the engine stops at once (a generator closed mid-way)
+
+    def _echo(self) -> Iterator[Delta]:
+        """The prompt as each choice's first text, with its tokens' logprobs if asked for."""
+        request, model = self.job.request, self.generator.model
+        entries = [] if request.logprobs is None else prompt_logprobs(
+            model, self.job.prompt, self.generator.tokenizer.vocab_size, request.logprobs)
+        for i, choice in enumerate(self.choices):
+            choice.text, choice.entries = request.prompt, list(entries)
+            yield self._delta(i, request.prompt)
+
+    def logprobs_body(self, index: int) -> dict | None:
+        """Choice ``index``'s ``logprobs`` object for the whole reply (None if not asked)."""
+        if self.job.request.logprobs is None:
+            return None
+        return logprobs_body(self.job.request.kind, self.choices[index].entries,
+                             self._token_text)
+
+    def delta_logprobs(self, delta: Delta) -> dict | None:
+        """The ``logprobs`` object of a streamed delta's tokens (None if not asked)."""
+        if self.job.request.logprobs is None:
+            return None
+        return logprobs_body(self.job.request.kind, delta.logprobs, self._token_text,
+                             delta.offset)
+
+    def _token_text(self, token: int) -> str:
+        return self.generator.tokenizer.decode([token])
+
+    def _delta(self, index: int, text: str, reason: str | None = None) -> Delta:
+        """Choice ``index``'s new ``text``, with the entries scored since its last delta."""
+        choice = self.choices[index]
+        new = tuple(choice.entries[choice.sent:])
+        delta = Delta(index, text, reason, new, choice.offset)
+        choice.sent = len(choice.entries)
+        choice.offset += sum(len(self._token_text(e.token)) for e in new)
+        return delta
 
     def _steps(self):
         job, n = self.job, self.job.request.n
@@ -199,6 +253,8 @@ class Generation:
         choice.tokens += 1
         if token in self.stop_ids:
             return self._finish(index, choice.stops.flush(), "stop")
+        if choice.follower is not None:
+            choice.entries.append(choice.follower.push(token))
         piece = choice.decoder.push(token)
         if piece is None:  # an incomplete character
             return None
@@ -206,13 +262,13 @@ class Generation:
         if stopped:
             return self._finish(index, text, "stop")
         choice.text += text
-        return Delta(index, text) if text else None
+        return self._delta(index, text) if text else None
 
     def _finish(self, index: int, text: str, reason: str) -> Delta:
         choice = self.choices[index]
         choice.text += text
         choice.finish_reason = reason
-        return Delta(index, text, reason)
+        return self._delta(index, text, reason)
 
     def _stop_asked(self) -> bool:
         self.cancelled = self.cancelled or self.is_cancelled()

@@ -259,9 +259,10 @@ class RequestHandler(BaseHTTPRequestHandler):
             self._client_went_away()
             return
         usage = protocol.usage(generation.prompt_tokens, generation.completion_tokens)
+        logprobs = [generation.logprobs_body(i) for i in range(len(generation.texts))]
         self._send_json(200, protocol.response_body(generation.job.request.kind, head,
                                                     generation.texts,
-                                                    generation.finish_reasons, usage))
+                                                    generation.finish_reasons, usage, logprobs))
 
     def _stream(self, generation: Generation, head: dict) -> None:
         request = generation.job.request
@@ -282,9 +283,10 @@ class RequestHandler(BaseHTTPRequestHandler):
                                                     include_usage=with_usage))
             with closing(generation.deltas()) as deltas:
                 for delta in deltas:
-                    if delta.text:
+                    if delta.text or delta.logprobs:
                         self._event(protocol.chunk_body(kind, head, delta.index, text=delta.text,
-                                                        include_usage=with_usage))
+                                                        include_usage=with_usage,
+                                                        logprobs=generation.delta_logprobs(delta)))
                     if delta.finish_reason:
                         self._event(protocol.chunk_body(kind, head, delta.index,
                                                         finish_reason=delta.finish_reason,
