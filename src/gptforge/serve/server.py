@@ -1,6 +1,7 @@
 """The HTTP side of ``gptforge serve``, on the standard library's ``http.server``.
 
-Routes: ``GET /health`` (no key needed, for probes), ``GET /v1/models`` and
+Routes: ``GET /`` (the web chat page, ``static/chat.html``; no key needed, it holds no data and
+its API calls send the key), ``GET /health`` (no key needed, for probes), ``GET /v1/models`` and
 ``/v1/models/{id}``, ``POST /v1/chat/completions``, ``POST /v1/completions``. Every error is
 OpenAI's error JSON with its status; a bug is a 500 whose traceback goes to the server log only.
 Each request is logged in one line: method, path, status, tokens (prompt+completion), seconds.
@@ -37,6 +38,7 @@ import threading
 import time
 import uuid
 from contextlib import closing
+from importlib import resources
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -54,11 +56,14 @@ BACKLOG = 128  # connections the kernel queues before they are accepted (capped 
 CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 CLIENT_CLOSED = 499  # nginx's status for a request the client gave up on (logged, never sent)
 ROUTES = {  # path: (method, handler method)
+    "/": ("GET", "_page"),
     "/health": ("GET", "_health"),
     "/v1/models": ("GET", "_models"),
     "/v1/chat/completions": ("POST", "_chat"),
     "/v1/completions": ("POST", "_completions"),
 }
+
+KEYLESS = {"/health", "/"}  # routes answered without the API key
 
 
 class ModelServer(ThreadingHTTPServer):
@@ -192,7 +197,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             method, name = ROUTES[path]
         else:
             raise ApiError(404, f"Invalid URL ({self.command} {path})", code="not_found")
-        if path != "/health":
+        if path not in KEYLESS:
             self._check_key()
         allowed = "GET, HEAD" if method == "GET" else method
         if self.command not in allowed.split(", "):
@@ -217,6 +222,19 @@ class RequestHandler(BaseHTTPRequestHandler):
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     # -- routes ------------------------------------------------------------------------------
+
+    def _page(self) -> None:
+        page = resources.files("gptforge.serve").joinpath("static/chat.html").read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(page)))
+        self.send_header("Content-Security-Policy", "default-src 'self'; "
+                                                    "style-src 'unsafe-inline'; "
+                                                    "script-src 'unsafe-inline'")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(page)
+        self.status = 200
 
     def _health(self) -> None:
         self._send_json(200, {"status": "ok", "model": self.server.model_name})
