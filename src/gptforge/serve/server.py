@@ -38,9 +38,9 @@ import threading
 import time
 import uuid
 from contextlib import closing
-from importlib import resources
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
 from urllib.parse import urlsplit
 
 from gptforge import __version__
