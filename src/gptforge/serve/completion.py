@@ -14,9 +14,10 @@ was trained on. ``completion_tokens`` counts every token sampled for a choice, t
 end-of-text token that finished it included.
 
 Log probabilities (``logprobs``) are scored by ``inference/logprobs.py`` from the ids alone, one
-per token of the returned text (the end-of-turn or end-of-text token that finished a choice is
-not listed; tokens cut by a stop string are). ``echo`` (text completions) returns the prompt as
-the start of each choice, with its tokens' logprobs when asked.
+per token of the returned text, tokens cut by a stop string included. The end-of-text token that
+finished a text completion is listed too (it is not in the text); chat's end-of-turn token is
+not. ``echo`` (text completions) returns the prompt as the start of each choice, with its tokens'
+logprobs when asked.
 """
 
 from __future__ import annotations
@@ -161,6 +162,9 @@ class Generation:
                         for _ in range(job.request.n)]
         chat = job.request.kind == "chat"
         self.stop_ids = set(stop_ids(tokenizer) if chat else [tokenizer.eos_id])
+        # lm-evaluation-harness drops the last generated token's logprob of an echoed prompt,
+        # so a text completion lists the end-of-text token that ended it (as vLLM does).
+        self.scores_stop = not chat
         top_n = job.request.logprobs
         if top_n is not None:
             for choice in self.choices:
@@ -251,10 +255,10 @@ class Generation:
         if choice.finish_reason is not None:  # a finished row the batch still samples
             return None
         choice.tokens += 1
+        if choice.follower is not None and (token not in self.stop_ids or self.scores_stop):
+            choice.entries.append(choice.follower.push(token))
         if token in self.stop_ids:
             return self._finish(index, choice.stops.flush(), "stop")
-        if choice.follower is not None:
-            choice.entries.append(choice.follower.push(token))
         piece = choice.decoder.push(token)
         if piece is None:  # an incomplete character
             return None
