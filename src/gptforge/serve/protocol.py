@@ -121,7 +121,7 @@ def _chat_logprobs(body: dict) -> int | None:
     """How many top tokens chat's ``logprobs: true`` asks for (``top_logprobs``), or None."""
     wanted = _boolean(body, "logprobs")
     top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, None)
-    if top is not None and not wanted:
+    if top and not wanted:  # top_logprobs: 0 asks for nothing
         raise ApiError(400, "top_logprobs needs \"logprobs\": true", param="top_logprobs")
     return (top or 0) if wanted else None
 
