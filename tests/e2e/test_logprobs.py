@@ -158,7 +158,8 @@ def test_lm_evaluation_harness_scores_through_the_server(tmp_path, monkeypatch):
                        f"tokenizer_backend=huggingface,tokenizer={hf_dir},"
                        "tokenized_requests=False,max_length=256",
             tasks=["gptforge_serve_rows"], log_samples=True,
-            task_manager=TaskManager(include_path=str(tmp_path / "tasks")))
+            task_manager=TaskManager(include_path=str(tmp_path / "tasks"),
+                                     include_defaults=False))
     finally:
         server.shutdown()
         server.close()
