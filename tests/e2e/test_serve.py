@@ -341,8 +341,11 @@ def check_the_openai_client(openai, client, reference):
      "presence_penalty", ">= -2"),
     ("/v1/chat/completions", {"messages": HELLO, "repetition_penalty": 0}, 400,
      "repetition_penalty", "> 0"),
-    ("/v1/chat/completions", {"messages": HELLO, "logprobs": True}, 400, "logprobs",
-     "not implemented"),
+    ("/v1/chat/completions", {"messages": HELLO, "top_logprobs": 2}, 400, "top_logprobs",
+     "needs"),
+    ("/v1/chat/completions", {"messages": HELLO, "logprobs": True, "top_logprobs": 21}, 400,
+     "top_logprobs", "<= 20"),
+    ("/v1/chat/completions", {"messages": HELLO, "logprobs": 1}, 400, "logprobs", "true or"),
     ("/v1/chat/completions", {"messages": HELLO, "tools": [{"type": "function"}]}, 400,
      "tools[0]", "must be"),
     ("/v1/chat/completions", {"messages": HELLO, "tool_choice": "required"}, 400,
@@ -358,8 +361,9 @@ def check_the_openai_client(openai, client, reference):
     ("/v1/chat/completions", {"messages": HELLO, "model": "gpt-4o"}, 404, "model",
      "does not exist"),
     ("/v1/completions", {"prompt": [1, 2, 3]}, 400, "prompt", "must be a string"),
-    ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo", "not supported"),
-    ("/v1/completions", {"prompt": "hi", "logprobs": 0}, 400, "logprobs", "not implemented"),
+    ("/v1/completions", {"prompt": "hi", "echo": "yes"}, 400, "echo", "true or"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 6}, 400, "logprobs", "<= 5"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens", ">= 1"),
     ("/v1/completions", {"prompt": "hi", "best_of": 3}, 400, "best_of", "not supported"),
     ("/v1/completions", {"prompt": "hi", "seed": 1.5}, 400, "seed", "integer"),
 ])
@@ -383,7 +387,7 @@ def test_routes_methods_and_sizes(server):
     assert call(server, "GET", "/v1/models/tiny")[2]["id"] == "tiny"
     cases = [("GET", "/v1/models/other", 404, "model_not_found"),
              ("GET", "/v2/anything", 404, "not_found"),
-             ("POST", "/", 404, "not_found"),
+             ("POST", "/", 405, "method_not_allowed"),
              ("GET", "/v1/chat/completions", 405, "method_not_allowed"),
              ("DELETE", "/v1/models", 405, "method_not_allowed")]
     for method, path, status, code in cases:

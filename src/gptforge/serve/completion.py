@@ -18,20 +18,27 @@ A chat reply is rendered by the model's chat template (the one it was fine-tuned
 request's ``tools``) and split as it streams by :class:`~gptforge.inference.reply.ReplySplitter`:
 reasoning goes to ``reasoning_content``, ``<tool_call>`` blocks (when the request offers tools)
 become ``tool_calls`` at the end, with the finish reason ``"tool_calls"``.
+
+Log probabilities (``logprobs``) are scored by ``inference/logprobs.py`` from the ids alone, one
+per token of the returned text, tokens cut by a stop string included. The end-of-text token that
+finished a text completion is listed too (it is not in the text); chat's end-of-turn token is
+not. ``echo`` (text completions) returns the prompt as the start of each choice, with its tokens'
+logprobs when asked.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gptforge.errors import GptforgeError
 from gptforge.inference.chat import banned_ids, default_max_new_tokens
+from gptforge.inference.logprobs import LogprobFollower, TokenLogprob, prompt_logprobs
 from gptforge.inference.reply import ReplySplitter
 from gptforge.inference.sampling import SamplingSettings, brief_repr
 from gptforge.inference.textgen import TextDecoder, TextGenerator
-from gptforge.serve.protocol import ApiError, GenerationRequest
+from gptforge.serve.protocol import ApiError, GenerationRequest, logprobs_body
 from gptforge.tokenizer.chat_template import render_prompt
 
 TEXT_MAX_TOKENS = 16  # the OpenAI API's default max_tokens for /v1/completions
@@ -127,6 +134,8 @@ class Delta:
     finish_reason: str | None = None
     reasoning: str = ""
     tool_calls: tuple[dict, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens since the previous delta
+    offset: int = 0  # where the first of them starts in the choice's text (characters)
 
 
 @dataclass
@@ -139,6 +148,10 @@ class Choice:
     tool_calls: list[dict] | None = None
     tokens: int = 0
     finish_reason: str | None = None
+    follower: LogprobFollower | None = None  # scores each token when logprobs are asked for
+    entries: list[TokenLogprob] = field(default_factory=list)  # scored tokens, echo first
+    sent: int = 0  # entries already in a delta
+    offset: int = 0  # characters of the tokens in those deltas
 
     def route(self, text: str, finish: bool = False) -> tuple[str, str]:
         """(content, reasoning) of new ``text``; on ``finish``, what was held back too."""
@@ -179,6 +192,14 @@ class Generation:
                         for _ in range(job.request.n)]
         self.stop_ids = set(template.stop_ids(tokenizer) if chat else [tokenizer.eos_id])
         self.banned_ids = banned_ids(tokenizer, template) if chat else []
+        # lm-evaluation-harness drops the last generated token's logprob of an echoed prompt,
+        # so a text completion lists the end-of-text token that ended it (as vLLM does).
+        self.scores_stop = not chat
+        top_n = job.request.logprobs
+        if top_n is not None:
+            for choice in self.choices:
+                choice.follower = LogprobFollower(generator.model, job.prompt,
+                                                  tokenizer.vocab_size, top_n)
 
     @property
     def prompt_tokens(self) -> int:
@@ -218,11 +239,54 @@ class Generation:
         return [self._finish(i, c.stops.flush(), reason)
                 for i, c in enumerate(self.choices) if c.finish_reason is None]
 
+    def start(self) -> list[Delta]:
+        """What comes before any generated token: with ``echo`` (text completions), the prompt
+        as each choice's first text, with its tokens' logprobs if asked for."""
+        request, model = self.job.request, self.generator.model
+        if not request.echo:
+            return []
+        entries = [] if request.logprobs is None else prompt_logprobs(
+            model, self.job.prompt, self.generator.tokenizer.vocab_size, request.logprobs)
+        deltas = []
+        for i, choice in enumerate(self.choices):
+            choice.text, choice.entries = request.prompt, list(entries)
+            deltas.append(self._delta(i, request.prompt))
+        return deltas
+
+    def logprobs_body(self, index: int) -> dict | None:
+        """Choice ``index``'s ``logprobs`` object for the whole reply (None if not asked)."""
+        if self.job.request.logprobs is None:
+            return None
+        return logprobs_body(self.job.request.kind, self.choices[index].entries,
+                             self._token_text)
+
+    def delta_logprobs(self, delta: Delta) -> dict | None:
+        """The ``logprobs`` object of a streamed delta's tokens (None if not asked)."""
+        if self.job.request.logprobs is None:
+            return None
+        return logprobs_body(self.job.request.kind, delta.logprobs, self._token_text,
+                             delta.offset)
+
+    def _token_text(self, token: int) -> str:
+        return self.generator.tokenizer.decode([token])
+
+    def _delta(self, index: int, text: str, reason: str | None = None, reasoning: str = "",
+               tool_calls: tuple[dict, ...] = ()) -> Delta:
+        """Choice ``index``'s new ``text``, with the entries scored since its last delta."""
+        choice = self.choices[index]
+        new = tuple(choice.entries[choice.sent:])
+        delta = Delta(index, text, reason, reasoning, tool_calls, new, choice.offset)
+        choice.sent = len(choice.entries)
+        choice.offset += sum(len(self._token_text(e.token)) for e in new)
+        return delta
+
     def _advance(self, index: int, token: int) -> Delta | None:
         choice = self.choices[index]
         if choice.finish_reason is not None:  # a finished row the batch still samples
             return None
         choice.tokens += 1
+        if choice.follower is not None and (token not in self.stop_ids or self.scores_stop):
+            choice.entries.append(choice.follower.push(token))
         if token in self.stop_ids:
             return self._finish(index, choice.stops.flush(), "stop")
         piece = choice.decoder.push(token)
@@ -232,7 +296,7 @@ class Generation:
         if stopped:
             return self._finish(index, text, "stop")
         content, reasoning = choice.route(text)
-        return Delta(index, content, reasoning=reasoning) if content or reasoning else None
+        return self._delta(index, content, reasoning=reasoning) if content or reasoning else None
 
     def _finish(self, index: int, text: str, reason: str) -> Delta:
         choice = self.choices[index]
@@ -240,7 +304,7 @@ class Generation:
         if choice.tool_calls and reason == "stop":
             reason = "tool_calls"
         choice.finish_reason = reason
-        return Delta(index, content, reason, reasoning, tuple(choice.tool_calls or ()))
+        return self._delta(index, content, reason, reasoning, tuple(choice.tool_calls or ()))
 
     def stop_asked(self) -> bool:
         self.cancelled = self.cancelled or self.is_cancelled()

@@ -4,7 +4,7 @@ of responses, stream chunks and errors.
 Only this module knows field names of the OpenAI API. The sampling fields are mapped onto
 :class:`~gptforge.inference.sampling.SamplingSettings`, whose validation is the one check: its
 message, in the request field's name, is the 400. A field that would change the output in a
-way the model cannot honour (``logprobs``, a forced ``tool_choice``, ``logit_bias``, ...) is
+way the model cannot honour (a forced ``tool_choice``, ``logit_bias``, ...) is
 refused with a 400 naming it, never ignored; fields that change nothing here (``user``,
 ``metadata``, ...) are accepted; unknown fields are ignored with a warning in the server log, as
 vLLM does, so that chat front-ends that send their own extras keep working. docs/serving.md lists
@@ -18,9 +18,12 @@ template; a reply's ``<tool_call>`` blocks come back as ``tool_calls`` with ``fi
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 from gptforge.errors import GptforgeError
+from gptforge.inference.logprobs import TokenLogprob
 from gptforge.inference.sampling import SamplingSettings, SettingError, brief_repr, setting_fields
 from gptforge.tokenizer.chat_template import tool_call_json
 
@@ -28,6 +31,8 @@ log = logging.getLogger(__name__)
 
 MAX_CHOICES = 16  # n: rows decoded together, each with its own KV cache row
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; a few more cost nothing, thousands would slow each step
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI bounds it
+MAX_TEXT_LOGPROBS = 5  # text completions' logprobs, as OpenAI bounds it
 _warned_fields: set[str] = set()
 
 
@@ -62,6 +67,8 @@ class GenerationRequest:
     stream: bool = False
     include_usage: bool = False
     tools: tuple[dict, ...] = ()  # function definitions offered to the model
+    logprobs: int | None = None  # None: no log probabilities; N: with the N most likely tokens
+    echo: bool = False  # text completions: the prompt comes back too, with its logprobs
 
 
 # Fields that change nothing in a reply from this server: accepted without a word.
@@ -88,8 +95,6 @@ API_BOUNDS = {"temperature": (0, 2), "max_tokens": (1, None), "max_completion_to
 def parse_chat_request(body: dict) -> GenerationRequest:
     """The request of ``POST /v1/chat/completions``; :class:`ApiError` (400) if it is malformed."""
     _warn_unknown(body, COMMON_FIELDS | CHAT_FIELDS)
-    if body.get("top_logprobs"):
-        raise _unsupported("top_logprobs", "log probabilities are not implemented")
     if body.get("functions") or body.get("function_call") not in (None, "none", "auto"):
         raise _unsupported("functions", "the legacy functions/function_call are not supported; "
                                         "pass tools")
@@ -102,7 +107,7 @@ def parse_chat_request(body: dict) -> GenerationRequest:
         raise _unsupported("response_format", "only {\"type\": \"text\"} is supported "
                                               "(no JSON mode or schemas)")
     return GenerationRequest(kind="chat", messages=_messages(body), prompt=None, tools=tools,
-                             **_common_fields(body))
+                             logprobs=_chat_logprobs(body), **_common_fields(body))
 
 
 def _tools(tools) -> tuple[dict, ...]:
@@ -125,8 +130,7 @@ def _tools(tools) -> tuple[dict, ...]:
 def parse_text_request(body: dict) -> GenerationRequest:
     """The request of ``POST /v1/completions``; :class:`ApiError` (400) if it is malformed."""
     _warn_unknown(body, COMMON_FIELDS | TEXT_FIELDS)
-    if body.get("echo"):
-        raise _unsupported("echo", "echo is not supported; prepend the prompt yourself")
+    echo = _boolean(body, "echo")
     if body.get("suffix"):
         raise _unsupported("suffix", "insertion (suffix) is not supported")
     prompt = body.get("prompt")
@@ -137,18 +141,28 @@ def parse_text_request(body: dict) -> GenerationRequest:
     if not isinstance(prompt, str):
         raise ApiError(400, "prompt must be a string (batches of prompts and token-id prompts "
                             "are not supported)", param="prompt")
-    fields = _common_fields(body)
+    fields = _common_fields(body, min_tokens=0 if echo else 1)  # echo alone scores the prompt
     best_of = body.get("best_of")
     if best_of is not None and best_of != fields["n"]:
         raise _unsupported("best_of", "best_of is not supported (leave it out, or equal to n)")
-    return GenerationRequest(kind="text", messages=None, prompt=prompt, **fields)
+    logprobs = None if body.get("logprobs") in (None, False) else \
+        _integer(body, "logprobs", 0, MAX_TEXT_LOGPROBS, None)
+    return GenerationRequest(kind="text", messages=None, prompt=prompt, echo=echo,
+                             logprobs=logprobs, **fields)
 
 
-def _common_fields(body: dict) -> dict:
+def _chat_logprobs(body: dict) -> int | None:
+    """How many top tokens chat's ``logprobs: true`` asks for (``top_logprobs``), or None."""
+    wanted = _boolean(body, "logprobs")
+    top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, None)
+    if top and not wanted:  # top_logprobs: 0 asks for nothing
+        raise ApiError(400, "top_logprobs needs \"logprobs\": true", param="top_logprobs")
+    return (top or 0) if wanted else None
+
+
+def _common_fields(body: dict, min_tokens: int = 1) -> dict:
     if body.get("logit_bias"):
         raise _unsupported("logit_bias", "logit_bias is not supported")
-    if body.get("logprobs") is not None and body.get("logprobs") is not False:  # 0 asks too
-        raise _unsupported("logprobs", "log probabilities are not implemented")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise ApiError(400, "model must be a string", param="model")
@@ -157,13 +171,13 @@ def _common_fields(body: dict) -> dict:
     if options is not None and not isinstance(options, dict):
         raise ApiError(400, "stream_options must be an object", param="stream_options")
     include_usage = bool((options or {}).get("include_usage")) and stream
-    sampling, max_tokens = _sampling(body)
+    sampling, max_tokens = _sampling(body, min_tokens)
     return dict(model=model, max_tokens=max_tokens, sampling=sampling, stop=_stop(body),
                 n=_integer(body, "n", 1, MAX_CHOICES, 1), stream=stream,
                 include_usage=include_usage)
 
 
-def _sampling(body: dict) -> tuple[SamplingSettings, int | None]:
+def _sampling(body: dict, min_tokens: int = 1) -> tuple[SamplingSettings, int | None]:
     """The request's sampling settings, and its max_tokens (None when not given); an
     :class:`ApiError` naming the request field when :class:`SamplingSettings` refuses a value."""
     values, params = {}, {}
@@ -182,6 +196,8 @@ def _sampling(body: dict) -> tuple[SamplingSettings, int | None]:
         raise ApiError(400, f"{params[err.name]} {err.problem}", param=params[err.name]) from None
     for name, param in params.items():
         low, high = API_BOUNDS.get(param, (None, None))
+        if param in ("max_tokens", "max_completion_tokens"):
+            low = min_tokens  # 0 with echo: only the prompt is scored
         value = values[name]
         if (low is not None and value < low) or (high is not None and value > high):
             bounds = f">= {low}" + (f" and <= {high}" if high is not None else "")
@@ -305,18 +321,21 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 def response_body(kind: str, head: dict, texts: list[str], reasons: list[str],
                   usage_: dict, reasonings: list[str] | None = None,
-                  tool_calls: list[list[dict]] | None = None) -> dict:
+                  tool_calls: list[list[dict]] | None = None,
+                  logprobs: list[dict | None] | None = None) -> dict:
     """The whole (non-streamed) answer; ``head``: id, created and model; ``reasonings`` and
-    ``tool_calls`` of each chat choice, where the model produced them."""
+    ``tool_calls`` of each chat choice, where the model produced them; ``logprobs``: each
+    choice's, from :func:`logprobs_body`."""
+    logprobs = logprobs or [None] * len(texts)
     if kind == "chat":
         reasonings = reasonings or [""] * len(texts)
         tool_calls = tool_calls or [[] for _ in texts]
         choices = [{"index": i, "message": _reply_message(text, reasonings[i], tool_calls[i]),
-                    "logprobs": None, "finish_reason": reason}
+                    "logprobs": logprobs[i], "finish_reason": reason}
                    for i, (text, reason) in enumerate(zip(texts, reasons))]
         return {**_opening(head, "chat.completion"), "choices": choices, "usage": usage_}
-    choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-               for i, (text, reason) in enumerate(zip(texts, reasons))]
+    choices = [{"index": i, "text": text, "logprobs": lp, "finish_reason": reason}
+               for i, (text, reason, lp) in enumerate(zip(texts, reasons, logprobs))]
     return {**_opening(head, "text_completion"), "choices": choices, "usage": usage_}
 
 
@@ -332,9 +351,10 @@ def _reply_message(text: str, reasoning: str, tool_calls: list[dict]) -> dict:
 def chunk_body(kind: str, head: dict, index: int, *, text: str | None = None,
                role: bool = False, finish_reason: str | None = None,
                include_usage: bool = False, reasoning: str | None = None,
-               tool_calls: list[dict] | None = None) -> dict:
-    """One streamed piece of choice ``index``: its role (chat, first), text, reasoning
-    (``reasoning_content``), tool calls (each whole, with its ``index``), or finish reason."""
+               tool_calls: list[dict] | None = None, logprobs: dict | None = None) -> dict:
+    """One streamed piece of choice ``index``: its role (chat, first), text (with the
+    ``logprobs`` of its tokens), reasoning (``reasoning_content``), tool calls (each whole, with
+    its ``index``), or finish reason."""
     if kind == "chat":
         delta: dict = {"role": "assistant", "content": ""} if role else {}
         if reasoning:
@@ -343,11 +363,11 @@ def chunk_body(kind: str, head: dict, index: int, *, text: str | None = None,
             delta["content"] = text
         if tool_calls:
             delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(tool_calls)]
-        choice = {"index": index, "delta": delta, "logprobs": None,
+        choice = {"index": index, "delta": delta, "logprobs": logprobs,
                   "finish_reason": finish_reason}
         body = {**_opening(head, "chat.completion.chunk"), "choices": [choice]}
     else:
-        choice = {"index": index, "text": text or "", "logprobs": None,
+        choice = {"index": index, "text": text or "", "logprobs": logprobs,
                   "finish_reason": finish_reason}
         body = {**_opening(head, "text_completion"), "choices": [choice]}
     if include_usage:  # every chunk but the last carries "usage": null (OpenAI's convention)
@@ -364,3 +384,26 @@ def usage_chunk_body(kind: str, head: dict, usage_: dict) -> dict:
 def _opening(head: dict, obj: str) -> dict:
     """id, object, created, model: the fields every response starts with, in OpenAI's order."""
     return {"id": head["id"], "object": obj, "created": head["created"], "model": head["model"]}
+
+
+def logprobs_body(kind: str, entries: Sequence[TokenLogprob], token_text: Callable[[int], str],
+                  offset: int = 0) -> dict:
+    """A choice's ``logprobs`` object for tokens ``entries``: chat's ``{"content": [...]}``, or
+    text completions' parallel lists, ``text_offset`` counted in characters from ``offset``."""
+    if kind == "chat":
+        return {"content": [{**_token_json(e.token, e.logprob, token_text),
+                             "top_logprobs": [_token_json(t, lp, token_text) for t, lp in e.top]}
+                            for e in entries], "refusal": None}
+    tokens = [token_text(e.token) for e in entries]
+    offsets = list(accumulate((len(t) for t in tokens[:-1]), initial=offset))[:len(tokens)]
+    # OpenAI's legacy top_logprobs also holds the chosen token; the first prompt token has none.
+    tops = [None if e.logprob is None else
+            {**{token_text(t): lp for t, lp in e.top}, tokens[i]: e.logprob}
+            for i, e in enumerate(entries)]
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": tops, "text_offset": offsets}
+
+
+def _token_json(token: int, logprob: float, token_text: Callable[[int], str]) -> dict:
+    text = token_text(token)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}

@@ -215,6 +215,14 @@ class Scheduler:
                                          logits.device)
         self.active.append(ticket)
         ticket.events.put(ADMITTED)
+        generation = ticket.generation
+        deltas = generation.start()  # echo: the prompt comes first
+        if job.settings.max_new_tokens == 0:  # echo alone: only the prompt is scored
+            deltas += generation.end("length")
+        if deltas:
+            ticket.events.put(deltas)
+        if generation.finished:
+            self._release(ticket)
 
     def _step(self) -> None:
         """Sample a token for every running request, then decode the rows still running."""

@@ -1,7 +1,8 @@
 """The HTTP side of ``gptforge serve``, on the standard library's ``http.server``.
 
-Routes: ``GET /health`` (no key needed, for probes: status, queue depth, running requests),
-``GET /metrics`` (Prometheus text format, ``metrics.py``), ``GET /v1/models`` and
+Routes: ``GET /`` (the web chat page, ``static/chat.html``; no key needed, it holds no data and
+its API calls send the key), ``GET /health`` (no key needed, for probes: status, queue depth,
+running requests), ``GET /metrics`` (Prometheus text format, ``metrics.py``), ``GET /v1/models`` and
 ``/v1/models/{id}``, ``POST /v1/chat/completions``, ``POST /v1/completions``. Every error is
 OpenAI's error JSON with its status; a bug is a 500 whose traceback goes to the server log only.
 Each request is logged in one line: method, path, status, tokens (prompt+completion), seconds.
@@ -41,6 +42,7 @@ import time
 import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
 from urllib.parse import urlsplit
 
 from gptforge import __version__
@@ -60,12 +62,15 @@ MAX_QUEUE = 128  # requests waiting for a row before more get 429
 CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 CLIENT_CLOSED = 499  # nginx's status for a request the client gave up on (logged, never sent)
 ROUTES = {  # path: (method, handler method)
+    "/": ("GET", "_page"),
     "/health": ("GET", "_health"),
     "/metrics": ("GET", "_metrics"),
     "/v1/models": ("GET", "_models"),
     "/v1/chat/completions": ("POST", "_chat"),
     "/v1/completions": ("POST", "_completions"),
 }
+
+KEYLESS = {"/health", "/"}  # routes answered without the API key
 
 
 class ModelServer(ThreadingHTTPServer):
@@ -218,7 +223,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             method, name = ROUTES[path]
         else:
             raise ApiError(404, f"Invalid URL ({self.command} {path})", code="not_found")
-        if path != "/health":
+        if path not in KEYLESS:
             self._check_key()
         allowed = "GET, HEAD" if method == "GET" else method
         if self.command not in allowed.split(", "):
@@ -243,6 +248,19 @@ class RequestHandler(BaseHTTPRequestHandler):
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     # -- routes ------------------------------------------------------------------------------
+
+    def _page(self) -> None:
+        page = resources.files("gptforge.serve").joinpath("static/chat.html").read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(page)))
+        self.send_header("Content-Security-Policy", "default-src 'self'; "
+                                                    "style-src 'unsafe-inline'; "
+                                                    "script-src 'unsafe-inline'")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(page)
+        self.status = 200
 
     def _health(self) -> None:
         queued, running, rows = self.server.scheduler.load()
@@ -306,11 +324,12 @@ class RequestHandler(BaseHTTPRequestHandler):
             self._client_went_away()
             return
         usage = protocol.usage(generation.prompt_tokens, generation.completion_tokens)
+        logprobs = [generation.logprobs_body(i) for i in range(len(generation.texts))]
         self._send_json(200, protocol.response_body(generation.job.request.kind, head,
                                                     generation.texts,
                                                     generation.finish_reasons, usage,
                                                     generation.reasonings,
-                                                    generation.tool_calls))
+                                                    generation.tool_calls, logprobs))
 
     def _stream(self, ticket: Ticket, head: dict) -> None:
         generation = ticket.generation
@@ -331,12 +350,13 @@ class RequestHandler(BaseHTTPRequestHandler):
                     self._event(protocol.chunk_body(kind, head, i, role=True,
                                                     include_usage=with_usage))
             for delta in ticket.deltas():
-                if delta.text or delta.reasoning or delta.tool_calls:
+                if delta.text or delta.reasoning or delta.tool_calls or delta.logprobs:
                     self._event(protocol.chunk_body(kind, head, delta.index,
                                                     text=delta.text or None,
                                                     reasoning=delta.reasoning,
                                                     tool_calls=list(delta.tool_calls),
-                                                    include_usage=with_usage))
+                                                    include_usage=with_usage,
+                                                    logprobs=generation.delta_logprobs(delta)))
                 if delta.finish_reason:
                     self._event(protocol.chunk_body(kind, head, delta.index,
                                                     finish_reason=delta.finish_reason,
