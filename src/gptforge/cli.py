@@ -19,6 +19,7 @@ from gptforge.errors import GptforgeError
 # Order is the order shown in ``gptforge --help``.
 COMMANDS = ("prepare", "tokenizer", "train", "sft", "dpo", "generate", "chat", "serve",
             "eval", "export", "plot",
+            "report",
             "sweep",
             "plan")
 
