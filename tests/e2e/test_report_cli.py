@@ -16,15 +16,15 @@ from gptforge.model.config import ModelConfig
 from gptforge.model.gpt import GPT
 from tests.conftest import prepare_corpus
 
-TINY = ["runtime.progress=false", "runtime.device=cpu", "train.max_steps=20",
-        "train.eval_interval=10", "train.sample_tokens=0"]
+TINY = ["runtime.progress=false", "runtime.device=cpu", "train.max_steps=10",
+        "train.eval_interval=5", "train.sample_tokens=0"]
 SECTIONS = ("Config", "Data and tokenizer", "Model", "Time and tokens", "Losses", "Curves",
             "On track?", "Eval scores", "Samples", "Machine")
 
 
 @pytest.fixture(scope="module")
 def run_and_evals(tmp_path_factory):
-    """A tiny run (evaluated at steps 0, 10, 20) and a HellaSwag-style eval of it."""
+    """A tiny run (evaluated at steps 0, 5, 10) and a HellaSwag-style eval of it."""
     root = tmp_path_factory.mktemp("report")
     data = prepare_corpus(root, 200)
     run = root / "run"
@@ -72,11 +72,13 @@ def test_report_of_a_tiny_run_holds_every_section_and_the_right_numbers(run_and_
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32,
                       vocab_size=vocab["tokenizer"]["vocab_size"])
     assert f"| parameters | {GPT(cfg).num_params():,} " in markdown
+    assert f"\n{GPT(cfg).num_params() / 1e6:.2f}M parameters, 10 steps, 1,280 tokens in " \
+        in markdown  # the lead paragraph: 10 steps of 4 x 32 tokens
     # The final val loss is metrics.jsonl's last evaluation (step 20).
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in lines if "val_loss" in r]
-    assert [r["step"] for r in evals] == [0, 10, 20]
-    assert f"| final val loss | {evals[-1]['val_loss']:.4f} (step 20) |" in markdown
+    assert [r["step"] for r in evals] == [0, 5, 10]
+    assert f"| final val loss | {evals[-1]['val_loss']:.4f} (step 10) |" in markdown
     best = min(evals, key=lambda r: r["val_loss"])
     assert f"| best val loss | {best['val_loss']:.4f} (step {best['step']}) |" in markdown
     # The eval scores, with the published GPT-2 figures beside HellaSwag's acc_norm.
@@ -104,6 +106,40 @@ def test_report_without_matplotlib_says_the_plots_were_skipped(run_and_evals, tm
     assert "Plots skipped: matplotlib is not installed" in markdown
     assert "<img" not in page and not (out / "curves.png").exists()
     assert "Samples left out (--samples 0)." in markdown
+
+
+@pytest.mark.slow
+def test_eval_files_with_several_tasks_core_and_lm(run_and_evals, tmp_path):
+    """The other shapes `gptforge eval --out` writes: a "tasks" list, "core", "lm"."""
+    tasks = [{"task": "arc.jsonl", "format": "arc", "acc": 0.3125, "acc_stderr": 0.01,
+              "acc_norm": 0.375, "acc_norm_stderr": 0.02, "examples": 16},
+             {"task": "gsm.jsonl", "format": "gsm8k", "exact_match": 0.0625,
+              "exact_match_stderr": 0.03, "pass@4": 0.1875}]
+    data = {"checkpoint": "x", "step": 20, "tasks": tasks,
+            "core": {"core": 0.0417, "tasks": []},
+            "lm": {"data": "prepared", "loss": 3.25, "perplexity": 25.79, "bits_per_byte": 4.69}}
+    path = tmp_path / "several.json"
+    path.write_text(json.dumps(data))
+    markdown = make_report(run_and_evals[0], tmp_path, "--eval", path, "--samples", "0")[0]
+    for row in ("| arc.jsonl | acc | 0.3125 ± 0.0100 |", "| arc.jsonl | acc_norm | 0.3750",
+                "| gsm.jsonl | exact_match | 0.0625 ± 0.0300 |", "| gsm.jsonl | pass@4 | 0.1875 |",
+                "| CORE-style aggregate | core | 0.0417 | GPT-2 1.5B 0.2565 [1] |",
+                "| prepared | loss | 3.2500 |", "| prepared | bits_per_byte | 4.6900 |"):
+        assert row in markdown, row
+    assert "[1] GPT-2 1.5B" in markdown and "nanochat" in markdown
+
+
+def test_samples_logged_to_tensorboard_are_read_back(tmp_path):
+    summary = pytest.importorskip("torch.utils.tensorboard")
+    pytest.importorskip("tensorboard")
+    from gptforge.eval.report_card import logged_samples
+
+    writer = summary.SummaryWriter(log_dir=str(tmp_path / "tb"))
+    writer.add_text("sample", "ROMEO: first", 100)
+    writer.add_text("sample", "ROMEO: second\nline", 200)
+    writer.close()
+    assert logged_samples(tmp_path) == [(100, "ROMEO: first"), (200, "ROMEO: second\nline")]
+    assert logged_samples(tmp_path / "nowhere") == []
 
 
 def _eval_file(tmp_path, name, content):

@@ -86,6 +86,7 @@ class Section:
 @dataclass
 class Report:
     title: str
+    lead: str  # one paragraph under the title: the figures a reader wants first
     sections: list[Section]
 
 
@@ -105,7 +106,25 @@ def build_report(run_dir: str | Path, eval_paths: list[str | Path] = (), *,
                 _curves_section(run, reference), _reference_section(run, config, reference),
                 _eval_section(evals), _samples_section(run_dir, config, samples),
                 _machine_section(config)]
-    return Report(f"Report card: {run_dir.resolve().name}", sections)
+    return Report(f"Report card: {run_dir.resolve().name}", _lead(model_cfg, run, reference),
+                  sections)
+
+
+def _lead(model_cfg: ModelConfig, run: Run, reference) -> str:
+    with torch.device("meta"):
+        params = GPT(model_cfg).num_params()
+    summary, losses = curves.summarize(run, smoothing=0.0), final_losses(run)
+    seconds = _last(run, "elapsed_sec")
+    parts = [f"{params / 1e6:.2f}M parameters, {summary.last_step:,} steps"]
+    if summary.tokens is not None:
+        parts.append(f"{summary.tokens:,} tokens")
+    text = ", ".join(parts) + (f" in {_duration(seconds)}" if seconds is not None else "")
+    if losses["final_val"] is not None:
+        text += (f"; final val loss {losses['final_val']:.4f}, best {losses['best_val']:.4f} "
+                 f"at step {losses['best_val_step']:,}")
+    if reference is not None:
+        text += f". Against the stored reference: {references.compare(run, reference.run).status}"
+    return text + "."
 
 
 # --- config, data, model ---------------------------------------------------------------------
@@ -444,7 +463,7 @@ def _machine_section(config: dict) -> Section:
 # --- rendering -------------------------------------------------------------------------------
 
 def render_markdown(report: Report) -> str:
-    lines = [f"# {report.title}", ""]
+    lines = [f"# {report.title}", "", report.lead, ""]
     for section in report.sections:
         lines += [f"## {section.title}", ""]
         for block in section.blocks:
@@ -478,7 +497,7 @@ def render_html(report: Report) -> str:
     """One HTML page with everything inline (style, images as base64): no external asset."""
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              f"<title>{html.escape(report.title)}</title><style>{STYLE}</style></head><body>",
-             f"<h1>{html.escape(report.title)}</h1>"]
+             f"<h1>{html.escape(report.title)}</h1>", f"<p>{_html_text(report.lead)}</p>"]
     for section in report.sections:
         parts.append(f"<h2>{html.escape(section.title)}</h2>")
         parts += [_html_block(block) for block in section.blocks]
