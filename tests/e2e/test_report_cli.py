@@ -217,7 +217,7 @@ def test_plot_reference_overlays_the_stored_curve(run_and_evals, tmp_path, capsy
     from gptforge.metrics import plotting
 
     run = curves.read_run(run_and_evals[0])
-    ref = references.load_reference("shakespeare_char")
+    ref = references.load_reference("tiny")
     fig = plotting.draw([run], ["loss", "val_loss"], smoothing=0.0, reference=ref.run)
     drawn = [(list(line.get_xdata()), list(line.get_ydata())) for line in fig.axes[0].lines]
     series = curves.series(ref.run, "val_loss")
@@ -227,8 +227,7 @@ def test_plot_reference_overlays_the_stored_curve(run_and_evals, tmp_path, capsy
     out = tmp_path / "p.png"
     assert main(["plot", str(run_and_evals[0]), "--out", str(out), "--reference"]) == 1
     assert "no stored reference curve matches" in capsys.readouterr().err
-    assert main(["plot", str(run_and_evals[0]), "--out", str(out), "--reference",
-                 "shakespeare_char"]) == 0
+    assert main(["plot", str(run_and_evals[0]), "--out", str(out), "--reference", "tiny"]) == 0
     stdout = capsys.readouterr().out
-    assert "reference: shakespeare_char" in stdout and "run: " in stdout
+    assert "reference: tiny" in stdout and "run: " in stdout and "the tiny reference's" in stdout
     assert out.read_bytes()[:4] == b"\x89PNG"
