@@ -25,6 +25,7 @@ import base64
 import html
 import io
 import json
+import logging
 import os
 import platform
 import sys
@@ -395,6 +396,9 @@ def logged_samples(run_dir: Path) -> list[tuple[int, str]]:
         from tensorboard.util.tensor_util import make_ndarray
     except ImportError:
         return []
+    tb_log = logging.getLogger("tensorboard")
+    if tb_log.level == logging.NOTSET:  # its INFO lines ("No path found after ...") are noise
+        tb_log.setLevel(logging.WARNING)
     events = EventAccumulator(str(tb), size_guidance={"tensors": 0})
     events.Reload()
     tags = [t for t in events.Tags().get("tensors", []) if t.startswith("sample")]
