@@ -18,7 +18,7 @@ from gptforge.errors import GptforgeError
 
 # Order is the order shown in ``gptforge --help``.
 COMMANDS = ("prepare", "tokenizer", "train", "sft", "dpo", "generate", "chat", "serve",
-            "eval", "export", "import", "plot", "sweep", "plan")
+            "eval", "report", "export", "import", "plot", "sweep", "plan")
 MODULES = {"import": "import_hf"}  # a command whose module name differs ("import": a keyword)
 
 

@@ -24,6 +24,7 @@ TITLES = {"loss": "loss", "lr": "learning rate", "grad_norm": "gradient norm (be
           "val_ppl": "validation perplexity"}
 EVENT_STYLES = {"rollback": "-.", "skip": ":"}
 RAW_ALPHA = 0.25  # the unsmoothed curve, drawn faintly behind the smoothed one
+REFERENCE_COLOUR = "0.15"
 
 
 def _matplotlib():
@@ -40,6 +41,15 @@ def _matplotlib():
     return Figure, FigureCanvasAgg
 
 
+def available() -> bool:
+    """Whether matplotlib can be imported (callers that can do without the figure ask first)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def check_out(out: Path) -> None:
     """Refuse an output the figure cannot be written to, before any work is done."""
     if out.suffix.lower() not in FORMATS:
@@ -52,8 +62,11 @@ def check_out(out: Path) -> None:
 
 
 def draw(runs: list[Run], metrics: list[str], *, x: str = "step", smoothing: float = 0.6,
-         log_y: bool = False, title: str | None = None):
-    """A matplotlib Figure of ``metrics`` for ``runs``; panels as :func:`curves.panels` groups."""
+         log_y: bool = False, title: str | None = None, reference: Run | None = None):
+    """A matplotlib Figure of ``metrics`` for ``runs``; panels as :func:`curves.panels` groups.
+
+    ``reference`` (a stored reference curve, :mod:`gptforge.metrics.references`) is drawn like
+    one more run, in near-black so that it stands apart from the runs' colours."""
     Figure, FigureCanvasAgg = _matplotlib()
     groups = curves.panels(metrics)
     fig = Figure(figsize=(12, 1.2 + 3.4 * math.ceil(len(groups) / 2)) if len(groups) > 1
@@ -61,6 +74,9 @@ def draw(runs: list[Run], metrics: list[str], *, x: str = "step", smoothing: flo
     FigureCanvasAgg(fig)
     axes = _layout(fig, len(groups))
     colours = _colours(len(runs))
+    titled = runs
+    if reference is not None:
+        runs, colours = [*runs, reference], [*colours, REFERENCE_COLOUR]
     divisor, x_label = _x_scale(runs, x)
     for ax, group in zip(axes, groups):
         for run, colour in zip(runs, colours):
@@ -73,7 +89,7 @@ def draw(runs: list[Run], metrics: list[str], *, x: str = "step", smoothing: flo
     for ax in axes[-2:] if len(axes) > 1 else axes:
         ax.set_xlabel(x_label)
     _legend(axes[0], runs, colours, groups[0], smoothing)
-    fig.suptitle(title if title is not None else " vs ".join(run.name for run in runs))
+    fig.suptitle(title if title is not None else " vs ".join(run.name for run in titled))
     return fig
 
 
