@@ -17,7 +17,7 @@ import sys
 from gptforge.errors import GptforgeError
 
 # Order is the order shown in ``gptforge --help``.
-COMMANDS = ("prepare", "tokenizer", "train", "sft", "dpo", "generate", "chat", "serve",
+COMMANDS = ("prepare", "tokenizer", "train", "sft", "dpo", "rl", "generate", "chat", "serve",
             "eval", "export", "plot")
 
 
