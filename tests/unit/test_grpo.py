@@ -110,6 +110,7 @@ def test_exact_reward_extracts_numbers_and_text():
     assert exact_answer("", "191", {"answer": "19"}) == 0.0
     assert exact_answer("", " Paris.", {"answer": "paris"}) == 1.0
     assert exact_answer("", "", {"answer": "19"}) == 0.0
+    assert exact_answer("", "le chat", {"answer": ["chat", "le chat"]}) == 1.0
 
 
 def test_format_reward_and_bad_specs(tmp_path):

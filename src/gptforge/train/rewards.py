@@ -35,11 +35,15 @@ RewardFn = Callable[[object, str, dict], float]
 
 
 def exact_answer(prompt, completion: str, example: dict) -> float:
-    """1.0 if ``completion`` holds the record's ``answer`` (see the module docstring)."""
-    reference = str(example["answer"])
-    how = "number" if normalize_number(reference.strip()) is not None else "text"
-    expected = extract_answer(reference, how)
-    return float(expected is not None and extract_answer(completion, how) == expected)
+    """1.0 if ``completion`` holds the record's ``answer``, or one of them when it is a list of
+    accepted answers (as in ``gptforge eval`` task files; see the module docstring)."""
+    answers = example["answer"] if isinstance(example["answer"], list) else [example["answer"]]
+    for reference in map(str, answers):
+        how = "number" if normalize_number(reference.strip()) is not None else "text"
+        expected = extract_answer(reference, how)
+        if expected is not None and extract_answer(completion, how) == expected:
+            return 1.0
+    return 0.0
 
 
 def format_reward(pattern: str) -> RewardFn:
