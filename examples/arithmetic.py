@@ -23,7 +23,6 @@ import gptforge
 from gptforge.cli import main as gptforge_main
 from gptforge.data import synthetic
 
-
 RL_STEPS = 60
 RL_SETTINGS = ["rl.group_size=8", "rl.max_new_tokens=6", "rl.temperature=1.0",
                "train.batch_size=8", "optim.lr=1e-4", "train.log_interval=10"]
