@@ -21,7 +21,7 @@ DATA = {"sft": "finetune.data=data.jsonl", "dpo": "finetune.data=data.jsonl",
 def register_stage(subparsers, kind: str) -> None:
     p = subparsers.add_parser(
         kind, help=HELP[kind],
-        description=f"{HELP[kind].capitalize()}. Example: gptforge {kind} "
+        description=f"{HELP[kind][0].upper()}{HELP[kind][1:]}. Example: gptforge {kind} "
                     f"init_from=runs/base {DATA[kind]} [lora.rank=8]")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides, and init_from=CHECKPOINT")
