@@ -17,8 +17,8 @@ import sys
 from gptforge.errors import GptforgeError
 
 # Order is the order shown in ``gptforge --help``.
-COMMANDS = ("prepare", "tokenizer", "train", "sft", "dpo", "generate", "chat", "serve",
-            "eval", "report", "export", "import", "plot", "sweep", "plan")
+COMMANDS = ("prepare", "tokenizer", "train", "sft", "dpo", "rl", "generate", "chat",
+            "serve", "eval", "report", "export", "import", "plot", "sweep", "plan")
 MODULES = {"import": "import_hf"}  # a command whose module name differs ("import": a keyword)
 
 

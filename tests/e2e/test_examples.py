@@ -19,7 +19,7 @@ def test_arithmetic_example_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     header = lines.index("held-out chat accuracy (100 problems, greedy, exact answer):")
-    stages = [line.split()[0] for line in lines[header + 1:header + 4]]
-    assert stages == ["pretrained", "after", "after"]
-    for run in ("base", "sft", "dpo"):
+    stages = [line.split()[0] for line in lines[header + 1:header + 5]]
+    assert stages == ["pretrained", "after", "after", "after"]
+    for run in ("base", "sft", "dpo", "rl"):
         assert (tmp_path / run / "latest").is_file()

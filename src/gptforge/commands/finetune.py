@@ -1,24 +1,28 @@
-"""``gptforge sft`` and ``gptforge dpo``: fine-tune a checkpoint on conversations or preferences.
+"""``gptforge sft``, ``dpo`` and ``rl``: fine-tune a checkpoint on conversations, preferences
+or rewarded rollouts.
 
-Both are the training loop of ``gptforge train`` with another stage (see
-:mod:`gptforge.train.finetune`); they take the same ``-c``, ``--resume``, ``--overwrite`` and
-``section.key=value`` options, plus ``init_from=CHECKPOINT``.
+Each is the training loop of ``gptforge train`` with another stage (see
+:mod:`gptforge.train.finetune` and :mod:`gptforge.train.rl`); they take the same ``-c``,
+``--resume``, ``--overwrite`` and ``section.key=value`` options, plus ``init_from=CHECKPOINT``.
 """
 
 from __future__ import annotations
 
 import argparse
 
-PRESETS = {"sft": "sft", "dpo": "dpo"}
+PRESETS = {"sft": "sft", "dpo": "dpo", "rl": "rl"}
 HELP = {"sft": "supervised fine-tuning on conversations (loss on assistant tokens only)",
-        "dpo": "direct preference optimisation on chosen/rejected answer pairs"}
+        "dpo": "direct preference optimisation on chosen/rejected answer pairs",
+        "rl": "reinforcement learning (GRPO) on prompts with a verifiable reward"}
+DATA = {"sft": "finetune.data=data.jsonl", "dpo": "finetune.data=data.jsonl",
+        "rl": "rl.data=prompts.jsonl rl.reward=exact"}
 
 
 def register_stage(subparsers, kind: str) -> None:
     p = subparsers.add_parser(
         kind, help=HELP[kind],
-        description=f"{HELP[kind].capitalize()}. Example: gptforge {kind} "
-                    f"init_from=runs/base finetune.data=data.jsonl [lora.rank=8]")
+        description=f"{HELP[kind][0].upper()}{HELP[kind][1:]}. Example: gptforge {kind} "
+                    f"init_from=runs/base {DATA[kind]} [lora.rank=8]")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides, and init_from=CHECKPOINT")
     p.add_argument("-c", "--config", help=f"TOML file or preset name (default: {PRESETS[kind]})")
@@ -34,9 +38,12 @@ def run(args: argparse.Namespace, kind: str) -> int:
     from gptforge.config.loader import override_keys
     from gptforge.train.finetune import STAGES
     from gptforge.train.launch import train
+    from gptforge.train.rl import ReinforcementLearning
 
     cfg = resolve(args, PRESETS[kind])
     if cfg is None:
         return 0
-    stage = STAGES[kind](model_overrides=override_keys(args.overrides, "model"))
+    overrides = override_keys(args.overrides, "model")
+    stage = ReinforcementLearning(model_overrides=overrides) if kind == "rl" \
+        else STAGES[kind](model_overrides=overrides)
     return train(cfg, resume=bool(args.resume), overwrite=args.overwrite, stage=stage)

@@ -27,6 +27,7 @@ ScheduleName = Literal["cosine", "wsd", "linear", "constant"]
 WeightDecaySchedule = Literal["constant", "follow_lr", "linear"]
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 ParallelStrategy = Literal["ddp", "fsdp"]
+ChatSetting = Literal["auto", "true", "false"]
 
 
 def choices(kind) -> tuple[str, ...]:
@@ -268,6 +269,54 @@ class DpoConfig:
 
 
 @dataclass(frozen=True)
+class RlConfig(_Section):
+    config_section = "rl"
+
+    data: str = ""
+    """Prompt files for ``gptforge rl``: comma-separated .jsonl/.json of ``{"prompt": str or
+    messages, "answer": ...}`` (or ``{"messages": [...]}``, a last assistant turn being the
+    answer). ``train.batch_size`` prompts are drawn per micro-batch."""
+    group_size: int = 8
+    """Answers sampled per prompt (G); advantages are normalised within each group (>= 2)."""
+    reward: str = "exact"
+    """``exact`` (the extracted answer equals the record's ``answer``), ``format`` (the
+    completion matches ``rl.format_pattern``), or a function ``module.path:name`` or
+    ``file.py:name`` called as ``f(prompt, completion, example) -> float``."""
+    format_pattern: str = ""
+    """Regular expression for ``rl.reward=format`` (``re.search``; anchor with ^ and $)."""
+    max_new_tokens: int = 32
+    """Longest sampled completion in tokens; the prompt keeps the rest of the context window."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts (> 0: the group needs different answers)."""
+    top_k: int = 0
+    """Sample among the k likeliest tokens only (0 = all)."""
+    clip_eps: float = 0.2
+    """PPO clip range: the policy ratio counts only within [1 - eps, 1 + eps]."""
+    kl_coef: float = 0.0
+    """Weight of the KL penalty to a frozen copy of the starting model (0 = no reference)."""
+    ppo_epochs: int = 1
+    """Optimizer steps taken on each batch of rollouts before sampling new ones."""
+    advantage_eps: float = 1e-4
+    """Added to the group's reward standard deviation before dividing by it."""
+    chat: ChatSetting = "auto"
+    """Render prompts with the chat template: auto = when the records are message lists or the
+    starting checkpoint was fine-tuned (sft/dpo/rl)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.group_size < 2:
+            raise ValueError(f"rl.group_size must be >= 2 (advantages compare the answers to "
+                             f"one prompt), got {self.group_size}")
+        if not self.temperature > 0:
+            raise ValueError(f"rl.temperature must be > 0, got {self.temperature}")
+        if self.ppo_epochs < 1 or self.max_new_tokens < 1 or self.top_k < 0:
+            raise ValueError("rl.ppo_epochs and rl.max_new_tokens must be >= 1, rl.top_k >= 0")
+        if not 0 < self.clip_eps < 1 or self.kl_coef < 0 or not self.advantage_eps > 0:
+            raise ValueError("rl.clip_eps must be in (0, 1), rl.kl_coef >= 0, "
+                             "rl.advantage_eps > 0")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -278,3 +327,4 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
+    rl: RlConfig = field(default_factory=RlConfig)

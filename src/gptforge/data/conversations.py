@@ -47,7 +47,7 @@ class BadRecord(Exception):
 def read_conversations(paths: list[str]) -> list[list[dict]]:
     """Every conversation in ``paths``, each a list of {"role", "content"} messages."""
     conversations = []
-    for where, record in _records(paths):
+    for where, record in read_records(paths):
         try:
             conversations.append(_conversation(record))
         except BadRecord as err:
@@ -58,7 +58,7 @@ def read_conversations(paths: list[str]) -> list[list[dict]]:
 def read_preferences(paths: list[str]) -> list[dict]:
     """Every preference record in ``paths`` as {"prompt", "chosen", "rejected"} message lists."""
     records = []
-    for where, record in _records(paths):
+    for where, record in read_records(paths):
         try:
             records.append(_preference(record))
         except BadRecord as err:
@@ -68,7 +68,7 @@ def read_preferences(paths: list[str]) -> list[dict]:
 
 # ---- files -> raw records ------------------------------------------------------------------
 
-def _records(paths: list[str]) -> Iterator[tuple[str, object]]:
+def read_records(paths: list[str]) -> Iterator[tuple[str, object]]:
     """``(where, record)`` for every record of every file, ``where`` as ``path:line``."""
     if isinstance(paths, (str, Path)):
         paths = [paths]

@@ -2,7 +2,8 @@
 
 The training loop is the same for pretraining and later stages; what differs is the batch and the
 objective: :class:`LanguageModeling` (pretraining), :class:`MaskedLanguageModeling` (SFT: only
-the assistant's tokens count) and :class:`DirectPreference` (DPO on preference pairs). An
+the assistant's tokens count), :class:`DirectPreference` (DPO on preference pairs) and
+:class:`GroupRelativePolicy` (GRPO on sampled answers scored by a reward). An
 objective is a callable ``(model, batch) -> (loss, n_tokens)``: the mean loss over the tokens that
 count, and how many tokens those were. ``batch`` is the tuple of tensors the stage's loader yields
 (``(x, y)`` for language modelling). An objective may also keep a dict of floats in
@@ -180,3 +181,96 @@ class DirectPreference(Objective):
 
     def loss_terms(self, batch: tuple[torch.Tensor, ...]) -> int:
         return batch[0].size(0)  # the loss is a mean over pairs
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's advantages: each reward minus its group's mean, divided by the group's standard
+    deviation (+ ``eps``). ``rewards`` (N * G,) holds the G answers to each prompt in a row; the
+    standard deviation is the sample one (n - 1), as TRL's GRPOTrainer computes it. A group whose
+    answers all scored alike gets advantages of 0: it says nothing about which answer is better."""
+    groups = rewards.float().view(-1, group_size)  # (N, G)
+    mean = groups.mean(dim=1, keepdim=True)
+    std = groups.std(dim=1, keepdim=True)
+    return ((groups - mean) / (std + eps)).flatten()
+
+
+def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                        clip_eps: float) -> torch.Tensor:
+    """PPO's clipped surrogate per token (Schulman et al. 2017, https://arxiv.org/abs/1707.06347),
+    negated to be minimised: ``-min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)`` with
+    ``ratio = exp(logp - old_logp)``. Shapes (B, T), ``advantages`` broadcast from (B, 1)."""
+    ratio = torch.exp(logp - old_logp)
+    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    return -torch.minimum(ratio * advantages, clipped * advantages)
+
+
+def k3_kl(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """The per-token KL estimate GRPO uses (Schulman's "k3", http://joschu.net/blog/kl-approx.html):
+    ``exp(ref - new) - (ref - new) - 1``, never negative, unbiased for KL(policy || reference)."""
+    delta = ref_logp - logp
+    return torch.exp(delta) - delta - 1.0
+
+
+class GroupRelativePolicy(Objective):
+    """Group Relative Policy Optimization (Shao et al. 2024, "DeepSeekMath",
+    https://arxiv.org/abs/2402.03300).
+
+    For every prompt a group of answers is sampled and scored by a reward; an answer's advantage
+    is its reward relative to the group (:func:`group_advantages`), so no value model is needed.
+    Every token of an answer carries its advantage in PPO's clipped objective
+    (:func:`clipped_policy_loss`), optionally plus ``kl_coef`` times the k3 KL estimate to a
+    frozen ``reference`` (:func:`k3_kl`). The loss is the mean over all answer tokens of the
+    batch (a token-level mean, as in DAPO, Yu et al. 2025: long answers are not down-weighted).
+
+    The batch is ``(x, y, advantages, old_logp, rewards, failed)``: ``y`` is IGNORE_INDEX except
+    on answer tokens; ``advantages``, ``rewards`` and ``failed`` (1 = the reward function failed)
+    are per row; ``old_logp`` (B, T) is the sampling policy's log-probability of each target.
+    With one optimisation pass per batch the ratio is 1, and the gradient is that of
+    ``-A * logp``. ``self.metrics`` holds reward, advantage, length, clipping and KL figures.
+    """
+
+    name = "grpo"
+
+    def __init__(self, reference: nn.Module | None = None, clip_eps: float = 0.2,
+                 kl_coef: float = 0.0):
+        if not 0 < clip_eps < 1:
+            raise ValueError(f"GRPO clip_eps must be in (0, 1), got {clip_eps}")
+        if kl_coef < 0 or (kl_coef > 0 and reference is None):
+            raise ValueError("GRPO kl_coef must be >= 0, and > 0 only with a reference model")
+        super().__init__()
+        self.reference = reference.eval().requires_grad_(False) if reference is not None else None
+        self.clip_eps, self.kl_coef = clip_eps, kl_coef
+
+    def __call__(self, model: nn.Module, batch: tuple[torch.Tensor, ...]):
+        x, y, advantages, old_logp, rewards, failed = batch
+        mask = (y != IGNORE_INDEX).float()  # (B, T) answer tokens
+        n_tokens = mask.sum().clamp(min=1)
+        logp = target_log_probs(model(x), y)  # (B, T)
+        aux = aux_loss_of(model)
+        per_token = clipped_policy_loss(logp, old_logp.float(), advantages.float()[:, None],
+                                        self.clip_eps)
+        metrics = {}
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_logp = target_log_probs(self.reference(x), y)
+                aux_loss_of(self.reference)  # clears the reference's MoE losses, if any
+            kl = k3_kl(ref_logp, logp)
+            per_token = per_token + self.kl_coef * kl
+            metrics["kl"] = float((kl.detach() * mask).sum() / n_tokens)
+        loss = (per_token * mask).sum() / n_tokens
+        self.metrics = {**self._rollout_metrics(logp.detach(), old_logp, mask, batch), **metrics}
+        return with_aux_gradient(loss, aux), int(mask.sum())
+
+    def _rollout_metrics(self, logp, old_logp, mask, batch) -> dict[str, float]:
+        _, _, advantages, _, rewards, failed = batch
+        ratio = torch.exp(logp - old_logp.float())
+        clipped = ((ratio - 1).abs() > self.clip_eps).float()
+        return {"reward_mean": float(rewards.float().mean()),
+                "reward_std": float(rewards.float().std()) if rewards.numel() > 1 else 0.0,
+                "advantage_abs": float(advantages.float().abs().mean()),
+                "completion_len": float(mask.sum(dim=1).mean()),
+                "clip_fraction": float((clipped * mask).sum() / mask.sum().clamp(min=1)),
+                "failed_rollouts": float(failed.float().sum())}
+
+    def loss_terms(self, batch: tuple[torch.Tensor, ...]) -> int:
+        return int((batch[1] != IGNORE_INDEX).sum())  # the loss is a mean over answer tokens
