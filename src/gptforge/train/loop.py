@@ -159,7 +159,7 @@ class Trainer:
         # The loss terms (e.g. assistant tokens) of every micro-batch on every rank, counted
         # first: each micro-batch's mean loss then weighs n_i / terms, and the data-parallel
         # gradient average (which divides by the world size) is undone by the factor world_size.
-        batches = [self.train_loader.next_batch() for _ in range(accum)]
+        batches = self._next_batches(accum)
         counts = [self.objective.loss_terms(b) for b in batches]
         terms = max(1, distributed.sum_over_ranks(sum(counts), self.dist, self.precision.device))
         for micro, (batch, n) in enumerate(zip(batches, counts)):
@@ -191,6 +191,15 @@ class Trainer:
         self.state.tokens_seen += accum * inputs * batch[0].numel() * self.world_size
         self.last_metrics = metrics
         return mean_loss, float(grad_norm)
+
+    def _next_batches(self, accum: int) -> list[tuple]:
+        """This rank's micro-batches of the step's global batch. Loaders with ``next_batches``
+        draw the global batch at once, so the data order does not depend on how it is split
+        over processes and micro-batches (``data/loader.py``)."""
+        whole_step = getattr(self.train_loader, "next_batches", None)
+        if whole_step is not None:
+            return whole_step(accum)
+        return [self.train_loader.next_batch() for _ in range(accum)]
 
     def _set_hyperparameters(self) -> None:
         """Learning rate and weight decay of every parameter group for the coming step."""
