@@ -31,6 +31,15 @@ def _nothing_written_to_cwd(_empty_working_directory):
                       "(commands that fail must not leave files behind)")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_directory(tmp_path_factory):
+    """The autotune cache (runtime/autotune.py) goes to a directory of the session's own, never
+    the user's ~/.cache (subprocesses inherit it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     # Tests are tiny; more threads only add contention on the 2-core CI machine.

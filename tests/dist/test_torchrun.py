@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from gptforge.cli import main
-from tests.conftest import prepare_corpus
 from gptforge.metrics.sinks import read_metrics
+from tests.conftest import prepare_corpus
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
@@ -135,3 +135,18 @@ def test_sft_on_two_processes_matches_one(tmp_path):
                  "runtime.threads=1"]) == 0
     torchrun(*sft, f"train.out_dir={tmp_path / 'two'}", "train.batch_size=2")
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+
+
+def test_one_process_with_accumulation_matches_two_processes(tmp_path):
+    """1 process x grad_accum 2 and 2 processes x grad_accum 1 draw the same global batches
+    (data/loader.py), so their losses agree after 40 steps; 58 windows per epoch, so epochs end
+    mid-step (where taking 2 + 2 and 4 windows used to part ways)."""
+    data = f"data.dir={prepare_corpus(tmp_path, 65)}"
+    steps = ["train.max_steps=40", "train.ckpt_interval=40", "train.eval_interval=40"]
+    assert main(["train", *COMMON, *steps, data, f"train.out_dir={tmp_path / 'accum'}",
+                 "train.batch_size=2", "train.grad_accum=2", "runtime.threads=1"]) == 0
+    torchrun("train", *COMMON, *steps, data, f"train.out_dir={tmp_path / 'ranks'}",
+             "train.batch_size=2")
+    accum, ranks = losses(tmp_path / "accum"), losses(tmp_path / "ranks")
+    assert len(accum) == 40
+    assert accum == pytest.approx(ranks, abs=1e-5)

@@ -118,7 +118,7 @@ def test_ranks_split_each_global_batch_disjointly(packing):
     for _ in range(5):
         whole = single.next_batch()[0]
         parts = [loader.next_batch()[0] for loader in ranks]
-        assert torch.equal(parts[0], whole[0::2]) and torch.equal(parts[1], whole[1::2])
+        assert torch.equal(parts[0], whole[:2]) and torch.equal(parts[1], whole[2:])
 
 
 def test_tiny_dataset_runs_into_the_next_epoch():

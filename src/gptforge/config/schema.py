@@ -203,16 +203,21 @@ class RuntimeConfig(_Section):
     """``auto`` (cuda, then mps, then cpu), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
     dtype: DtypeName = "auto"
     """Compute dtype: ``auto``, ``float32``, ``bfloat16`` (autocast) or ``float16`` (autocast +
-    loss scaling). ``auto`` picks bfloat16 on CUDA GPUs that support it and on CPUs with native
-    bf16 (AMX/AVX512-BF16)."""
+    loss scaling). ``auto`` picks bfloat16 on CUDA GPUs that support it (float16 on older ones);
+    on CPU it times a few training steps of bfloat16 (with bf16 or float32 attention) and float32
+    at start-up and keeps the fastest, cached per CPU, model and batch shape
+    (``runtime/autotune.py``). Models under 200k parameters take bfloat16 where the CPU has native
+    bf16 (AMX/AVX512-BF16), else float32."""
     parallel: ParallelStrategy = "ddp"
     """With several processes (torchrun): ``ddp`` (replicate the model) or ``fsdp`` (FSDP2: shard
     parameters, gradients and optimizer state per block)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations during backward instead of storing them: less memory
     (activations no longer grow with depth) for about one extra forward pass of time."""
-    compile: bool = False
-    """Compile the model with ``torch.compile`` (pays off on GPUs; slow first step)."""
+    compile: bool | Literal["auto"] = False
+    """Compile the model with ``torch.compile`` (pays off on GPUs; slow first step). ``auto``
+    times a few steps with and without compiling at start-up and keeps the faster
+    (``runtime/autotune.py``; the answer is cached per device and shape)."""
     threads: int = 0
     """CPU threads for PyTorch (0 = PyTorch's default)."""
     tensorboard: bool = True

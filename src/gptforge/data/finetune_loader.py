@@ -231,9 +231,8 @@ class SFTLoader(_RowLoader):
                      else None)  # padding: row i is example i
         self._start_order(len(self.rows) if packing else len(self.examples))
 
-    def next_batch(self) -> tuple[torch.Tensor, ...]:
-        """The next int64 batch of shape (batch_size, block_size) for this rank."""
-        picked = self._my_items()
+    def _batch_of(self, picked: list[int]) -> tuple[torch.Tensor, ...]:
+        """The int64 batch of shape (len(picked), block_size) of these rows."""
         rows = [self.rows[r] for r in picked] if self.packing else [[r] for r in picked]
         x, y, segment_ids = fill_rows(rows, self.examples, self.block_size, self.pad_id)
         return (x, y, segment_ids) if self.packing else (x, y)
@@ -259,8 +258,8 @@ class PreferenceLoader(_RowLoader):
                 self.dropped += 1
         self._start_order(len(self.chosen))
 
-    def next_batch(self) -> tuple[torch.Tensor, ...]:
-        rows = [[r] for r in self._my_items()]
+    def _batch_of(self, picked: list[int]) -> tuple[torch.Tensor, ...]:
+        rows = [[r] for r in picked]
         cx, cy, _ = fill_rows(rows, self.chosen, self.block_size, self.pad_id)
         rx, ry, _ = fill_rows(rows, self.rejected, self.block_size, self.pad_id)
         return cx, cy, rx, ry

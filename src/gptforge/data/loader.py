@@ -8,13 +8,18 @@ always see the same boundaries.
 The order is a pure function of ``(seed, epoch)``, so a stream's whole state is two integers,
 ``epoch`` and ``position`` (windows consumed so far, counted over all processes). Saving them in a
 checkpoint and loading them back continues the exact same sequence of batches (``EpochOrder``
-does this for any items; ``data/finetune_loader.py`` uses it for its rows). With several
-processes, each global batch is drawn once and rank r takes rows r, r + N, r + 2N, ... of it, so
-ranks never overlap and need not talk to each other.
+does this for any items; ``data/finetune_loader.py`` uses it for its rows).
+
+The order depends on the *global* batch only. One optimizer step draws its whole global batch,
+``batch_size x grad_accum x world_size`` windows, at once (``next_batches``); micro-batch m of rank
+r is then the fixed slice ``[(m * world_size + r) * batch_size, ... + batch_size)`` of it. So one
+process with ``grad_accum=2``, two processes with ``grad_accum=1`` and one process with twice the
+batch see the same windows in every step, and a run moved between world sizes with its global
+batch kept continues the same trajectory. Ranks never overlap and need not talk to each other.
 
 A *mixture* draws each row of a global batch from one of several prepared datasets with given
-weights. The choice for row i of batch b comes from a generator seeded by (seed, b), so it is the
-same on every rank and after a resume.
+weights. The choice for row i of global batch b comes from a generator seeded by (seed, b), so it
+is the same on every rank, in every layout and after a resume.
 """
 
 from __future__ import annotations
@@ -171,19 +176,37 @@ def _rows_to_batch(streams_and_starts, block_size: int) -> tuple[torch.Tensor, t
     return tokens[:, :-1], tokens[:, 1:]
 
 
+def micro_slices(items: list, batch_size: int, rank: int, world_size: int) -> list[list]:
+    """This rank's micro-batches of one global batch: micro m takes the slice starting at
+    ``(m * world_size + rank) * batch_size`` (the same slices whatever the layout's split)."""
+    step = batch_size * world_size
+    return [items[m + rank * batch_size:m + (rank + 1) * batch_size]
+            for m in range(0, len(items), step)]
+
+
 class OrderedLoader:
     """What a loader whose whole position is its ``order`` (an :class:`EpochOrder`) needs: each
-    global batch is the next ``batch_size * world_size`` items, of which rank r takes items r,
-    r + N, ...; resetting and saving or restoring the position are the order's."""
+    step's global batch is the next ``batch_size * world_size * micro_batches`` items, sliced
+    into this rank's micro-batches by :func:`micro_slices`; resetting and saving or restoring the
+    position are the order's. Subclasses turn a list of items into a batch (``_batch_of``)."""
 
     order: EpochOrder
     batch_size: int
     rank: int
     world_size: int
 
-    def _my_items(self) -> list[int]:
-        """This rank's share of the next global batch."""
-        return self.order.take(self.batch_size * self.world_size)[self.rank::self.world_size]
+    def _batch_of(self, items: list[int]) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def next_batches(self, micro_batches: int) -> list[tuple[torch.Tensor, ...]]:
+        """This rank's ``micro_batches`` batches of the next global batch (one optimizer step)."""
+        items = self.order.take(self.batch_size * self.world_size * micro_batches)
+        return [self._batch_of(part)
+                for part in micro_slices(items, self.batch_size, self.rank, self.world_size)]
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        """The next batch of shape (batch_size, ...) for this rank (a global batch of one)."""
+        return self.next_batches(1)[0]
 
     def reset(self) -> None:
         self.order.seek(0, 0)
@@ -211,9 +234,9 @@ class BatchLoader(OrderedLoader):
     def windows_per_epoch(self) -> int:
         return self.order.items_per_epoch
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next (x, y) int64 batch of shape (batch_size, block_size) for this rank."""
-        return _rows_to_batch([(self.stream, s) for s in self._my_items()], self.block_size)
+    def _batch_of(self, starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) int64 of shape (len(starts), block_size) for windows starting at ``starts``."""
+        return _rows_to_batch([(self.stream, s) for s in starts], self.block_size)
 
 
 class MixtureLoader:
@@ -239,8 +262,9 @@ class MixtureLoader:
     def windows_per_epoch(self) -> int:
         return sum(o.items_per_epoch for o in self.orders)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        n = self.batch_size * self.world_size
+    def next_batches(self, micro_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's ``micro_batches`` batches of the next global batch (one optimizer step)."""
+        n = self.batch_size * self.world_size * micro_batches
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.batches)
         choice = torch.multinomial(self.weights, n, replacement=True, generator=g).tolist()
         starts = {d: iter(order.take(choice.count(d))) for d, order in enumerate(self.orders)}
@@ -248,7 +272,11 @@ class MixtureLoader:
         self.batches += 1
         for d in choice:
             self.rows_per_source[d] += 1
-        return _rows_to_batch(rows[self.rank::self.world_size], self.block_size)
+        return [_rows_to_batch(part, self.block_size)
+                for part in micro_slices(rows, self.batch_size, self.rank, self.world_size)]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.next_batches(1)[0]
 
     def reset(self) -> None:
         for order in self.orders:

@@ -16,6 +16,15 @@ it adds a cheap non-linearity between the value and output projections and lets 
 nearly nothing, which removes the "attention sink" on the first token and steadies training.
 The gate is its own linear layer ``attn.gate`` (a LoRA target like ``qkv``).
 
+*Dropout.* The attention probabilities are dropped (``dropout_p``) only on CUDA, where SDPA's
+flash and memory-efficient kernels draw the mask inside the fused kernel. On CPU (and MPS) a
+``dropout_p > 0`` sends SDPA from its fused flash kernel to the unfused path that materializes the
+(T, T) attention matrix and a mask for it: measured on a 2-core Xeon, a 6-layer 384-wide GPT at
+T=256 took 1.73x the CPU time per step with ``model.dropout=0.1`` than with 0, most of it there
+(docs/benchmarks.md). So on those devices only the residual and embedding dropouts regularize, a
+deviation from GPT-2/nanoGPT (which also drop attention probabilities), measured in
+docs/benchmarks.md. The difference is confined to training: evaluation never drops anything.
+
 For packed rows (several fine-tuning examples back to back in one row, see
 ``data/finetune_loader.py``) the model passes a block-diagonal causal mask instead: a token attends
 to the earlier tokens of its own example only, so each example is computed as if it were alone.
@@ -75,7 +84,7 @@ class CausalSelfAttention(nn.Module):
             is_causal = start == 0 and T > 1
         else:
             is_causal = False  # the given mask is already causal
-        options = dict(attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
+        options = dict(attn_mask=attn_mask, dropout_p=self._attention_dropout(q),
                        is_causal=is_causal, enable_gqa=self.n_kv_head != self.n_head)
         if self.float32_sdpa and q.dtype != torch.float32:
             with torch.autocast(x.device.type, enabled=False):  # autocast would cast back
@@ -87,6 +96,11 @@ class CausalSelfAttention(nn.Module):
         if self.gate is not None:
             y = gate_heads(y, self.gate(x))
         return self.resid_dropout(self.proj(y.reshape(B, T, self.n_head * self.head_dim)))
+
+    def _attention_dropout(self, q: torch.Tensor) -> float:
+        """Dropout on the attention probabilities: in training, on CUDA only, where it stays
+        inside SDPA's fused kernel (see the module docstring)."""
+        return self.dropout if self.training and q.is_cuda else 0.0
 
     @staticmethod
     def _cached_mask(start: int, T: int, device: torch.device) -> torch.Tensor | None:

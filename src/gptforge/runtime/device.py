@@ -74,21 +74,40 @@ def cpu_has_native_bf16() -> bool:
 
 
 def use_float32_attention(model: torch.nn.Module, precision: Precision) -> bool:
-    """Make attention run in float32 under bf16 autocast on CPUs without AMX; True if it did.
+    """Make attention run in float32 under bf16 autocast where the flags say it is faster; True
+    if it did (``runtime/autotune.py`` times both instead, for ``runtime.dtype=auto``)."""
+    on = flag_float32_attention(precision)
+    if on:
+        set_float32_attention(model, True)
+    return on
+
+
+def flag_float32_attention(precision: Precision) -> bool:
+    """The flag-based guess: float32 attention under bf16 autocast on CPUs without AMX.
 
     There the bf16 flash-attention backward is 2-3x slower than float32's: a 4-layer 128-wide
     GPT trains 1.35x faster end to end with float32 attention (docs/benchmarks.md). With AMX,
     and on GPUs, bf16 attention is left alone.
     """
-    if not (precision.device.type == "cpu" and precision.dtype == torch.bfloat16
-            and "amx_bf16" not in _cpu_flags()):
-        return False
+    return (precision.device.type == "cpu" and precision.dtype == torch.bfloat16
+            and "amx_bf16" not in _cpu_flags())
+
+
+def set_float32_attention(model: torch.nn.Module, on: bool) -> None:
+    """Compute every attention product of ``model`` in float32 (``on``) or in the autocast dtype."""
     from gptforge.model.attention import CausalSelfAttention
 
     for module in model.modules():
         if isinstance(module, CausalSelfAttention):
-            module.float32_sdpa = True
-    return True
+            module.float32_sdpa = on
+
+
+def cpu_model_name() -> str:
+    """The processor's model name from /proc/cpuinfo ("unknown" where there is none)."""
+    for line in _cpu_flags().splitlines():
+        if line.startswith("model name"):
+            return line.partition(":")[2].strip()
+    return "unknown"
 
 
 @functools.cache

@@ -9,12 +9,14 @@ resolved config, and runs the loop.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import tempfile
 from pathlib import Path
 
 import torch
 
+from gptforge import atomic
 from gptforge.checkpoints.checkpointer import Checkpointer
 from gptforge.checkpoints.format import latest_checkpoint, read_meta
 from gptforge.config.loader import config_to_dict, save_config
@@ -23,7 +25,7 @@ from gptforge.errors import GptforgeError
 from gptforge.metrics.sinks import truncate_after
 from gptforge.model.config import ModelConfig
 from gptforge.model.gpt import GPT
-from gptforge.runtime import distributed
+from gptforge.runtime import autotune, distributed
 from gptforge.runtime.activation_checkpointing import apply_activation_checkpointing
 from gptforge.runtime.device import (
     enable_tf32,
@@ -31,7 +33,6 @@ from gptforge.runtime.device import (
     resolve_device,
     resolve_precision,
     seed_everything,
-    use_float32_attention,
 )
 from gptforge.train.loop import Trainer, TrainingParts
 from gptforge.train.objectives import LanguageModeling
@@ -127,12 +128,14 @@ def _train(cfg: Config, stage: Stage, precision, dist_info, *, resume: bool,
         seed_everything(cfg.train.seed + dist_info.rank)
     if cfg.runtime.activation_checkpointing:  # before sharding and compiling, as torchtitan does
         apply_activation_checkpointing(model)
-    use_float32_attention(model, precision)  # where bf16 attention is slower (CPUs without AMX)
     # Measured on the bare model, in this process alone (probes must not be collectives).
     cfg = with_grad_accum(resolve_batch_size(cfg, model, objective, precision, dist_info),
                           dist_info.world_size)
+    # dtype, attention precision and compiling: timed where `auto` leaves a choice (rank 0).
+    choice = autotune.choose(cfg, model, precision.device, dist_info)
+    precision = autotune.apply(choice, model, precision.device)
     train_model = distributed.wrap_model(model, cfg.runtime.parallel, dist_info, precision)
-    if cfg.runtime.compile:
+    if choice.candidate.compile:
         train_model = torch.compile(train_model)
     optimizer = build_optimizer(model, cfg.optim, precision.device)
     if ckpt is None:  # a resumed run restores its own optimizer below
@@ -157,7 +160,9 @@ def _train(cfg: Config, stage: Stage, precision, dist_info, *, resume: bool,
         log.info("resuming from %s (step %d)", ckpt, trainer.state.step)
     if dist_info.is_main:
         save_config(cfg, run_dir / "config.toml")
+        _record_choice(run_dir, choice)
     _print_summary(cfg, model, precision, train_loader, run_dir, dist_info.world_size)
+    log.info("runtime: %s", choice.describe())
     code = trainer.fit()
     tc = cfg.train
     if code == 0 and tc.sample_tokens > 0 and tc.num_samples > 0:
@@ -167,6 +172,15 @@ def _train(cfg: Config, stage: Stage, precision, dist_info, *, resume: bool,
             if dist_info.is_main:
                 print(f"--- sample {i + 1} ---\n{text}")
     return code
+
+
+def _record_choice(run_dir: Path, choice: autotune.Choice) -> None:
+    """What the runtime choice was and why: RUN_DIR/runtime_choice.json, and as comments at the
+    end of config.toml (which still loads with ``-c``, keeping ``auto`` to choose again)."""
+    text = json.dumps(choice.to_dict(), indent=2) + "\n"
+    atomic.write_text(run_dir / "runtime_choice.json", text)
+    path = run_dir / "config.toml"
+    atomic.write_text(path, path.read_text() + autotune.config_comment(choice))
 
 
 def _flops_per_token(model: GPT, objective) -> int:

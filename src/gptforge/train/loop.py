@@ -159,11 +159,11 @@ class Trainer:
         # The loss terms (e.g. assistant tokens) of every micro-batch on every rank, counted
         # first: each micro-batch's mean loss then weighs n_i / terms, and the data-parallel
         # gradient average (which divides by the world size) is undone by the factor world_size.
-        batches = [self.train_loader.next_batch() for _ in range(accum)]
+        batches = self._next_batches(accum)
         counts = [self.objective.loss_terms(b) for b in batches]
         terms = max(1, distributed.sum_over_ranks(sum(counts), self.dist, self.precision.device))
+        batches = [self._to_device(b) for b in batches]  # copies overlap the first compute on CUDA
         for micro, (batch, n) in enumerate(zip(batches, counts)):
-            batch = tuple(t.to(self.precision.device, non_blocking=True) for t in batch)
             weight = n * self.world_size / terms
             with distributed.gradient_sync(self.train_model, micro == accum - 1):
                 with self.precision.autocast():
@@ -177,9 +177,14 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
-        # Every rank sees the same loss and norm, so all of them take the same decision.
-        mean_loss = float(distributed.all_reduce_mean(total, self.dist))
-        self.guard.check(mean_loss, float(grad_norm))  # raises Anomaly before any harm is done
+        # Every rank sees the same loss and norm, so all of them take the same decision. The one
+        # host sync of the step (both read at once): the guard must see a NaN before the
+        # optimizer touches the weights. On CPU it costs nothing; on CUDA the GPU idles only
+        # while the optimizer's few fused kernels are launched.
+        loss_and_norm = torch.stack([distributed.all_reduce_mean(total, self.dist),
+                                     grad_norm.to(total.device, torch.float32)])
+        mean_loss, grad_norm = loss_and_norm.tolist()
+        self.guard.check(mean_loss, grad_norm)  # raises Anomaly before any harm is done
         self.guard.accept(mean_loss)
         self._set_hyperparameters()
         self.scaler.step(self.optimizer)
@@ -190,7 +195,24 @@ class Trainer:
         inputs = self.objective.inputs_per_batch
         self.state.tokens_seen += accum * inputs * batch[0].numel() * self.world_size
         self.last_metrics = metrics
-        return mean_loss, float(grad_norm)
+        return mean_loss, grad_norm
+
+    def _to_device(self, batch: tuple) -> tuple:
+        """The batch on the training device. On CUDA it goes through pinned memory with a
+        non-blocking copy, so the copies of a step's micro-batches run while the GPU computes."""
+        device = self.precision.device
+        if device.type != "cuda":
+            return tuple(t.to(device) for t in batch)
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
+
+    def _next_batches(self, accum: int) -> list[tuple]:
+        """This rank's micro-batches of the step's global batch. Loaders with ``next_batches``
+        draw the global batch at once, so the data order does not depend on how it is split
+        over processes and micro-batches (``data/loader.py``)."""
+        whole_step = getattr(self.train_loader, "next_batches", None)
+        if whole_step is not None:
+            return whole_step(accum)
+        return [self.train_loader.next_batch() for _ in range(accum)]
 
     def _set_hyperparameters(self) -> None:
         """Learning rate and weight decay of every parameter group for the coming step."""
@@ -209,6 +231,7 @@ class Trainer:
     def _handle_anomaly(self, anomaly: Anomaly, writer) -> None:
         """Stop, skip the batch, or roll back, as ``train.on_anomaly`` says."""
         tc = self.cfg.train
+        writer.flush()  # a rollback rewrites metrics.jsonl: nothing may still be on its way
         self.optimizer.zero_grad(set_to_none=True)
         self.state.anomalies += 1
         step = self.state.step + 1
@@ -288,6 +311,7 @@ class Trainer:
                 self._agree_on_stop()
                 if step % tc.ckpt_interval == 0 or step == tc.max_steps or stop_early \
                         or self.stop_signal is not None:
+                    writer.flush()  # metrics.jsonl is complete up to the checkpoint's step
                     self.save()
                 window_t0 += self._pause_ended(bar, paused)
                 if self.stop_signal is not None:
@@ -311,8 +335,10 @@ class Trainer:
         """A signal may reach ranks at different steps: stop all of them at the same one."""
         if not self.dist.enabled:
             return
-        signals = distributed.gather_objects(self.stop_signal, self.dist)
-        self.stop_signal = next((s for s in signals if s is not None), None)
+        # A small integer all-reduce, cheaper per step than gathering Python objects.
+        signal_number = -distributed.min_over_ranks(-(self.stop_signal or 0), self.dist,
+                                                    self.precision.device)
+        self.stop_signal = signal_number or None
 
     def _on_signal(self, signum, frame) -> None:
         if self.stop_signal is not None:  # a second Ctrl-C: give up at once

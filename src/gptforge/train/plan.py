@@ -235,7 +235,7 @@ def measure(cfg: Config, precision: Precision, steps: int, peak: float) -> Measu
     if cfg.runtime.activation_checkpointing:
         apply_activation_checkpointing(model)
     use_float32_attention(model, precision)
-    train_model = torch.compile(model) if cfg.runtime.compile else model
+    train_model = torch.compile(model) if cfg.runtime.compile is True else model
     optimizer = build_optimizer(model, cfg.optim, device)
     B, T = cfg.train.batch_size, cfg.model.block_size
     x = torch.randint(0, cfg.model.vocab_size, (B, T), device=device)
