@@ -33,7 +33,7 @@ def _nothing_written_to_cwd(_empty_working_directory):
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache_directory(tmp_path_factory):
-    """The autotune cache (runtime/autotune.py) goes to a directory of the session's own, never
+    """The autotune cache (train/autotune.py) goes to a directory of the session's own, never
     the user's ~/.cache (subprocesses inherit it)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))

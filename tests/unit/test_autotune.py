@@ -1,4 +1,4 @@
-"""runtime/autotune.py: the fastest candidate is chosen, cached, and failures fall back."""
+"""train/autotune.py: the fastest candidate is chosen, cached, and failures fall back."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from gptforge.config.loader import load_config
 from gptforge.config.schema import Config
 from gptforge.model.config import ModelConfig
 from gptforge.model.gpt import GPT
-from gptforge.runtime import autotune
-from gptforge.runtime.autotune import Candidate
 from gptforge.runtime.distributed import DistInfo
+from gptforge.train import autotune
+from gptforge.train.autotune import Candidate
 from tests.conftest import prepare_corpus
 
 CPU = torch.device("cpu")

@@ -206,7 +206,7 @@ class RuntimeConfig(_Section):
     loss scaling). ``auto`` picks bfloat16 on CUDA GPUs that support it (float16 on older ones);
     on CPU it times a few training steps of bfloat16 (with bf16 or float32 attention) and float32
     at start-up and keeps the fastest, cached per CPU, model and batch shape
-    (``runtime/autotune.py``). Models under 200k parameters take bfloat16 where the CPU has native
+    (``train/autotune.py``). Models under 200k parameters take bfloat16 where the CPU has native
     bf16 (AMX/AVX512-BF16), else float32."""
     parallel: ParallelStrategy = "ddp"
     """With several processes (torchrun): ``ddp`` (replicate the model) or ``fsdp`` (FSDP2: shard
@@ -217,7 +217,7 @@ class RuntimeConfig(_Section):
     compile: bool | Literal["auto"] = False
     """Compile the model with ``torch.compile`` (pays off on GPUs; slow first step). ``auto``
     times a few steps with and without compiling at start-up and keeps the faster
-    (``runtime/autotune.py``; the answer is cached per device and shape)."""
+    (``train/autotune.py``; the answer is cached per device and shape)."""
     threads: int = 0
     """CPU threads for PyTorch (0 = PyTorch's default)."""
     tensorboard: bool = True

@@ -75,7 +75,7 @@ def cpu_has_native_bf16() -> bool:
 
 def use_float32_attention(model: torch.nn.Module, precision: Precision) -> bool:
     """Make attention run in float32 under bf16 autocast where the flags say it is faster; True
-    if it did (``runtime/autotune.py`` times both instead, for ``runtime.dtype=auto``)."""
+    if it did (``train/autotune.py`` times both instead, for ``runtime.dtype=auto``)."""
     on = flag_float32_attention(precision)
     if on:
         set_float32_attention(model, True)

@@ -25,7 +25,7 @@ from gptforge.errors import GptforgeError
 from gptforge.metrics.sinks import truncate_after
 from gptforge.model.config import ModelConfig
 from gptforge.model.gpt import GPT
-from gptforge.runtime import autotune, distributed
+from gptforge.runtime import distributed
 from gptforge.runtime.activation_checkpointing import apply_activation_checkpointing
 from gptforge.runtime.device import (
     enable_tf32,
@@ -34,6 +34,7 @@ from gptforge.runtime.device import (
     resolve_precision,
     seed_everything,
 )
+from gptforge.train import autotune
 from gptforge.train.loop import Trainer, TrainingParts
 from gptforge.train.objectives import LanguageModeling
 from gptforge.train.optim import build_optimizer

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gptforge.data.loader import EpochOrder, OrderedLoader
+from gptforge.data.loader import EpochOrder, OrderedLoader, micro_slices
 from gptforge.inference.engine import Engine, SamplingSettings
 from gptforge.model.loss import IGNORE_INDEX, target_log_probs
 from gptforge.train.objectives import group_advantages
@@ -79,6 +79,10 @@ class RolloutLoader(OrderedLoader):
         return len(self.prompts)
 
     # ---- batches ---------------------------------------------------------------------------
+    def next_batches(self, micro_batches: int) -> list[tuple[torch.Tensor, ...]]:
+        """One step's micro-batches: rollouts are sampled a round at a time (see next_batch)."""
+        return [self.next_batch() for _ in range(micro_batches)]
+
     def next_batch(self) -> tuple[torch.Tensor, ...]:
         if self.served >= len(self.round) * self.settings.ppo_epochs:
             self.round = [self.rollout_batch() for _ in range(self.grad_accum)]
@@ -86,6 +90,11 @@ class RolloutLoader(OrderedLoader):
         batch = self.round[self.served % len(self.round)]
         self.served += 1
         return batch
+
+    def _my_items(self) -> list[int]:
+        """This rank's prompts of the next global batch (the same slice whatever the layout)."""
+        items = self.order.take(self.batch_size * self.world_size)
+        return micro_slices(items, self.batch_size, self.rank, self.world_size)[0]
 
     def rollout_batch(self) -> tuple[torch.Tensor, ...]:
         """Sample, score and measure one batch of ``batch_size`` prompts x ``group_size``."""

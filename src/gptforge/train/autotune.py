@@ -296,7 +296,7 @@ def apply(choice: Choice, model: torch.nn.Module, device: torch.device) -> Preci
 
 def config_comment(choice: Choice) -> str:
     """Lines for the end of RUN_DIR/config.toml: what ``auto`` chose and why (TOML comments)."""
-    lines = ["", "# Chosen at start-up for runtime.dtype / runtime.compile (runtime/autotune.py):",
+    lines = ["", "# Chosen at start-up for runtime.dtype / runtime.compile (train/autotune.py):",
              f"#   {choice.candidate.label}",
              f"#   {choice.source}: {choice.reason}"]
     lines += [f"#   {label}: {s * 1e3:.1f} ms/step" for label, s in
