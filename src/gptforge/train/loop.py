@@ -206,13 +206,10 @@ class Trainer:
         return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
 
     def _next_batches(self, accum: int) -> list[tuple]:
-        """This rank's micro-batches of the step's global batch. Loaders with ``next_batches``
-        draw the global batch at once, so the data order does not depend on how it is split
-        over processes and micro-batches (``data/loader.py``)."""
-        whole_step = getattr(self.train_loader, "next_batches", None)
-        if whole_step is not None:
-            return whole_step(accum)
-        return [self.train_loader.next_batch() for _ in range(accum)]
+        """This rank's micro-batches of the step's global batch. The loader draws the global
+        batch at once, so the data order does not depend on how it is split over processes and
+        micro-batches (``data/loader.py``)."""
+        return self.train_loader.next_batches(accum)
 
     def _set_hyperparameters(self) -> None:
         """Learning rate and weight decay of every parameter group for the coming step."""

@@ -49,8 +49,9 @@ class Stage(Protocol):
         ``model`` or copy it as a frozen reference)."""
 
     def loaders(self, cfg: Config, dist_info: DistInfo, run_dir: Path) -> tuple[object, object]:
-        """(train loader, val loader or None), each with ``next_batch``, ``reset`` and a
-        ``state_dict`` for exact resume."""
+        """(train loader, val loader or None), each with ``next_batches(micro_batches)`` (one
+        step's micro-batches of this rank), ``next_batch``, ``reset`` and a ``state_dict`` for
+        exact resume."""
 
     def checkpoint_extras(self, cfg: Config, model: GPT) -> tuple[WeightsFilter | None, dict]:
         """(a filter of the weights to save, or None for all; extra ``model.json`` entries)."""
