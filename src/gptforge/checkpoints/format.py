@@ -171,6 +171,12 @@ def read_weights(ckpt: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def is_fine_tuned(meta: dict) -> bool:
+    """Whether a checkpoint's ``model.json`` says it went through a chat stage (SFT, DPO, RL
+    write ``fine_tuned``; LoRA adapters and their merged exports count too)."""
+    return bool({"fine_tuned", "lora", "merged_lora"} & set(meta))
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     pointer = Path(run_dir) / "latest"
     if not pointer.is_file():

@@ -83,11 +83,11 @@ def warn_if_not_chat_tuned(path: str) -> None:
     """Say so when the checkpoint never went through SFT or DPO (its model.json has no
     ``fine_tuned`` or LoRA entry): such a model continues the conversation's text as a document
     instead of answering, which looks like a bug when nothing says why."""
-    from gptforge.checkpoints.format import read_meta, resolve_checkpoint
+    from gptforge.checkpoints.format import is_fine_tuned, read_meta, resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
-    if not {"fine_tuned", "lora", "merged_lora"} & set(meta):
+    if not is_fine_tuned(meta):
         log.warning("warning: %s has not been fine-tuned for chat (it was only pretrained), so its "
                     "replies may just continue the text; fine-tune it first with gptforge sft "
                     "(docs/lora_and_chat.md)", ckpt)

@@ -23,7 +23,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from gptforge.checkpoints.format import read_meta
+from gptforge.checkpoints.format import is_fine_tuned, read_meta
 from gptforge.config.schema import Config
 from gptforge.data.conversations import read_records
 from gptforge.errors import GptforgeError
@@ -40,7 +40,6 @@ from gptforge.train.rewards import build_reward, exact_answer
 from gptforge.train.rollouts import Prompt, RolloutLoader, RolloutSettings
 
 log = logging.getLogger(__name__)
-FINE_TUNED_MARKERS = {"fine_tuned", "lora", "merged_lora"}  # model.json keys of chat models
 
 
 class ReinforcementLearning(_FromCheckpoint):
@@ -141,7 +140,7 @@ def use_chat(setting: str, records: list[dict], meta: dict) -> bool:
     if setting != "auto":
         return setting == "true"
     as_messages = any(not isinstance(r["prompt"], str) for r in records)
-    return as_messages or bool(FINE_TUNED_MARKERS & set(meta))
+    return as_messages or is_fine_tuned(meta)
 
 
 def encode_prompts(tokenizer, records: list[dict], chat: bool, block_size: int,
