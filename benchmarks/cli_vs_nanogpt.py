@@ -71,7 +71,8 @@ def run_nanogpt(workdir: Path, shape, steps: int, dropout: float) -> list[float]
            "--compile=False", "--eval_iters=20", "--log_interval=1", f"--block_size={block}",
            f"--batch_size={batch}", f"--n_layer={n_layer}", f"--n_head={n_head}",
            f"--n_embd={n_embd}", f"--max_iters={steps}", f"--lr_decay_iters={steps}",
-           f"--eval_interval={steps}", f"--dropout={dropout}", "--out_dir=out"]
+           f"--eval_interval={steps}", f"--dropout={dropout}", "--out_dir=out",
+           f"--warmup_iters={min(100, steps // 10)}"]  # its config's 100 divides by zero at 100
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, check=True)
     times = {int(i): float(ms) for i, ms in
              re.findall(r"^iter (\d+): loss [\d.]+, time ([\d.]+)ms", proc.stdout, re.M)}

@@ -16,7 +16,12 @@ SIZES = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attentio
 CONFIGS = {
     "gpt2": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                 initializer_range=0.2, bos_token_id=0, eos_token_id=0)),
+    # GELU's exact (erf) form, model.gelu_approximate = "none" in gptforge
+    "gpt2-exact-gelu": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
+                                           n_positions=64, initializer_range=0.2, bos_token_id=0,
+                                           eos_token_id=0, activation_function="gelu")),
     "llama": ("LlamaConfig", dict(SIZES, tie_word_embeddings=True)),
+    "llama-exact-geglu": ("LlamaConfig", dict(SIZES, hidden_act="gelu")),
     "llama-bias-geglu": ("LlamaConfig", dict(SIZES, attention_bias=True, mlp_bias=True,
                                              hidden_act="gelu_pytorch_tanh", rope_theta=500.0)),
     "qwen3": ("Qwen3Config", dict(SIZES, head_dim=16)),

@@ -31,6 +31,8 @@ LLAMA = dict(norm="rmsnorm", pos_emb="rope", mlp="swiglu", bias=False)
 CASES = {
     "gpt2-bpe": ({}, "bpe"),
     "gpt2-char-untied": ({"tie_embeddings": False}, "char"),
+    # llama.cpp's GPT-2 GELU is the tanh form: an exact-GELU model agrees to about 5e-4 more
+    "gpt2-exact-gelu-bpe": ({"gelu_approximate": "none"}, "bpe"),
     "llama-gqa-bias-spm": ({**LLAMA, "n_kv_head": 2, "bias": True, "rope_theta": 500.0},
                            "sentencepiece"),
     "qwen3-bpe": ({**LLAMA, "qk_norm": True, "n_kv_head": 2, "tie_embeddings": False}, "bpe"),
@@ -229,6 +231,12 @@ def test_cli_gguf_export_ollama_and_errors(tmp_path, tokenizers, capsys):
     assert main(["export", str(relu_ckpt), "--format", "gguf", "--out",
                  str(tmp_path / "relu.gguf")]) == 1
     assert "no llama.cpp (GGUF) architecture" in capsys.readouterr().err
+    geglu = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=32,
+                            block_size=8, norm="rmsnorm", pos_emb="rope", mlp="geglu"))
+    geglu_ckpt = save_model(tmp_path / "geglu", geglu, tokenizer, tokenizers[kind][1])
+    assert main(["export", str(geglu_ckpt), "--format", "gguf", "--out",
+                 str(tmp_path / "geglu.gguf")]) == 1
+    assert "graph is SwiGLU" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".gguf"
                   or p.name.startswith(".")) == []
 

@@ -30,6 +30,9 @@ ARCHS = {
                 "MixtralForCausalLM"),
     # Architecture switches (docs/architecture.md) that a transformers class has.
     "llama-geglu-head-dim": ({**LLAMA, "mlp": "geglu", "head_dim": 12}, "LlamaForCausalLM"),
+    "gpt2-exact-gelu": ({"gelu_approximate": "none"}, "GPT2LMHeadModel"),
+    "llama-exact-geglu": ({**LLAMA, "mlp": "geglu", "gelu_approximate": "none"},
+                          "LlamaForCausalLM"),
     "qwen3-reglu-head-dim": ({**LLAMA, "mlp": "reglu", "qk_norm": True, "n_kv_head": 2,
                               "head_dim": 4}, "Qwen3ForCausalLM"),
     "mixtral-geglu": ({**LLAMA, "mlp": "geglu", "n_experts": 4, "n_kv_head": 2, "head_dim": 16},

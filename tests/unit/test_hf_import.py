@@ -64,7 +64,8 @@ def test_sharded_and_pytorch_bin_checkpoints(tmp_path, variant):
     assert_same_logits(hf_model, import_huggingface(tmp_path / "hf", tmp_path / "ckpt"))
 
 
-@pytest.mark.parametrize("name", ["gpt2", "qwen3", "mixtral"])
+@pytest.mark.parametrize("name", ["gpt2", "qwen3", "mixtral", "gpt2-exact-gelu",
+                                  "llama-exact-geglu"])
 def test_import_export_import_is_the_identity(tmp_path, name):
     make_hf_model(tmp_path / "hf", name)
     first = import_huggingface(tmp_path / "hf", tmp_path / "first")
@@ -99,7 +100,7 @@ def _edit_config(directory, **changes):
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
     ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
      "rope_parameters"),
-    ({"hidden_act": "gelu"}, "hidden_act=gelu"),
+    ({"hidden_act": "gelu_fast"}, "hidden_act=gelu_fast"),
     ({"attention_bias": True}, "attention_bias=True with mlp_bias=False"),
 ])
 def test_what_gptforge_cannot_express_is_refused_naming_the_setting(tmp_path, capsys, changes,

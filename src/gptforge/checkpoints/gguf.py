@@ -69,13 +69,27 @@ MIXTRAL_EXPERTS = {"w1": "ffn_gate_exps", "w2": "ffn_down_exps", "w3": "ffn_up_e
 
 
 def gguf_architecture(cfg: ModelConfig) -> str:
-    """The ``transformers`` architecture whose llama.cpp counterpart computes what ``cfg`` does."""
+    """The ``transformers`` architecture whose llama.cpp counterpart computes what ``cfg`` does.
+
+    llama.cpp's graphs fix two things transformers leaves to the config: the Llama-family MLP is
+    SwiGLU (so GEGLU/ReGLU are refused), and GPT-2's GELU is the tanh form (``ggml_gelu``). An
+    exact-GELU model (``model.gelu_approximate = "none"``) is written anyway, with a log line: the
+    two forms differ by at most 4.7e-4, less than llama.cpp's own float16 GELU table adds.
+    """
     try:
-        return architecture_of(cfg)
+        arch = architecture_of(cfg)
     except GptforgeError as err:
         closest = str(err).partition("; the closest: ")[2]
         raise GptforgeError("this model has no llama.cpp (GGUF) architecture; the closest: "
                             f"{closest}") from None
+    if cfg.gated_mlp and cfg.mlp != "swiglu":
+        raise GptforgeError(f"this model has no llama.cpp (GGUF) architecture: model.mlp="
+                            f"{cfg.mlp}, but llama.cpp's {arch} graph is SwiGLU (model.mlp=swiglu)")
+    if arch == "gpt2" and cfg.gelu_approximate != "tanh":
+        log.info("gguf: llama.cpp computes GPT-2's GELU in its tanh form; this model was trained "
+                 "with the exact one (model.gelu_approximate=none): outputs differ slightly "
+                 "(each activation by at most 4.7e-4)")
+    return arch
 
 
 # ---- weights -------------------------------------------------------------------------------

@@ -44,8 +44,11 @@ from gptforge.model.gpt import GPT
 log = logging.getLogger(__name__)
 
 MODEL_TYPES = ("gpt2", "llama", "qwen3", "mixtral")
-ACTIVATIONS = {act: mlp for mlp, act in HIDDEN_ACTS.items()}
-GPT2_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # both the tanh approximation gptforge uses
+# transformers' activation name -> GELU's form (model.gelu_approximate); "gelu" is exact (erf).
+GELU_FORMS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+# transformers' hidden_act of a gated MLP -> (gptforge's MLP, GELU's form where it has one).
+GATED_ACTS = {**{act: (mlp, "tanh") for mlp, act in HIDDEN_ACTS.items()},
+              **{act: ("geglu", form) for act, form in GELU_FORMS.items()}}
 # Buffers old GPT-2 checkpoints saved with the weights (the causal mask): not weights.
 _GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")
 
@@ -106,9 +109,9 @@ def _refuse(source: str, setting: str, why: str) -> GptforgeError:
 
 def _gpt2_fields(config: dict, source: str) -> dict:
     act = config.get("activation_function", "gelu_new")
-    if act not in GPT2_GELUS:
-        raise _refuse(source, f"activation_function={act}", "gptforge's GPT-2 MLP uses the tanh "
-                      f"approximation of GELU ({', '.join(GPT2_GELUS)})")
+    if act not in GELU_FORMS:
+        raise _refuse(source, f"activation_function={act}", "gptforge's GPT-2 MLP is a GELU "
+                      f"({', '.join(GELU_FORMS)})")
     for key, wanted in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
                         ("add_cross_attention", False)):
         if config.get(key, wanted) != wanted:
@@ -118,7 +121,8 @@ def _gpt2_fields(config: dict, source: str) -> dict:
     return dict(n_layer=_required(config, "n_layer", source), n_head=_required(config, "n_head",
                 source), n_embd=C, block_size=_required(config, "n_positions", source),
                 norm="layernorm", norm_eps=float(config.get("layer_norm_epsilon", 1e-5)),
-                pos_emb="learned", mlp="gelu", mlp_hidden=config.get("n_inner") or 4 * C,
+                pos_emb="learned", mlp="gelu", gelu_approximate=GELU_FORMS[act],
+                mlp_hidden=config.get("n_inner") or 4 * C,
                 bias=True, tie_embeddings=bool(config.get("tie_word_embeddings", True)))
 
 
@@ -126,16 +130,18 @@ def _llama_fields(config: dict, arch: str, source: str) -> dict:
     n_head = _required(config, "num_attention_heads", source)
     C = _required(config, "hidden_size", source)
     act = config.get("hidden_act", "silu")
-    if act not in ACTIVATIONS:
+    if act not in GATED_ACTS:
         raise _refuse(source, f"hidden_act={act}", "gptforge's gated MLPs use "
-                      f"{', '.join(ACTIVATIONS)}")
+                      f"{', '.join(GATED_ACTS)}")
+    mlp, gelu_form = GATED_ACTS[act]
     fields = dict(n_layer=_required(config, "num_hidden_layers", source), n_head=n_head,
                   n_kv_head=config.get("num_key_value_heads") or n_head, n_embd=C,
                   head_dim=config.get("head_dim") or C // n_head,
                   block_size=_required(config, "max_position_embeddings", source),
                   norm="rmsnorm", norm_eps=float(config.get("rms_norm_eps", 1e-6)),
                   pos_emb="rope", rope_theta=_rope_theta(config, source),
-                  mlp=ACTIVATIONS[act], mlp_hidden=_required(config, "intermediate_size", source),
+                  mlp=mlp, gelu_approximate=gelu_form,
+                  mlp_hidden=_required(config, "intermediate_size", source),
                   bias=_bias(config, arch, source), qk_norm=arch == "qwen3",
                   tie_embeddings=bool(config.get("tie_word_embeddings", False)))
     _refuse_sliding_window(config, arch, fields["block_size"], source)

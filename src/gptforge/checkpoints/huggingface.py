@@ -62,8 +62,17 @@ from gptforge.tokenizer.chat_template import END_TOKEN, ROLE_TOKENS, ROLES, TEMP
 
 ARCHITECTURES = ("gpt2", "llama", "qwen3", "mixtral", "qwen3_next")
 
-# transformers' ``hidden_act`` for the gate of each gated MLP (LlamaMLP: act(gate) * up).
-HIDDEN_ACTS = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh", "reglu": "relu"}
+# transformers' ``hidden_act`` for the gate of each gated MLP (LlamaMLP: act(gate) * up); GELU's
+# name depends on its form (``model.gelu_approximate``): GELU_ACTS.
+HIDDEN_ACTS = {"swiglu": "silu", "reglu": "relu"}
+GELU_ACTS = {"tanh": "gelu_pytorch_tanh", "none": "gelu"}  # "gelu" is the exact erf form
+
+
+def hidden_act(cfg: ModelConfig) -> str:
+    """transformers' name of the MLP's nonlinearity (of the gate, in a gated MLP)."""
+    if cfg.mlp in ("gelu", "geglu"):
+        return GELU_ACTS[cfg.gelu_approximate]
+    return HIDDEN_ACTS[cfg.mlp]
 
 # The name tables of both directions (export here, import in ``hf_import.py``), per block.
 # GPT-2: transformers name -> (gptforge name, width of a Conv1D's output or None for a norm).
@@ -249,14 +258,16 @@ def hf_config(cfg: ModelConfig, arch: str, specials: dict[str, int],
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **common,
                 "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
                 "n_positions": cfg.block_size, "n_inner": cfg.hidden_dim,
-                "activation_function": "gelu_new",  # GELU, tanh approximation
+                # GELU: "gelu_new" (GPT-2's own name for the tanh form) or "gelu" (exact).
+                "activation_function": {"tanh": "gelu_new"}.get(cfg.gelu_approximate,
+                                                                  hidden_act(cfg)),
                 "layer_norm_epsilon": cfg.norm_eps,
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
     llama = {"hidden_size": cfg.n_embd, "intermediate_size": cfg.hidden_dim,
              "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
              "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_size,
              "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
-             "hidden_act": HIDDEN_ACTS.get(cfg.mlp, "silu"), "attention_bias": cfg.bias,
+             "hidden_act": hidden_act(cfg), "attention_bias": cfg.bias,
              "attention_dropout": 0.0,
              # transformers before 5 reads rope_theta, 5 and later rope_parameters.
              "rope_theta": cfg.rope_theta,

@@ -59,6 +59,7 @@ class StepShape(NamedTuple):
     norm: str
     norm_eps: float
     mlp: str
+    gelu_approximate: str
     bias: bool
     qk_norm: bool
     pos_emb: str
@@ -69,8 +70,9 @@ class StepShape(NamedTuple):
     def of(cls, model: nn.Module) -> StepShape:
         c = model.config
         return cls(c.n_layer, c.n_embd, c.n_head, c.kv_heads, c.head_size, c.hidden_dim,
-                   c.padded_vocab_size, c.block_size, c.norm, c.norm_eps, c.mlp, c.bias,
-                   c.qk_norm, c.pos_emb, c.logit_softcap, c.attn_gate)
+                   c.padded_vocab_size, c.block_size, c.norm, c.norm_eps, c.mlp,
+                   c.gelu_approximate, c.bias, c.qk_norm, c.pos_emb, c.logit_softcap,
+                   c.attn_gate)
 
     @property
     def gate_width(self) -> int:
@@ -212,7 +214,8 @@ def _attention(s: StepShape, p: dict, b: str, x: torch.Tensor, rope, pos: torch.
 
 
 def _mlp(s: StepShape, p: dict, b: str, x: torch.Tensor) -> torch.Tensor:
-    h = mlp_activation(s.mlp, matvec(x, p[b + "mlp.up.weight"], p.get(b + "mlp.up.bias")))
+    h = mlp_activation(s.mlp, matvec(x, p[b + "mlp.up.weight"], p.get(b + "mlp.up.bias")),
+                       s.gelu_approximate)
     return matvec(h, p[b + "mlp.down.weight"], p.get(b + "mlp.down.bias"))
 
 

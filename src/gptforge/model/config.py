@@ -13,6 +13,7 @@ POS_EMBS = ("learned", "rope", "sinusoidal")
 GATED_MLPS = ("swiglu", "geglu", "reglu")
 MLPS = ("gelu", "relu2", *GATED_MLPS)
 ATTN_GATES = ("none", "head", "channel")
+GELU_APPROXIMATIONS = ("tanh", "none")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,11 @@ class ModelConfig:
     mlp: str = "gelu"
     """Feed-forward block: ``gelu`` (GPT-2), ``relu2`` (squared ReLU), or a gated linear unit
     (Shazeer, 2020): ``swiglu`` (Llama), ``geglu`` or ``reglu``."""
+    gelu_approximate: str = "tanh"
+    """GELU's form in the ``gelu`` and ``geglu`` MLPs: ``tanh``, the approximation GPT-2 was
+    trained with (HF ``gelu_new``), or ``none``, the exact erf form (nanoGPT, BERT, HF ``gelu``).
+    The same function to ~1e-3, but PyTorch's CPU kernel for ``tanh`` is ~4x slower than the exact
+    one, so the presets trained from scratch use ``none`` (docs/benchmarks.md)."""
     mlp_hidden: int = 0
     """Hidden width of the MLP; 0 means 4*n_embd for gelu/relu2 and about 8/3*n_embd for the gated
     ones (swiglu, geglu, reglu)."""
@@ -100,6 +106,9 @@ class ModelConfig:
             (self.pos_emb in POS_EMBS,
              f"model.pos_emb must be one of {', '.join(POS_EMBS)}, not {self.pos_emb!r}"),
             (self.mlp in MLPS, f"model.mlp must be one of {', '.join(MLPS)}, not {self.mlp!r}"),
+            (self.gelu_approximate in GELU_APPROXIMATIONS,
+             f"model.gelu_approximate must be one of {', '.join(GELU_APPROXIMATIONS)}, not "
+             f"{self.gelu_approximate!r}"),
             (self.attn_gate in ATTN_GATES,
              f"model.attn_gate must be one of {', '.join(ATTN_GATES)}, not {self.attn_gate!r}"),
             (0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)"),

@@ -80,17 +80,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
-# The nonlinearity of each MLP kind; for the gated ones, the one applied to the gate.
+# The nonlinearity of each MLP kind; for the gated ones, the one applied to the gate. GELU's
+# ``approximate`` ("tanh" as in GPT-2, or "none", the exact erf form) is ``model.gelu_approximate``.
 ACTIVATIONS = {
-    "gelu": lambda h: F.gelu(h, approximate="tanh"),  # GPT-2's "gelu_new"
-    "relu2": lambda h: F.relu(h).square(),  # Primer (So et al., 2021)
-    "swiglu": F.silu,
-    "geglu": lambda h: F.gelu(h, approximate="tanh"),
-    "reglu": F.relu,
+    "gelu": lambda h, approximate: F.gelu(h, approximate=approximate),
+    "relu2": lambda h, approximate: F.relu(h).square(),  # Primer (So et al., 2021)
+    "swiglu": lambda h, approximate: F.silu(h),
+    "geglu": lambda h, approximate: F.gelu(h, approximate=approximate),
+    "reglu": lambda h, approximate: F.relu(h),
 }
 
 
-def mlp_activation(kind: str, h: torch.Tensor) -> torch.Tensor:
+def mlp_activation(kind: str, h: torch.Tensor, gelu_approximate: str = "tanh") -> torch.Tensor:
     """The MLP's hidden activation from the up projection's output ``h``.
 
     A gated linear unit (Shazeer, 2020, "GLU Variants Improve Transformer",
@@ -99,8 +100,8 @@ def mlp_activation(kind: str, h: torch.Tensor) -> torch.Tensor:
     """
     if kind in GATED_MLPS:
         gate, value = h.chunk(2, dim=-1)
-        return ACTIVATIONS[kind](gate) * value
-    return ACTIVATIONS[kind](h)
+        return ACTIVATIONS[kind](gate, gelu_approximate) * value
+    return ACTIVATIONS[kind](h, gelu_approximate)
 
 
 class MLP(nn.Module):
@@ -109,7 +110,7 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.kind = cfg.mlp
+        self.kind, self.gelu_approximate = cfg.mlp, cfg.gelu_approximate
         hidden = cfg.hidden_dim
         up_width = 2 * hidden if cfg.gated_mlp else hidden  # gate and value in one matmul
         self.up = nn.Linear(cfg.n_embd, up_width, bias=cfg.bias)
@@ -117,4 +118,5 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(mlp_activation(self.kind, self.up(x))))
+        h = mlp_activation(self.kind, self.up(x), self.gelu_approximate)
+        return self.dropout(self.down(h))
