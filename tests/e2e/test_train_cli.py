@@ -112,7 +112,9 @@ def test_resume_after_crash_is_exact(data_dir, tmp_path, monkeypatch, extra):
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_is_exact(data_dir, tmp_path):
-    common = ["train.max_steps=300", "train.ckpt_interval=1000", "train.eval_interval=1000",
+    # Enough steps that the run is still going when its first metrics (written once a second)
+    # appear.
+    common = ["train.max_steps=1500", "train.ckpt_interval=5000", "train.eval_interval=5000",
               "train.sample_tokens=0", "runtime.threads=1"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "gptforge"]
@@ -128,14 +130,14 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_exact(data_dir, tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "Traceback" not in err
     stopped = int((run_b / "latest").read_text().strip().split("-")[-1])
-    assert 20 <= stopped < 300
+    assert 20 <= stopped < 1500
     subprocess.run(cmd + ["train", "--resume", str(run_b), *TINY], env=env, check=True,
                    capture_output=True)
     subprocess.run(cmd + train_args(data_dir, tmp_path / "a", *common), env=env, check=True,
                    capture_output=True)
     a = [(r["step"], r["loss"]) for r in train_lines(tmp_path / "a")]
     b = [(r["step"], r["loss"]) for r in train_lines(run_b)]
-    assert a == b and len(a) == 300
+    assert a == b and len(a) == 1500
 
 
 def test_non_finite_loss_stops_with_the_last_checkpoint_intact(data_dir, tmp_path, monkeypatch,
