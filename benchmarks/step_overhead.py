@@ -2,9 +2,10 @@
 
 Runs the real CLI in this process (``gptforge.cli.main``), with timers wrapped around the pieces
 of each step: the objective's forward (``Objective.__call__``), ``Tensor.backward``, gradient
-clipping (``clip_grad_norm_``) and the optimizer's ``step``/``zero_grad``. The loop's period is
-the time from one ``train_step`` start to the next (steps followed by evaluation or a checkpoint
-are left out, as each program's own per-step timing leaves them out). Everything else in the
+clipping (``get_total_norm``, ``clip_grads_with_norm_``) and the optimizer's ``step`` and
+``zero_grad``. The loop's period is the time from one ``train_step`` start to the next (steps
+followed by evaluation or a checkpoint are left out, as each program's own per-step timing leaves
+them out). Everything else in the
 period is overhead: drawing and copying the batch, loss weighting, the anomaly guard, the
 learning-rate schedule, the metrics record, the progress bar, the stop checks.
 
@@ -76,7 +77,8 @@ def main() -> None:
         if "__call__" in vars(cls):
             timers.wrap(cls, "__call__", "forward")
     timers.wrap(torch.Tensor, "backward", "backward")
-    timers.wrap(torch.nn.utils, "clip_grad_norm_", "clip")
+    timers.wrap(torch.nn.utils, "get_total_norm", "clip")
+    timers.wrap(torch.nn.utils, "clip_grads_with_norm_", "clip")
     timers.wrap(torch.optim.AdamW, "step", "optimizer")
     timers.wrap(torch.optim.Optimizer, "zero_grad", "optimizer")
     original_step = loop.Trainer.train_step

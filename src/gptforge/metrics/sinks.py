@@ -11,7 +11,8 @@ once: the lines appended to ``metrics.jsonl`` in one write, one TensorBoard even
 its scalars in one summary), and wandb. Waking once a second matters more than it seems: a thread
 that runs Python while the trainer does holds the GIL for up to 5 ms at a time, and on a 2-core
 CPU it also takes a core from the step's OpenMP threads. Written per record with ``add_scalar``,
-TensorBoard cost 3 ms of a 26 ms step at ``log_interval=1`` (4 layers, 128 wide, docs/benchmarks.md).
+TensorBoard cost 3 ms of a 26 ms step at ``log_interval=1`` (4 layers, 128 wide;
+docs/benchmarks.md).
 ``flush()`` wakes the thread and waits until everything queued is written; the trainer calls it
 before each checkpoint, so the file is durable up to the checkpoint's step, and ``close()`` flushes
 too.

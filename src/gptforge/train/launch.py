@@ -34,6 +34,7 @@ from gptforge.runtime.device import (
     resolve_precision,
     seed_everything,
 )
+from gptforge.runtime.host_memory import keep_freed_memory
 from gptforge.train import autotune
 from gptforge.train.loop import Trainer, TrainingParts
 from gptforge.train.objectives import LanguageModeling
@@ -75,6 +76,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     """
     if cfg.runtime.threads > 0:
         torch.set_num_threads(cfg.runtime.threads)
+    keep_freed_memory()  # steps reuse freed buffers instead of faulting in fresh pages
     device = resolve_device(cfg.runtime.device)
     dist_info, device = distributed.init_distributed(device)
     created = _first_missing(Path(cfg.train.out_dir))
