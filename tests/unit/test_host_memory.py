@@ -37,9 +37,10 @@ def page_faults(mode: str) -> int:
 def test_freed_buffers_are_reused_not_faulted_in_again():
     default, kept = page_faults("default"), page_faults("keep")
     # 30 steps of ~27 MB: glibc by default hands the top of its heap back and faults it in again
-    # (~195,000 faults on the machine this was written on); kept, the steps reuse it.
-    assert default > 10_000
-    assert kept < default / 100
+    # (on the machine this was written on: 195,000 faults with 2 threads, 6,700-13,000 with 1,
+    # as under the test runner); kept, the steps reuse it (0 faults).
+    assert default > 2_000
+    assert kept < default / 20
 
 
 def test_the_users_own_malloc_settings_stand(monkeypatch):

@@ -117,6 +117,14 @@ class Trainer:
         self.state = LoopState()
         self.guard = AnomalyGuard(spike_threshold=cfg.train.spike_threshold,
                                   check_grad_norm=not self.precision.needs_grad_scaler)
+        # On CUDA the next step's batches are drawn, pinned and copied while the GPU computes
+        # this one; not for batches the model itself generates (RL rollouts need the weights
+        # after this step's update), and not on CPU, where drawing would only take cores from
+        # the step.
+        self.prefetch = self.precision.device.type == "cuda" and \
+            not self.train_loader.depends_on_model
+        self._prefetched: tuple[int, list[tuple], list[int]] | None = None
+        self._loader_state: dict = {}
         self.stop_signal: int | None = None
         self.last_metrics: dict[str, float] = {}  # the objective's extra figures, last step
 
@@ -129,7 +137,8 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {"loop": asdict(self.state), "guard": self.guard.state_dict(),
                 "scaler": self.scaler.state_dict(),
-                "train_loader": self.train_loader.state_dict(),
+                "train_loader": (self._loader_state if self._prefetched is not None
+                                 else self.train_loader.state_dict()),
                 "rng": distributed.gather_objects(rng, self.dist)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -137,6 +146,7 @@ class Trainer:
         self.guard.load_state_dict(state["guard"])
         self.scaler.load_state_dict(state["scaler"])
         self.train_loader.load_state_dict(state["train_loader"])
+        self._prefetched = None  # drawn from the position just replaced
         ranks = state["rng"]
         if len(ranks) == self.dist.world_size:  # same world size: each rank continues its stream
             rng = ranks[self.dist.rank]
@@ -160,10 +170,8 @@ class Trainer:
         # The loss terms (e.g. assistant tokens) of every micro-batch on every rank, counted
         # first: each micro-batch's mean loss then weighs n_i / terms, and the data-parallel
         # gradient average (which divides by the world size) is undone by the factor world_size.
-        batches = self._next_batches(accum)
-        counts = [self.objective.loss_terms(b) for b in batches]
+        batches, counts = self._next_batches(accum)
         terms = max(1, distributed.sum_over_ranks(sum(counts), self.dist, self.precision.device))
-        batches = [self._to_device(b) for b in batches]  # copies overlap the first compute on CUDA
         for micro, (batch, n) in enumerate(zip(batches, counts)):
             weight = n * self.world_size / terms
             with distributed.gradient_sync(self.train_model, micro == accum - 1):
@@ -173,6 +181,8 @@ class Trainer:
             total += loss.detach() * weight
             for key, value in self.objective.metrics.items():
                 metrics[key] = metrics.get(key, 0.0) + float(value) / accum
+        if self.prefetch and self.state.step + 1 < tc.max_steps:
+            self._prefetch_next()  # the CPU draws while the GPU still computes this step
         self.scaler.unscale_(self.optimizer)
         # The gradient norm now, the clipping after the step's one host sync below: below the
         # limit, clip_grad_norm_ would multiply every gradient by exactly 1.0 (~5% of a small
@@ -210,11 +220,27 @@ class Trainer:
             return tuple(t.to(device) for t in batch)
         return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
 
-    def _next_batches(self, accum: int) -> list[tuple]:
-        """This rank's micro-batches of the step's global batch. The loader draws the global
-        batch at once, so the data order does not depend on how it is split over processes and
-        micro-batches (``data/loader.py``)."""
-        return self.train_loader.next_batches(accum)
+    def _next_batches(self, accum: int) -> tuple[list[tuple], list[int]]:
+        """This rank's micro-batches of the step's global batch, on the device, and the loss
+        terms of each. The loader draws the global batch at once, so the data order does not
+        depend on how it is split over processes and micro-batches (``data/loader.py``)."""
+        if self._prefetched is not None:
+            drawn_for, batches, counts = self._prefetched
+            self._prefetched = None
+            if drawn_for == accum:
+                return batches, counts
+            raise RuntimeError("prefetched batches were drawn for another accumulation")
+        batches = self.train_loader.next_batches(accum)
+        counts = [self.objective.loss_terms(b) for b in batches]  # before the copy: no sync
+        return [self._to_device(b) for b in batches], counts  # on CUDA the copies overlap compute
+
+    def _prefetch_next(self) -> None:
+        """Draw the next step's batches now, one step ahead. Checkpoints keep recording the data
+        position of the steps taken (the loader's state before this draw), so resuming is exact:
+        the prefetched batches are drawn again."""
+        accum = grad_accum_at(self.state.step + 1, self.cfg.train.grad_accum, self.cfg.schedule)
+        self._loader_state = self.train_loader.state_dict()
+        self._prefetched = (accum, *self._next_batches(accum))
 
     def _set_hyperparameters(self) -> None:
         """Learning rate and weight decay of every parameter group for the coming step."""

@@ -59,6 +59,8 @@ class RolloutLoader(OrderedLoader):
     """``next_batch() -> (x, y, advantages, old_logp, rewards, failed)`` sampled from ``model``
     (the bare model the loop trains, so every batch sees the current weights)."""
 
+    depends_on_model = True  # a round is sampled with the weights of the step it starts
+
     def __init__(self, model: torch.nn.Module, tokenizer, prompts: Sequence[Prompt],
                  reward: RewardFn, settings: RolloutSettings, *, batch_size: int,
                  grad_accum: int = 1, seed: int = 0, rank: int = 0, world_size: int = 1,

@@ -50,8 +50,9 @@ class Stage(Protocol):
 
     def loaders(self, cfg: Config, dist_info: DistInfo, run_dir: Path) -> tuple[object, object]:
         """(train loader, val loader or None), each with ``next_batches(micro_batches)`` (one
-        step's micro-batches of this rank), ``next_batch``, ``reset`` and a ``state_dict`` for
-        exact resume."""
+        step's micro-batches of this rank), ``next_batch``, ``reset``, a ``state_dict`` for
+        exact resume, and ``depends_on_model`` (True if the model generates the batches, as RL
+        rollouts: then the next step's are not drawn ahead)."""
 
     def checkpoint_extras(self, cfg: Config, model: GPT) -> tuple[WeightsFilter | None, dict]:
         """(a filter of the weights to save, or None for all; extra ``model.json`` entries)."""
