@@ -14,6 +14,13 @@ hits both alike; the table gives the median over steps and rounds and the ratio.
 
     python benchmarks/cli_vs_nanogpt.py --nanogpt-dir /work/nanoGPT --shape small --rounds 2
     python benchmarks/cli_vs_nanogpt.py --nanogpt-dir /work/nanoGPT --shape 6L384 --steps 30
+
+``--quality`` instead trains each program once for ``--steps`` steps as its README runs it
+(nanoGPT: its CPU command, evaluation every 250 steps on 20 batches; gptforge: the default preset's
+optimizer and schedule at the same model and batch, evaluation every 250 steps on 20 batches) and
+reports each process's whole wall time and its own final validation loss estimate:
+
+    python benchmarks/cli_vs_nanogpt.py --nanogpt-dir /work/nanoGPT --quality --steps 2000
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +104,36 @@ def run_gptforge(scratch: Path, data: Path, shape, steps: int, dropout: float,
             if "tokens_per_sec" in r and r["step"] < steps]
 
 
+def quality(scratch: Path, data: Path, nano_dir: Path, steps: int, extra: list[str]) -> None:
+    n_layer, n_head, n_embd, block, batch = SHAPES["small"]
+    nano_cmd = [sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu",
+                "--compile=False", "--eval_iters=20", "--log_interval=1", f"--block_size={block}",
+                f"--batch_size={batch}", f"--n_layer={n_layer}", f"--n_head={n_head}",
+                f"--n_embd={n_embd}", f"--max_iters={steps}", f"--lr_decay_iters={steps}",
+                "--dropout=0.0", "--out_dir=out"]  # nanoGPT's README CPU command
+    t0 = time.perf_counter()
+    out = subprocess.run(nano_cmd, cwd=nano_dir, capture_output=True, text=True, check=True)
+    nano_s = time.perf_counter() - t0
+    nano_val = float(re.findall(r"^step \d+: train loss [\d.]+, val loss ([\d.]+)", out.stdout,
+                                re.M)[-1])
+    run = scratch / "gptforge_quality"
+    forge_cmd = [sys.executable, "-m", "gptforge", "train", f"data.dir={data}",
+                 f"train.out_dir={run}", "--overwrite", f"model.n_layer={n_layer}",
+                 f"model.n_head={n_head}", f"model.n_embd={n_embd}", f"model.block_size={block}",
+                 "model.dropout=0", f"train.batch_size={batch}", f"train.max_steps={steps}",
+                 "train.eval_interval=250", "train.eval_steps=20", "runtime.progress=false",
+                 *extra]
+    t0 = time.perf_counter()
+    subprocess.run(forge_cmd, cwd=scratch, capture_output=True, text=True, check=True)
+    forge_s = time.perf_counter() - t0
+    forge_val = [r["val_loss"] for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r][-1]
+    print("| program | wall time (whole process) | final val loss (own estimate) |")
+    print("|---|---|---|")
+    print(f"| nanoGPT train.py | {nano_s:.1f} s | {nano_val:.4f} |")
+    print(f"| gptforge train | {forge_s:.1f} s | {forge_val:.4f} |")
+    print(f"gptforge - nanoGPT: {forge_val - nano_val:+.4f} in {forge_s / nano_s:.2f}x the time")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nanogpt-dir", type=Path, required=True)
@@ -105,6 +143,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--scratch", type=Path, default=None)
+    parser.add_argument("--quality", action="store_true",
+                        help="train --steps once each; compare wall time and val loss")
     parser.add_argument("gptforge_overrides", nargs="*", help="e.g. runtime.dtype=float32")
     args = parser.parse_args()
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="cli_vs_nanogpt_"))
@@ -113,6 +153,9 @@ def main() -> None:
     nano_dir = scratch / "nanogpt"
     nano_dir.mkdir(exist_ok=True)
     write_nanogpt_data(data, nano_dir, args.nanogpt_dir.resolve())
+    if args.quality:
+        quality(scratch, data, nano_dir, args.steps, args.gptforge_overrides)
+        return
     shape = SHAPES[args.shape]
     results: dict[str, list[float]] = {"nanoGPT": [], "gptforge": []}
     for r in range(args.rounds):
