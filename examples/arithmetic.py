@@ -50,12 +50,15 @@ def main() -> None:
     p.add_argument("--demonstrations", type=int, default=240,
                    help="training problems with a worked answer for SFT and DPO (RL asks all)")
     args = p.parse_args()
+    train_set, test_set = synthetic.split_problems(synthetic.problems(args.max_operand), 100)
+    if not 1 <= args.demonstrations <= len(train_set):
+        p.error(f"--demonstrations must be between 1 and {len(train_set)} (the training "
+                f"problems), got {args.demonstrations}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     steps = {"pretrain": 40, "sft": 20, "dpo": 10, "rl": 2} if args.quick else \
         {"pretrain": 4000, "sft": 300, "dpo": 150, "rl": RL_STEPS}
 
-    train_set, test_set = synthetic.split_problems(synthetic.problems(args.max_operand), 100)
     (out / "equations.txt").write_text(synthetic.pretraining_text(train_set))
     demonstrated = train_set[:args.demonstrations]  # train_set is shuffled: a random subset
     write_jsonl(out / "sft.jsonl", synthetic.sft_records(demonstrated))

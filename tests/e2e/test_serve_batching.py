@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import threading
-import time
 
 import pytest
 
@@ -225,21 +224,19 @@ def parse_metrics(text: str) -> dict[str, dict[str, float]]:
     return families
 
 
-def scrape_when_counted(server, n: int, headers=None, first: str | None = None) -> str:
+def scrape_when_counted(server, n: int, headers=None) -> str:
     """``GET /metrics`` once it counts ``n`` requests besides its own scrapes. A request is
     counted when its handler finishes, just after the client has its answer (so that its
     duration includes sending it): a scrape right after a response may precede its count."""
-    def counted(text: str) -> int:
-        requests = parse_metrics(text).get("gptforge_requests_total", {})
-        return int(sum(v for k, v in requests.items()
-                       if k != '{route="/metrics",status="200"}'))
-    text = first if first is not None else call(server, "GET", "/metrics", headers=headers)[2]
-    for _ in range(500):
-        if counted(text) >= n:
-            return text
-        time.sleep(0.01)
-        text = call(server, "GET", "/metrics", headers=headers)[2]
-    return text
+    scrapes = []
+
+    def counted() -> bool:
+        scrapes.append(call(server, "GET", "/metrics", headers=headers)[2])
+        requests = parse_metrics(scrapes[-1]).get("gptforge_requests_total", {})
+        return sum(v for k, v in requests.items() if k != '{route="/metrics",status="200"}') >= n
+
+    wait_for(counted)
+    return scrapes[-1]
 
 
 def test_metrics_are_prometheus_text_with_the_right_counts(servers):
@@ -252,7 +249,7 @@ def test_metrics_are_prometheus_text_with_the_right_counts(servers):
     assert call(server, "GET", "/metrics")[0] == 401
     status, response, text = call(server, "GET", "/metrics", headers=key)
     assert status == 200 and response.getheader("Content-Type").startswith("text/plain")
-    text = scrape_when_counted(server, 4, headers=key, first=text)
+    text = scrape_when_counted(server, 4, headers=key)
     metrics = parse_metrics(text)
     requests = metrics["gptforge_requests_total"]
     assert requests['{route="/v1/completions",status="200"}'] == 2
